@@ -1,0 +1,148 @@
+"""Composing and checking the Hydra config, so that every mistake surfaces before any compute."""
+from __future__ import annotations
+
+import difflib
+import numbers
+import re
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONF_DIR = Path(__file__).parent / "conf"
+GROUPS = ("method", "model", "data", "pretrain", "task", "launcher")
+
+
+class ConfigError(ValueError):
+    """A command line or config that cannot describe a run."""
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if key.startswith(("+", "~")):
+            raise ConfigError(f"override {override!r} adds or deletes a key: every setting already exists "
+                              "(`bench config` prints them), set it with key=value")
+        if sep and key in GROUPS and value not in group_options(key):
+            raise ConfigError(f"unknown {key} {value!r} (known: {', '.join(group_options(key))})")
+
+
+def _unknown_key_message(key: str, overrides: list[str]) -> str:
+    """'unknown config key' with the closest existing key of the same parent, if any."""
+    parent, _, leaf = key.rpartition(".")
+    groups = [o for o in overrides if o.partition("=")[0] in GROUPS]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        base = compose("config", overrides=groups)
+    node = OmegaConf.select(base, parent) if parent else base
+    known = list(node.keys()) if OmegaConf.is_dict(node) else []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    chosen = [o for o in groups if o.partition("=")[0] == key.split(".")[0]]
+    where = f" with {chosen[-1]}" if chosen else ""
+    return f"unknown config key {key!r}{where}{hint}"
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    # Hydra appends a long "full_key / object_type" trailer to OmegaConf errors.
+    return text.split(" full_key:")[0]
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """The composed, resolved config; the chosen group options are kept under `choices`."""
+    _check_overrides(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    except Exception as exc:  # Hydra raises several unrelated types for bad overrides
+        missing = re.match(r"Could not override '([^']+)'", _one_line(exc))
+        if missing:
+            raise ConfigError(_unknown_key_message(missing.group(1), overrides)) from None
+        raise ConfigError(f"bad override: {_one_line(exc)}") from None
+    choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.choices = choices
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as exc:
+        raise ConfigError(f"config does not resolve: {_one_line(exc)}") from None
+    OmegaConf.set_struct(cfg, True)
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _number(cfg: DictConfig, key: str, minimum: float | None = None, integer: bool = False,
+            strictly: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    _require(ok, f"{key} must be {kind}, got {value!r}")
+    if minimum is not None:
+        bad = value <= minimum if strictly else value < minimum
+        _require(not bad, f"{key} must be {'>' if strictly else '>='} {minimum}, got {value}")
+
+
+def _pair(cfg: DictConfig, key: str, low: float, high: float | None) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = (OmegaConf.is_list(value) and len(value) == 2
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value))
+    _require(ok, f"{key} must be a pair [min, max] of numbers, got {value!r}")
+    lo, hi = value
+    _require(low < lo <= hi and (high is None or hi <= high),
+             f"{key} must satisfy {low} < min <= max{'' if high is None else f' <= {high}'}, got {list(value)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Types and ranges of the values a run depends on; registries are checked by the runner."""
+    for key in ("pretrain.epochs", "pretrain.lr", "pretrain.batch_size"):
+        _number(cfg, key, 0, integer=key.endswith("batch_size"), strictly=True)
+    for key in ("pretrain.start_lr", "pretrain.final_lr", "pretrain.weight_decay",
+                "pretrain.final_weight_decay", "pretrain.warmup_epochs", "pretrain.clip_grad"):
+        _number(cfg, key, 0)
+    _number(cfg, "pretrain.ipe_scale", 0, strictly=True)
+    _number(cfg, "pretrain.checkpoint_every", 0, integer=True)
+    _number(cfg, "pretrain.log_every", 0, integer=True, strictly=True)
+    _number(cfg, "seed", 0, integer=True)
+    _number(cfg, "workers", 0, integer=True)
+    _number(cfg, "data.image_size", 0, integer=True, strictly=True)
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        _number(cfg, f"model.{key}", 0, integer=True, strictly=True)
+    _require(cfg.data.image_size % cfg.model.patch_size == 0,
+             f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={cfg.model.patch_size}")
+    _require(cfg.model.embed_dim % cfg.model.num_heads == 0,
+             f"model.embed_dim={cfg.model.embed_dim} is not divisible by model.num_heads={cfg.model.num_heads}")
+    if "mask" in cfg.method:
+        _pair(cfg, "method.mask.target_scale", 0, 1)
+        _pair(cfg, "method.mask.context_scale", 0, 1)
+        _pair(cfg, "method.mask.target_aspect", 0, None)
+        _pair(cfg, "method.mask.context_aspect", 0, None)
+        _number(cfg, "method.mask.num_targets", 0, integer=True, strictly=True)
+        _number(cfg, "method.mask.min_keep", 0, integer=True)
+        grid = (cfg.data.image_size // cfg.model.patch_size) ** 2
+        _require(cfg.method.mask.min_keep < grid,
+                 f"method.mask.min_keep={cfg.method.mask.min_keep} leaves nothing on a {grid}-patch grid "
+                 f"(data.image_size={cfg.data.image_size}, model.patch_size={cfg.model.patch_size})")
+    if "predictor" in cfg.method:
+        _number(cfg, "method.predictor.depth", 0, integer=True)
+        _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
+    _require(cfg.checkpoint_key in ("target_encoder", "encoder"),
+             f"checkpoint_key must be target_encoder or encoder, got {cfg.checkpoint_key!r}")
+    _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
+             f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    _require(len(cfg.tasks) > 0, "no task selected: use task=<name> or task=all")
+    for name, task_cfg in cfg.tasks.items():
+        for key in ("epochs", "batch_size"):
+            if key in task_cfg:
+                _number(cfg, f"tasks.{name}.{key}", 0, integer=True, strictly=True)

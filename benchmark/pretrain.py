@@ -1,0 +1,157 @@
+"""The pretraining loop shared by every method.
+
+Per iteration: learning rate (warmup + cosine) and weight decay (cosine) set from the step,
+forward + loss under optional bf16 autocast, backward, optional gradient clipping, AdamW, then
+the method's post-step update (EMA). Checkpoints are written atomically every
+`checkpoint_every` steps and at the end, and hold everything needed to continue exactly:
+weights (EMA included), optimiser, step, RNG states and the resolved config. Schedules are pure
+functions of the step, so the step is their whole state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark import checkpoint as ckpt
+from benchmark.data import DataError, DataSource, train_loader
+from benchmark.progress import progress_bar
+from benchmark.schedules import cosine, warmup_cosine
+from methods.base import Method
+
+LAST = "last.pt"
+
+
+class DivergenceError(RuntimeError):
+    """The training loss stopped being finite."""
+
+
+@dataclass
+class Schedule:
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+
+    @classmethod
+    def of(cls, cfg, dataset_size: int) -> "Schedule":
+        per_epoch = dataset_size // cfg.batch_size
+        if per_epoch == 0:
+            raise DataError(f"pretrain.batch_size={cfg.batch_size} is larger than the training set "
+                            f"({dataset_size} images)")
+        # ipe_scale stretches the schedules past the trained epochs, as the official I-JEPA does.
+        total = int(round(cfg.epochs * per_epoch * cfg.ipe_scale))
+        return cls(max(1, total), int(round(cfg.warmup_epochs * per_epoch)), per_epoch)
+
+
+def set_hyperparameters(opt: torch.optim.Optimizer, cfg, schedule: Schedule, step: int) -> tuple[float, float]:
+    lr = warmup_cosine(step, schedule.total_steps, schedule.warmup_steps, cfg.start_lr, cfg.lr, cfg.final_lr)
+    wd = cosine(step, schedule.total_steps, cfg.weight_decay, cfg.final_weight_decay)
+    for group in opt.param_groups:
+        group["lr"] = lr
+        if group.get("apply_wd", True):
+            group["weight_decay"] = wd
+    return lr, wd
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.device,
+             checkpoint_dir: Path, config: dict, workers: int = 0, show_progress: bool = True,
+             max_steps: int | None = None) -> dict:
+    """Train `method` on the train split of `source`; resumes from checkpoint_dir/last.pt if present.
+
+    max_steps stops early (after writing a checkpoint) without changing the schedules; it exists
+    so that an interrupted run can be reproduced exactly.
+    """
+    dataset = source.split("train")
+    schedule = Schedule.of(cfg, len(dataset))
+    steps_to_run = int(cfg.epochs * schedule.steps_per_epoch)
+    method.to(device)
+    opt = torch.optim.AdamW(method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps)
+    step = 0
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last = checkpoint_dir / LAST
+    if last.exists():
+        state = ckpt.load(last)
+        ckpt.load_weights(method, state["method"]["weights"], f"checkpoint {last}")
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        set_rng_state(state["rng"])
+    log_path = checkpoint_dir.parent / "train_log.jsonl"
+
+    def save(at_step: int) -> None:
+        ckpt.save(last, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(),
+                         "step": at_step, "total_steps": schedule.total_steps, "rng": rng_state(),
+                         "config": config})
+
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16))
+    method.train()
+    losses: list[float] = []
+    started, start_step = time.perf_counter(), step
+    stop_at = steps_to_run if max_steps is None else min(steps_to_run, max_steps)
+    with progress_bar("pretrain", stop_at, step, enabled=show_progress) as bar, open(log_path, "a") as log:
+        while step < stop_at:
+            epoch, batch_in_epoch = divmod(step, schedule.steps_per_epoch)
+            loader = train_loader(dataset, method.train_transform(), method.collate, cfg.batch_size,
+                                  seed, epoch, start=batch_in_epoch, workers=workers)
+            for batch in loader:
+                lr, wd = set_hyperparameters(opt, cfg, schedule, step)
+                with torch.autocast(**autocast):
+                    out = method.training_step(to_device(batch, device))
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"pretraining loss is {loss.item()} at step {step}; "
+                                          f"last good checkpoint: {last if last.exists() else 'none'}")
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                method.after_step(step / schedule.total_steps)
+                step += 1
+                losses.append(loss.item())
+                bar.advance(loss=losses[-1])
+                if step % cfg.log_every == 0 or step == stop_at:
+                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr,
+                                          "weight_decay": wd}) + "\n")
+                    log.flush()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save(step)
+                if step >= stop_at:
+                    break
+    save(step)
+    elapsed = time.perf_counter() - started
+    trained = step - start_step
+    tail = losses[-max(1, schedule.steps_per_epoch):]
+    return {"steps": step, "total_steps": schedule.total_steps, "epochs": cfg.epochs,
+            "final_loss": sum(tail) / len(tail) if tail else math.nan,
+            "first_loss": losses[0] if losses else math.nan,
+            "train_seconds": elapsed,
+            "images_per_second": trained * cfg.batch_size / elapsed if elapsed > 0 else math.nan,
+            "checkpoint": str(last)}

@@ -1,0 +1,86 @@
+"""Run records: one JSON file per (run, task), written atomically; read back into a DataFrame.
+
+Run folder layout (documented in README.md):
+    <run_dir>/config.yaml            the resolved config of the run
+    <run_dir>/checkpoints/last.pt    pretraining checkpoint (latest; also the final one)
+    <run_dir>/train_log.jsonl        step, epoch, loss, lr, weight decay every log_every steps
+    <run_dir>/records/<task>.json    one record per task ("pretrain" included)
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark.checkpoint import atomic_write
+
+SCHEMA_VERSION = 1
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str | None:
+    """The commit of the harness code (with '+dirty' when it has uncommitted changes)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(*, run_id: str, run_dir: Path, task: str, config: dict, metrics: dict, status: str,
+                started: str, wall_seconds: float, checkpoint_path: str | None, checkpoint_key: str,
+                device: str, error: str | None = None) -> dict[str, Any]:
+    choices = config["choices"]
+    return {
+        "schema": SCHEMA_VERSION,
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "status": status,
+        "error": error,
+        "method": config["method"]["name"],
+        "preset": choices["method"],
+        "task": task,
+        "model": choices["model"],
+        "data": config["data"]["name"],
+        "seed": config["seed"],
+        "metrics": metrics,
+        "checkpoint": {"path": checkpoint_path, "key": checkpoint_key},
+        "started": started,
+        "finished": now(),
+        "wall_seconds": wall_seconds,
+        "host": socket.gethostname(),
+        "device": device,
+        "git_commit": git_commit(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "config": config,
+    }
+
+
+def write_record(run_dir: Path, record: dict) -> Path:
+    path = Path(run_dir) / "records" / f"{record['task']}.json"
+    data = json.dumps(record, indent=2, sort_keys=False, default=str).encode()
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def read_records(*folders: str | Path) -> list[dict]:
+    """Every record under the given folders (any depth), oldest first."""
+    records = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("records/*.json")):
+            with open(path) as f:
+                records.append(json.load(f))
+    return sorted(records, key=lambda r: r["finished"])

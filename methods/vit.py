@@ -1,0 +1,158 @@
+"""The ViT encoder and the JEPA predictor shared by every method.
+
+Built from timm blocks with the official I-JEPA/MAE architecture details (pre-LN, qkv bias,
+MLP ratio 4, LayerNorm eps 1e-6, fixed 2-D sin-cos position embeddings), and with the official
+parameter names, so that released checkpoints load key for key.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """[len(positions), dim] table: sin of every frequency, then cos of every frequency."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(positions.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[grid_h * grid_w, dim] fixed position table, row-major over the patch grid.
+
+    Half the channels encode the column and half the row, in the order the official MAE/I-JEPA
+    code uses (column first), so tables computed here equal those stored in their checkpoints.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))
+    table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    return torch.from_numpy(table).float()
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Tokens of x [B, N, D] at per-sample positions idx [B, K] -> [B, K, D]."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """The official JEPA initialisation: truncated normal 0.02, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def rescale_residual_branches(blocks: nn.ModuleList) -> None:
+    """Scale each block's output projections by 1/sqrt(2 * layer), as the official code does."""
+    for layer, block in enumerate(blocks, start=1):
+        block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
+        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+
+
+def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
+    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    return nn.ModuleList(
+        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm)
+        for rate in rates
+    )
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """Patch tokens in, patch tokens out (no cls token: the JEPA encoder).
+
+    `forward(images, keep=idx)` encodes only the patches at positions idx [B, K] (the context of a
+    masked view); position embeddings are added before the patches are dropped.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid * self.grid
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, self.grid).unsqueeze(0),
+                                      requires_grad=False)
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.norm = LayerNorm(embed_dim)
+        self.apply(init_transformer_weights)
+        rescale_residual_branches(self.blocks)
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(images) + self.pos_embed
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class Predictor(nn.Module):
+    """The JEPA predictor: context tokens plus one mask token per position to predict.
+
+    `forward(context, ctx_idx, tgt_idx)` with context [B, Kc, D] at grid positions ctx_idx
+    [B, Kc] returns predictions [B, Kt, D] for positions tgt_idx [B, Kt]. Callers predicting
+    several target blocks stack them along the batch (see `IJEPA.predict`).
+    """
+
+    def __init__(self, num_patches: int, grid: int, embed_dim: int, predictor_dim: int = 384,
+                 depth: int = 6, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.num_patches, self.embed_dim, self.predictor_dim = num_patches, embed_dim, predictor_dim
+        self.depth, self.num_heads = depth, num_heads
+        self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
+        self.predictor_pos_embed = nn.Parameter(sincos_2d(predictor_dim, grid, grid).unsqueeze(0),
+                                                requires_grad=False)
+        self.predictor_blocks = make_blocks(predictor_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.predictor_norm = LayerNorm(predictor_dim)
+        self.predictor_proj = nn.Linear(predictor_dim, embed_dim)
+        self.apply(init_transformer_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        rescale_residual_branches(self.predictor_blocks)
+
+    def mask_tokens(self, tgt_idx: torch.Tensor) -> torch.Tensor:
+        """Position-embedded mask tokens [B, Kt, predictor_dim]; conditioning hooks in here."""
+        pos = self.predictor_pos_embed.expand(tgt_idx.size(0), -1, -1)
+        return self.mask_token + gather_tokens(pos, tgt_idx)
+
+    def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor,
+                tgt_idx: torch.Tensor) -> torch.Tensor:
+        pos = self.predictor_pos_embed.expand(context.size(0), -1, -1)
+        x = self.predictor_embed(context) + gather_tokens(pos, ctx_idx)
+        x = torch.cat([x, self.mask_tokens(tgt_idx)], dim=1)
+        for block in self.predictor_blocks:
+            x = block(x)
+        x = self.predictor_norm(x[:, context.size(1):])
+        return self.predictor_proj(x)

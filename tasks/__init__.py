@@ -1,0 +1,15 @@
+"""The task registry: every evaluation protocol, by the name used in `task=<name>`."""
+from __future__ import annotations
+
+from tasks.base import Task, TaskContext
+from tasks.linear import LinearProbe
+
+TASKS: dict[str, type[Task]] = {
+    "linear": LinearProbe,
+}
+
+
+def build_task(name: str, cfg: dict) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))}, all)")
+    return TASKS[name](cfg)

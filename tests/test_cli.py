@@ -1,0 +1,94 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_MODEL
+
+
+def run_dirs(root: Path):
+    return sorted(p for p in (root / "results").glob("*") if p.is_dir()) if (root / "results").exists() else []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["method=nope"], "unknown method 'nope'"),
+    (["task=nope"], "unknown task 'nope'"),
+    (["pretrain.epoch=2"], "unknown config key 'pretrain.epoch' (did you mean pretrain.epochs?)"),
+    (["pretrain.epochs=many"], "pretrain.epochs must be a number"),
+    (["pretrain.batch_size=0"], "pretrain.batch_size must be > 0"),
+    (["method.mask.target_scale=[0.1,1.5]"], "method.mask.target_scale must satisfy"),
+    (["data=folder", "data.root=/definitely/not/here"], "data folder not found: /definitely/not/here/train"),
+    (["data=folder"], "needs a folder"),
+    (["model=vit_small"], "can never keep more than min_keep"),
+    (["checkpoint=/no/such.pt"], "checkpoint not found: /no/such.pt"),
+    (["seed"], "bad override"),
+    (["data=folder", "data.num_train=5"], "unknown config key 'data.num_train' with data=folder"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(bench, tmp_path, args, message):
+    proc = bench("run", *TINY_MODEL, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert run_dirs(tmp_path) == []
+
+
+def test_list_names_the_registries(bench):
+    proc = bench("list", check=0)
+    for name in ("ijepa", "linear", "all", "shapes", "folder", "imagenet", "vit_micro", "vit_base", "cpu", "paper", "local"):
+        assert name in proc.stdout
+
+
+def test_run_end_to_end_writes_records_and_refuses_to_overwrite(bench, tmp_path):
+    proc = bench("run", "method=ijepa", "task=all", "seed=3", "run_dir=results/r1", *TINY, check=0)
+    assert "linear" in proc.stdout and "top1" in proc.stdout
+    run = tmp_path / "results" / "r1"
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    log = [json.loads(line) for line in open(run / "train_log.jsonl")]
+    assert log[-1]["step"] == 6  # 96 images / batch 16, one epoch
+
+    rec = json.loads((run / "records" / "linear.json").read_text())
+    assert rec["status"] == "ok" and rec["method"] == "ijepa" and rec["preset"] == "ijepa"
+    assert rec["task"] == "linear" and rec["model"] == "vit_micro" and rec["data"] == "shapes" and rec["seed"] == 3
+    assert rec["checkpoint"] == {"path": str(run / "checkpoints" / "last.pt"), "key": "target_encoder"}
+    assert rec["config"]["model"]["depth"] == 2 and rec["config"]["seed"] == 3
+    assert rec["git_commit"] is None or len(rec["git_commit"]) >= 40
+    assert rec["host"] and rec["wall_seconds"] > 0
+    m = rec["metrics"]
+    assert 0 <= m["top1"] <= 100 and m["chance_top1"] == pytest.approx(12.5) and m["num_classes"] == 8
+    assert m["val_samples"] == 48 and m["train_samples"] + m["heldout_samples"] == 96
+    best = max(m["grid"], key=lambda row: row["heldout_top1"])
+    assert m["top1"] == best["val_top1"] and m["best_lr"] == best["lr"]
+    pre = json.loads((run / "records" / "pretrain.json").read_text())
+    assert pre["metrics"]["steps"] == 6 and pre["metrics"]["final_loss"] > 0
+
+    again = bench("run", "run_dir=results/r1", *TINY)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert json.loads((run / "records" / "linear.json").read_text()) == rec
+
+
+def test_task_on_a_checkpoint_skips_pretraining_and_checks_architecture(bench, tmp_path):
+    bench("run", "run_dir=results/src", *TINY, check=0)
+    ckpt = tmp_path / "results" / "src" / "checkpoints" / "last.pt"
+    proc = bench("run", f"checkpoint={ckpt}", "checkpoint_key=encoder", "run_dir=results/eval", *TINY, check=0)
+    run = tmp_path / "results" / "eval"
+    assert not (run / "records" / "pretrain.json").exists()
+    rec = json.loads((run / "records" / "linear.json").read_text())
+    assert rec["checkpoint"] == {"path": str(ckpt), "key": "encoder"}
+    assert "linear" in proc.stdout
+
+    wrong = bench("run", f"checkpoint={ckpt}", *TINY[:1], "model.depth=3", *TINY[2:])
+    assert wrong.returncode == 2 and "does not match model" in wrong.stderr and "depth=2" in wrong.stderr
+
+
+def test_resume_continues_a_stopped_run(bench, tmp_path):
+    bench("run", "run_dir=results/r", *TINY, "pretrain.epochs=2", check=0)
+    first = json.loads((tmp_path / "results/r/records/linear.json").read_text())
+    proc = bench("run", "run_dir=results/r", "resume=true", *TINY, "pretrain.epochs=2", check=0)
+    again = json.loads((tmp_path / "results/r/records/linear.json").read_text())
+    assert again["metrics"]["top1"] == first["metrics"]["top1"]  # nothing left to train: same weights
+    assert "linear" in proc.stdout
+    changed = bench("run", "run_dir=results/r", "resume=true", *TINY, "pretrain.epochs=3")
+    assert changed.returncode == 2 and "pretrain.epochs" in changed.stderr
+    assert torch.load(tmp_path / "results/r/checkpoints/last.pt", weights_only=True)["step"] == 12

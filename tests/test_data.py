@@ -1,0 +1,95 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmark import synthetic
+from benchmark.data import DataError, ImageFolder, SeededBatches, crop_transform, train_loader
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("gen") / "shapes", 24, 8, 32, seed=5)
+
+
+def test_generator_is_deterministic_and_differs_across_seeds():
+    a = np.array(synthetic.render(0, "train", 3, 32)[0])
+    b = np.array(synthetic.render(0, "train", 3, 32)[0])
+    c = np.array(synthetic.render(1, "train", 3, 32)[0])
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_generated_folder_has_classification_and_segmentation_layouts(shapes):
+    train = ImageFolder(shapes / "train")
+    assert train.classes == sorted(synthetic.SHAPES) and len(train) == 24
+    assert len(ImageFolder(shapes / "val")) == 8
+    rows = list(csv.DictReader(open(shapes / "labels.csv")))
+    assert len(rows) == 32 and {r["colour"] for r in rows} <= set(synthetic.COLOURS)
+    for row in rows:  # the class folder agrees with the recorded shape
+        assert row["file"].split("/")[1] == row["shape"]
+    ade = shapes / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        images = sorted((ade / "images" / split).glob("*.jpg"))
+        labels = sorted((ade / "annotations" / split).glob("*.png"))
+        assert [p.stem for p in images] == [p.stem for p in labels] and images
+    label = np.array(Image.open(labels[0]))
+    assert label.shape == (32, 32) and label.min() >= 1 and label.max() <= 1 + len(synthetic.SHAPES)
+
+
+def test_segmentation_label_marks_the_main_shape():
+    for i in range(10):
+        _, labels, shape, _ = synthetic.render(0, "val", i, 64)
+        counts = np.bincount(np.array(labels).ravel(), minlength=2 + len(synthetic.SHAPES))
+        assert counts[2 + shape] > 0.04 * 64 * 64, "main shape should cover a visible part of the image"
+
+
+def test_generation_reuses_a_complete_copy(shapes):
+    marker = shapes / synthetic.DONE_FILE
+    before = marker.stat().st_mtime_ns
+    synthetic.generate(shapes, 24, 8, 32, seed=5)
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        ImageFolder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        ImageFolder(tmp_path / "empty")
+    (tmp_path / "noimg" / "cat").mkdir(parents=True)
+    (tmp_path / "noimg" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no images"):
+        ImageFolder(tmp_path / "noimg")
+
+
+def test_image_folder_converts_grayscale_and_alpha_to_rgb(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("L", (10, 12), 128).save(tmp_path / "a" / "g.png")
+    Image.new("RGBA", (10, 12), (1, 2, 3, 0)).save(tmp_path / "a" / "t.png")
+    ds = ImageFolder(tmp_path)
+    assert all(ds[i][0].mode == "RGB" for i in range(2))
+
+
+def test_batches_do_not_depend_on_workers_and_resume_mid_epoch(shapes):
+    ds = ImageFolder(shapes / "train")
+    transform = crop_transform(32, (0.3, 1.0))
+
+    def collate(items):
+        return torch.stack([v for v, _, _ in items])
+
+    full = list(train_loader(ds, transform, collate, 4, seed=1, epoch=2, workers=0))
+    threaded = list(train_loader(ds, transform, collate, 4, seed=1, epoch=2, workers=2))
+    resumed = list(train_loader(ds, transform, collate, 4, seed=1, epoch=2, start=3, workers=0))
+    assert len(full) == 6 and all(torch.equal(a, b) for a, b in zip(full, threaded))
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))
+    other_epoch = list(train_loader(ds, transform, collate, 4, seed=1, epoch=3, workers=0))
+    assert not torch.equal(full[0], other_epoch[0])
+
+
+def test_seeded_batches_cover_the_epoch_once():
+    batches = list(SeededBatches(10, 3, seed=0, epoch=0))
+    indices = [i for b in batches for i, _, _ in b]
+    assert len(batches) == 3 and len(set(indices)) == 9
+    assert len({b[0][2] for b in batches}) == 3  # one batch seed per batch
