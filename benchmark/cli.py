@@ -29,20 +29,20 @@ def _fail(message: str, code: int) -> int:
 
 def _headline(metrics: dict) -> str:
     for key in ("top1", "final_loss"):
-        if key in metrics:
+        if metrics.get(key) is not None:
             return f"{key} {metrics[key]:.4g}"
     return ""
 
 
 def summary_table(records: list[dict]) -> Table:
-    table = Table(title="bench run")
-    for column in ("method", "model", "data", "seed", "task", "result", "chance", "seconds", "status"):
-        table.add_column(column, justify="right" if column in ("seed", "seconds") else "left")
+    first = records[0]
+    table = Table(title=f"{first['preset']} / {first['model']} / {first['data']} / seed {first['seed']}")
+    for column in ("task", "result", "chance", "seconds", "status"):
+        table.add_column(column, justify="right" if column in ("chance", "seconds") else "left", no_wrap=True)
     for r in records:
         m = r["metrics"]
         chance = f"{m['chance_top1']:.4g}" if "chance_top1" in m else ""
-        table.add_row(r["preset"], r["model"], r["data"], str(r["seed"]), r["task"], _headline(m), chance,
-                      f"{r['wall_seconds']:.1f}", r["status"])
+        table.add_row(r["task"], _headline(m), chance, f"{r['wall_seconds']:.1f}", r["status"])
     return table
 
 
@@ -57,6 +57,8 @@ def cmd_run(overrides: list[str]) -> int:
         plan = plan_run(load_config(overrides))
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    if plan.cfg.launcher.name != "local":
+        return _submit(overrides, plan)
     try:
         records = execute(plan)
     except KeyboardInterrupt:
@@ -74,6 +76,25 @@ def _about(path) -> str:
         if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()
     return ""
+
+
+def _submit(overrides: list[str], plan) -> int:
+    from omegaconf import OmegaConf
+
+    from slurm.launcher import log_dir_for, submit
+
+    launcher = OmegaConf.to_container(plan.cfg.launcher)
+    job = submit(overrides, launcher, plan.run_dir)
+    out.print(f"submitted job {job.job_id} ({launcher['name']}): run folder {plan.run_dir}, "
+              f"logs {log_dir_for(plan.run_dir)}", highlight=False, soft_wrap=True)
+    if not launcher.get("wait"):
+        return EXIT_OK
+    try:
+        records = job.result()
+    except Exception as exc:
+        return _fail(f"job {job.job_id} failed: {' '.join(str(exc).split())[-400:]}", EXIT_FAILED)
+    out.print(summary_table(records))
+    return EXIT_OK
 
 
 def cmd_list() -> int:

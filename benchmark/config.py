@@ -106,8 +106,10 @@ def _pair(cfg: DictConfig, key: str, low: float, high: float | None) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Types and ranges of the values a run depends on; registries are checked by the runner."""
-    for key in ("pretrain.epochs", "pretrain.lr", "pretrain.batch_size"):
+    for key in ("pretrain.lr", "pretrain.batch_size"):
         _number(cfg, key, 0, integer=key.endswith("batch_size"), strictly=True)
+    # 0 epochs evaluates the initialisation: the random-encoder control of every task.
+    _number(cfg, "pretrain.epochs", 0)
     for key in ("pretrain.start_lr", "pretrain.final_lr", "pretrain.weight_decay",
                 "pretrain.final_weight_decay", "pretrain.warmup_epochs", "pretrain.clip_grad"):
         _number(cfg, key, 0)

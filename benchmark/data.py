@@ -6,6 +6,7 @@ any number of workers, and a resumed run continues with exactly the batches it w
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +29,31 @@ class DataError(ValueError):
 
 
 class ImageFolder(Dataset):
-    """`root/<class>/<image>` (ImageNet, iNat-style, any custom set); classes sorted by name."""
+    """`root/<class>/<image>` (ImageNet, iNat-style, any custom set); classes sorted by name.
 
-    def __init__(self, root: str | Path):
+    With `labels` (image path -> class name), images are still found in the class folders but
+    labelled by that mapping instead: another label set over the same files.
+    """
+
+    def __init__(self, root: str | Path, labels: dict[Path, str] | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not self.classes:
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
             raise DataError(f"data folder has no class subfolders: {self.root}")
-        self.samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(self.classes):
-            for path in sorted((self.root / name).rglob("*")):
-                if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                    self.samples.append((path, label))
-        if not self.samples:
+        found = [(path, name) for name in folders for path in sorted((self.root / name).rglob("*"))
+                 if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+        if not found:
             raise DataError(f"data folder holds no images ({', '.join(IMAGE_EXTENSIONS)}): {self.root}")
+        if labels is not None:
+            unlabelled = [path for path, _ in found if path not in labels]
+            if unlabelled:
+                raise DataError(f"{len(unlabelled)} images have no label in the labels file, e.g. {unlabelled[0]}")
+            found = [(path, labels[path]) for path, _ in found]
+        self.classes = sorted({name for _, name in found})
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = [(path, index[name]) for path, name in found]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -62,9 +72,21 @@ class DataSource:
     train_split: str
     val_split: str
     image_size: int
+    # Optional CSV (columns: file relative to root, then label columns) and the column to use.
+    label_file: Path | None = None
+    label_column: str | None = None
+
+    def labels(self) -> dict[Path, str] | None:
+        if self.label_file is None:
+            return None
+        with open(self.label_file, newline="") as f:
+            reader = csv.DictReader(f)
+            if "file" not in (reader.fieldnames or []) or self.label_column not in reader.fieldnames:
+                raise DataError(f"labels file {self.label_file} needs columns 'file' and '{self.label_column}'")
+            return {self.root / row["file"]: row[self.label_column] for row in reader}
 
     def split(self, which: str) -> ImageFolder:
-        return ImageFolder(self.root / (self.train_split if which == "train" else self.val_split))
+        return ImageFolder(self.root / (self.train_split if which == "train" else self.val_split), self.labels())
 
 
 def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSource:
@@ -73,11 +95,13 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
     With generate=False only paths are checked (nothing written), for validation before a run.
     """
     if cfg.kind == "builtin":
+        if cfg.label not in synthetic.LABELS:
+            raise DataError(f"data.label must be one of {', '.join(synthetic.LABELS)}, got {cfg.label!r}")
         name = synthetic.dataset_id(cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
         root = Path(cache_dir).expanduser() / name
         if generate:
             synthetic.generate(root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
-        return DataSource(cfg.name, root, "train", "val", cfg.image_size)
+        return DataSource(cfg.name, root, "train", "val", cfg.image_size, root / "labels.csv", cfg.label)
     if cfg.kind == "folder":
         if cfg.root is None:
             raise DataError(f"data={cfg.name} needs a folder: add data.root=/path/to/dataset")
@@ -85,7 +109,12 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
         for split in (cfg.train_split, cfg.val_split):
             if not (root / split).is_dir():
                 raise DataError(f"data folder not found: {root / split} (data.root={cfg.root}, split '{split}')")
-        return DataSource(cfg.name, root, cfg.train_split, cfg.val_split, cfg.image_size)
+        label_file = None
+        if cfg.labels_csv:
+            label_file = root / str(cfg.labels_csv)
+            if not label_file.is_file():
+                raise DataError(f"labels file not found: {label_file}")
+        return DataSource(cfg.name, root, cfg.train_split, cfg.val_split, cfg.image_size, label_file, cfg.label_column)
     raise DataError(f"unknown data kind {cfg.kind!r} (builtin or folder)")
 
 

@@ -10,7 +10,6 @@ functions of the step, so the step is their whole state.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,8 +149,8 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     trained = step - start_step
     tail = losses[-max(1, schedule.steps_per_epoch):]
     return {"steps": step, "total_steps": schedule.total_steps, "epochs": cfg.epochs,
-            "final_loss": sum(tail) / len(tail) if tail else math.nan,
-            "first_loss": losses[0] if losses else math.nan,
+            "final_loss": sum(tail) / len(tail) if tail else None,
+            "first_loss": losses[0] if losses else None,
             "train_seconds": elapsed,
-            "images_per_second": trained * cfg.batch_size / elapsed if elapsed > 0 else math.nan,
+            "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
             "checkpoint": str(last)}

@@ -49,7 +49,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     c = cfg.choices
     return Path(cfg.results_dir) / f"{c.method}-{c.model}-{cfg.data.name}-seed{cfg.seed}-{stamp}"
 
@@ -104,7 +104,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     resolve_data(cfg.data, cfg.cache_dir, generate=False)
     device = pick_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
-    checkpoint_path = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else None
+    checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
     torch.manual_seed(cfg.seed)
     try:
         if checkpoint_path is not None:
@@ -119,7 +119,8 @@ def plan_run(cfg: DictConfig) -> Plan:
     if checkpoint_path is None and cfg.checkpoint_key == "target_encoder" and method.target_encoder is None:
         raise ConfigError(f"method {cfg.method.name} has no target encoder: use checkpoint_key=encoder")
 
-    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else default_run_dir(cfg)
+    # Absolute, so records still point at their files when read from elsewhere.
+    run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir else default_run_dir(cfg)).absolute()
     if run_dir.exists():
         if not cfg.resume:
             raise ConfigError(f"run folder already exists: {run_dir} (resume=true continues it)")

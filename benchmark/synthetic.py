@@ -1,9 +1,10 @@
 """The built-in dataset: procedurally drawn shapes, generated deterministically onto disk.
 
-Every image shows one main shape (its class) in a random colour, size, position and rotation,
-sometimes a small distractor shape of another class, on a textured background. The scene is
+Every image shows a scattering of three to six shapes of one class, all of one colour class
+(varied shades, sizes, positions and rotations), sometimes with one small shape of another
+class and colour, on a low-contrast textured background. The scene is
 drawn twice: as an RGB image and as a per-pixel label map, so the same generator serves
-classification (ImageFolder layout, by shape; `labels.csv` also carries a colour label) and
+classification (ImageFolder layout by shape; `labels.csv` carries both labels) and
 semantic segmentation (ADE20k layout). Image i of a split depends only on (seed, split, i).
 
 Layout written under `root`:
@@ -12,7 +13,7 @@ Layout written under `root`:
     ADEChallengeData2016/images/{training,validation}/<id>.jpg
     ADEChallengeData2016/annotations/{training,validation}/<id>.png
                                                           0 = ignore, 1 = background,
-                                                          1 + k = shape class k
+                                                          2 + k = shape class k (SHAPES order)
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
 # Colour classes are hue bins centred on these hues (degrees).
 COLOURS = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
 SPLITS = {"train": "training", "val": "validation"}
+# The label sets of labels.csv: what a classification task on the built-in data predicts.
+LABELS = ("shape", "colour")
 SUPERSAMPLE = 4
 DONE_FILE = "DONE.json"
 
@@ -132,12 +135,12 @@ def render(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, I
     shape = int(rng.integers(len(SHAPES)))
     colour = int(rng.integers(len(COLOURS)))
 
-    # Two or three instances of the class's shape (one colour class, varied shades and sizes),
-    # sometimes behind a small distractor of another class.
-    objects = [(shape, colour, rng.uniform(0.14, 0.26)) for _ in range(int(rng.integers(2, 4)))]
+    # A scattering of the class's shape (one colour class, varied shades and sizes), sometimes
+    # with one small shape of another class among them.
+    objects = [(shape, colour, rng.uniform(0.08, 0.16)) for _ in range(int(rng.integers(3, 7)))]
     if rng.random() < 0.3:
         other = int((shape + rng.integers(1, len(SHAPES))) % len(SHAPES))
-        objects.append((other, int(rng.integers(len(COLOURS))), rng.uniform(0.08, 0.12)))
+        objects.insert(int(rng.integers(len(objects) + 1)), (other, int(rng.integers(len(COLOURS))), rng.uniform(0.06, 0.1)))
     for kind_id, colour_id, radius in objects:
         kind = SHAPES[kind_id]
         r = radius * big

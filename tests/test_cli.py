@@ -56,7 +56,7 @@ def test_run_end_to_end_writes_records_and_refuses_to_overwrite(bench, tmp_path)
     assert rec["git_commit"] is None or len(rec["git_commit"]) >= 40
     assert rec["host"] and rec["wall_seconds"] > 0
     m = rec["metrics"]
-    assert 0 <= m["top1"] <= 100 and m["chance_top1"] == pytest.approx(12.5) and m["num_classes"] == 8
+    assert 0 <= m["top1"] <= 100 and m["chance_top1"] == pytest.approx(100 / 6) and m["num_classes"] == 6
     assert m["val_samples"] == 48 and m["train_samples"] + m["heldout_samples"] == 96
     best = max(m["grid"], key=lambda row: row["heldout_top1"])
     assert m["top1"] == best["val_top1"] and m["best_lr"] == best["lr"]
@@ -92,3 +92,11 @@ def test_resume_continues_a_stopped_run(bench, tmp_path):
     changed = bench("run", "run_dir=results/r", "resume=true", *TINY, "pretrain.epochs=3")
     assert changed.returncode == 2 and "pretrain.epochs" in changed.stderr
     assert torch.load(tmp_path / "results/r/checkpoints/last.pt", weights_only=True)["step"] == 12
+
+
+def test_submitit_launcher_runs_the_same_job_in_a_background_process(bench, tmp_path):
+    proc = bench("run", "launcher=submitit_local", "run_dir=results/sub", *TINY, check=0)
+    assert "submitted job" in proc.stdout and "linear" in proc.stdout
+    rec = json.loads((tmp_path / "results/sub/records/linear.json").read_text())
+    assert rec["status"] == "ok" and rec["config"]["launcher"]["name"] == "local"
+    assert list((tmp_path / "results/.submitit/sub").glob("*_log.out"))
