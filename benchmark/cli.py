@@ -47,7 +47,7 @@ def summary_table(records: list[dict]) -> Table:
 
 
 def cmd_run(overrides: list[str]) -> int:
-    # Imported here so that `bench list` and errors in arguments answer without loading torch twice.
+    # torch loads here, not at import time: `bench --help` and argument errors answer at once.
     from benchmark.checkpoint import CheckpointError
     from benchmark.config import ConfigError, load_config
     from benchmark.data import DataError

@@ -54,7 +54,7 @@ class Method(nn.Module, metaclass=ABCMeta):
         """AdamW groups: weight decay on matrices only, never on biases or 1-D parameters."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad or (self.target_encoder is not None and name.startswith("target_encoder.")):
+            if not p.requires_grad:  # frozen: fixed position tables, the EMA target encoder
                 continue
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
