@@ -173,7 +173,7 @@ def execute(plan: Plan) -> list[dict]:
         return record(task, metrics, started, time.perf_counter() - t0)
 
     if plan.checkpoint_path is None:
-        console.print(f"[bold]pretraining[/] {cfg.choices.method} on {cfg.data.name} -> {plan.run_dir}")
+        console.print(f"[bold]pretraining[/] {cfg.choices.method} on {cfg.data.name} -> {plan.run_dir}", soft_wrap=True)
         guarded("pretrain", lambda: pretrain(plan.method, source, cfg.pretrain, cfg.seed, plan.device,
                                              plan.run_dir / "checkpoints", plan.config, cfg.workers, cfg.progress))
     plan.method.to(plan.device).eval()
