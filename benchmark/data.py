@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -26,6 +27,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DataError(ValueError):
     """A dataset folder that cannot be used as configured."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; 16-bit and float images are rescaled, not clipped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I") and a.max() > 255 else max(float(a.max()), 1.0)
+        if img.mode == "F":
+            a = a - a.min()
+            peak = max(float(a.max()), 1e-12)
+        img = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 class ImageFolder(Dataset):
@@ -61,7 +74,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
         with Image.open(path) as img:
-            return img.convert("RGB"), label
+            return to_rgb(img), label
 
 
 @dataclass
