@@ -4,9 +4,11 @@ from __future__ import annotations
 from benchmark.checkpoint import load_weights
 from methods.base import Method
 from methods.ijepa import IJEPA
+from methods.iwm import IWM
 
 METHODS: dict[str, type[Method]] = {
     "ijepa": IJEPA,
+    "iwm": IWM,
 }
 
 

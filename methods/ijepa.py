@@ -25,7 +25,9 @@ def build_predictor(encoder: VisionTransformer, model_cfg: dict, predictor_cfg: 
     return Predictor(num_patches=encoder.num_patches, grid=encoder.grid, embed_dim=encoder.embed_dim,
                      predictor_dim=predictor_cfg["width"], depth=predictor_cfg["depth"],
                      num_heads=predictor_cfg.get("num_heads") or encoder.num_heads,
-                     mlp_ratio=model_cfg.get("mlp_ratio", 4.0))
+                     mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
+                     conditioning=predictor_cfg.get("conditioning", "none"),
+                     action_dim=predictor_cfg.get("action_dim", 0))
 
 
 class IJEPA(Method):
@@ -71,7 +73,10 @@ class IJEPA(Method):
         target = self.targets(batch["images"], batch["tgt_idx"])
         context = self.encoder(batch["images"], keep=batch["ctx_idx"])
         pred = self.predict_blocks(context, batch["ctx_idx"], batch["tgt_idx"])
-        return {"loss": latent_regression(pred, target, self.method_cfg["loss"])}
+        return {"loss": self._loss(pred, target)}
+
+    def _loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return latent_regression(pred, target, self.method_cfg["loss"])
 
     def ema_momentum(self, progress: float) -> float:
         start, end = self.method_cfg["ema"]

@@ -117,18 +117,33 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-class Predictor(nn.Module):
-    """The JEPA predictor: context tokens plus one mask token per position to predict.
+CONDITIONING = ("none", "feature", "sequence")
 
-    `forward(context, ctx_idx, tgt_idx)` with context [B, Kc, D] at grid positions ctx_idx
-    [B, Kc] returns predictions [B, Kt, D] for positions tgt_idx [B, Kt]. Callers predicting
-    several target blocks stack them along the batch (see `IJEPA.predict`).
+
+class Predictor(nn.Module):
+    """The JEPA predictor (IWM's world model): context tokens plus one mask token per position.
+
+    `forward(context, ctx_idx, tgt_idx, action)` with context [B, Kc, D] at grid positions
+    ctx_idx [B, Kc] returns predictions [B, Kt, D] for positions tgt_idx [B, Kt]. Callers
+    predicting several target blocks stack them along the batch (see `IJEPA.predict_blocks`).
+
+    Conditioning on the action [B, A] (IWM):
+    - none: the action is ignored (I-JEPA; the official parameter names, nothing added);
+    - feature: the action is concatenated to every position-embedded mask token and mixed back
+      to the predictor width by a 3-layer MLP;
+    - sequence: each action scalar becomes one extra token through its own linear projection.
+    A missing action means the null action (zeros): "change nothing".
     """
 
     def __init__(self, num_patches: int, grid: int, embed_dim: int, predictor_dim: int = 384,
                  depth: int = 6, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, conditioning: str = "none", action_dim: int = 0):
         super().__init__()
+        if conditioning not in CONDITIONING:
+            raise ValueError(f"predictor conditioning must be one of {CONDITIONING}, got {conditioning!r}")
+        if conditioning != "none" and action_dim < 1:
+            raise ValueError(f"{conditioning} conditioning needs action_dim >= 1")
+        self.conditioning, self.action_dim = conditioning, action_dim
         self.num_patches, self.embed_dim, self.predictor_dim = num_patches, embed_dim, predictor_dim
         self.depth, self.num_heads = depth, num_heads
         self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
@@ -138,6 +153,13 @@ class Predictor(nn.Module):
         self.predictor_blocks = make_blocks(predictor_dim, depth, num_heads, mlp_ratio, drop_path)
         self.predictor_norm = LayerNorm(predictor_dim)
         self.predictor_proj = nn.Linear(predictor_dim, embed_dim)
+        if conditioning == "feature":
+            self.action_mixer = nn.Sequential(
+                nn.Linear(predictor_dim + action_dim, predictor_dim), nn.GELU(),
+                nn.Linear(predictor_dim, predictor_dim), nn.GELU(),
+                nn.Linear(predictor_dim, predictor_dim))
+        elif conditioning == "sequence":
+            self.action_proj = nn.ModuleList(nn.Linear(1, predictor_dim) for _ in range(action_dim))
         self.apply(init_transformer_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         rescale_residual_branches(self.predictor_blocks)
@@ -147,12 +169,22 @@ class Predictor(nn.Module):
         pos = self.predictor_pos_embed.expand(tgt_idx.size(0), -1, -1)
         return self.mask_token + gather_tokens(pos, tgt_idx)
 
-    def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor,
-                tgt_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
+                action: torch.Tensor | None = None) -> torch.Tensor:
         pos = self.predictor_pos_embed.expand(context.size(0), -1, -1)
-        x = self.predictor_embed(context) + gather_tokens(pos, ctx_idx)
-        x = torch.cat([x, self.mask_tokens(tgt_idx)], dim=1)
+        parts = [self.predictor_embed(context) + gather_tokens(pos, ctx_idx)]
+        queries = self.mask_tokens(tgt_idx)
+        if self.conditioning != "none":
+            if action is None:
+                action = context.new_zeros(context.size(0), self.action_dim)
+            action = action.to(queries.dtype)
+            if self.conditioning == "feature":
+                expanded = action.unsqueeze(1).expand(-1, queries.size(1), -1)
+                queries = self.action_mixer(torch.cat([queries, expanded], dim=-1))
+            else:
+                parts.append(torch.stack([proj(action[:, i:i + 1]) for i, proj in enumerate(self.action_proj)], 1))
+        x = torch.cat([*parts, queries], dim=1)
         for block in self.predictor_blocks:
             x = block(x)
-        x = self.predictor_norm(x[:, context.size(1):])
+        x = self.predictor_norm(x[:, -queries.size(1):])
         return self.predictor_proj(x)
