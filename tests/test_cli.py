@@ -23,6 +23,8 @@ def run_dirs(root: Path):
     (["model=vit_small"], "can never keep more than min_keep"),
     (["checkpoint=/no/such.pt"], "checkpoint not found: /no/such.pt"),
     (["seed"], "bad override"),
+    (["method=iwm", "method.views.solarize=1.5"], "view probability solarize must be in [0, 1]"),
+    (["method=iwm", "method.predictor.conditioning=film"], "predictor conditioning must be one of"),
     (["data=folder", "data.num_train=5"], "unknown config key 'data.num_train' with data=folder"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(bench, tmp_path, args, message):
