@@ -33,10 +33,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode; 16-bit and float images are rescaled, not clipped."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I") and a.max() > 255 else max(float(a.max()), 1.0)
-        if img.mode == "F":
+        if img.mode == "F":  # no fixed range: stretch min..max
             a = a - a.min()
             peak = max(float(a.max()), 1e-12)
+        else:  # integer: 16-bit range when values need it, else 8-bit
+            peak = 65535.0 if a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
     return img.convert("RGB")
 

@@ -66,8 +66,8 @@ class IJEPA(Method):
                             None if action is None else action.repeat(n, 1))
 
     def predict(self, context, ctx_idx, tgt_idx, action=None):
-        # The plain I-JEPA predictor is not told what was done to the image: action is ignored.
-        return self.predictor(context, ctx_idx, tgt_idx)
+        # An unconditioned predictor (plain I-JEPA) ignores the action; IWM's uses it.
+        return self.predictor(context, ctx_idx, tgt_idx, action)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         target = self.targets(batch["images"], batch["tgt_idx"])

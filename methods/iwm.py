@@ -35,9 +35,6 @@ class IWM(IJEPA):
                 "action": torch.stack([v["action"] for v in views]),
                 "labels": torch.tensor(labels), "ctx_idx": ctx_idx, "tgt_idx": tgt_idx}
 
-    def predict(self, context, ctx_idx, tgt_idx, action=None):
-        return self.predictor(context, ctx_idx, tgt_idx, action)
-
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         target = self.targets(batch["target"], batch["tgt_idx"])
         context = self.encoder(batch["source"], keep=batch["ctx_idx"])
