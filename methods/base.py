@@ -4,8 +4,9 @@ A method is an nn.Module holding its networks and knowing how to:
 - build its training views and batches (`train_transform`, `collate`),
 - compute its loss on a batch (`training_step`) and update what is not trained by gradient
   (`after_step`, e.g. the EMA target encoder),
-- call its predictor (`predict`), and hand out the encoder an evaluation should use
-  (`eval_encoder(key)`).
+- call its predictor (`predict` on given positions, `predict_full` on a whole clean image),
+  build a fresh one (`new_predictor`, the random-predictor control), and hand out the encoder
+  an evaluation should use (`eval_encoder(key)`, patch tokens [B, N, D] out).
 Checkpoints hold the method's name and architecture next to its weights, so `Method.load`
 rebuilds the right class without the config that trained it.
 """
@@ -64,6 +65,20 @@ class Method(nn.Module, metaclass=ABCMeta):
     def predict(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
                 action: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted latents at tgt_idx [B, Kt] from context tokens at ctx_idx [B, Kc]."""
+
+    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None) -> torch.Tensor:
+        """The world model run on a whole clean image: predictions [B, N, D'] at every position.
+
+        `tokens` [B, N, D] are the encoder's patch tokens of the full image; the predictor gets
+        all of them as context and a query at every position, with the null action unless one is
+        given. This is what predictor finetuning and dense tasks put their heads on.
+        """
+        idx = torch.arange(tokens.size(1), device=tokens.device).expand(tokens.size(0), -1)
+        return self.predict(tokens, idx, idx, action)
+
+    @abstractmethod
+    def new_predictor(self) -> nn.Module:
+        """A freshly initialised predictor of the same architecture (the random-predictor control)."""
 
     def eval_encoder(self, key: str = "target_encoder") -> nn.Module:
         if key not in ENCODER_KEYS:

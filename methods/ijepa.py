@@ -38,7 +38,7 @@ class IJEPA(Method):
         super().__init__(model_cfg, method_cfg, image_size)
         self.encoder = build_encoder(model_cfg, image_size)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.predictor = build_predictor(self.encoder, model_cfg, method_cfg["predictor"])
+        self.predictor = self.new_predictor()
         self.masker = MultiBlockMasker(self.encoder.grid, MaskConfig(**{
             k: tuple(v) if isinstance(v, list) else v for k, v in method_cfg["mask"].items()}))
         self._ema_pairs: tuple[list, list] | None = None
@@ -64,6 +64,9 @@ class IJEPA(Method):
         n = len(tgt_idx)
         return self.predict(context.repeat(n, 1, 1), ctx_idx.repeat(n, 1), torch.cat(tgt_idx),
                             None if action is None else action.repeat(n, 1))
+
+    def new_predictor(self) -> Predictor:
+        return build_predictor(self.encoder, self.model_cfg, self.method_cfg["predictor"])
 
     def predict(self, context, ctx_idx, tgt_idx, action=None):
         # An unconditioned predictor (plain I-JEPA) ignores the action; IWM's uses it.
