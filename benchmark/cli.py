@@ -28,7 +28,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _headline(metrics: dict) -> str:
-    for key in ("top1", "final_loss"):
+    for key in ("top1", "mrr", "miou", "final_loss"):
         if metrics.get(key) is not None:
             return f"{key} {metrics[key]:.4g}"
     return ""
@@ -41,7 +41,7 @@ def summary_table(records: list[dict]) -> Table:
         table.add_column(column, justify="right" if column in ("chance", "seconds") else "left", no_wrap=True)
     for r in records:
         m = r["metrics"]
-        chance = f"{m['chance_top1']:.4g}" if "chance_top1" in m else ""
+        chance = next((f"{m[k]:.4g}" for k in ("chance_top1", "chance_mrr") if k in m), "")
         table.add_row(r["task"], _headline(m), chance, f"{r['wall_seconds']:.1f}", r["status"])
     return table
 

@@ -115,7 +115,14 @@ def plan_run(cfg: DictConfig) -> Plan:
         if isinstance(exc, (ckpt.CheckpointError, DataError)):
             raise
         raise ConfigError(f"cannot build method {cfg.method.name}: {exc}") from None
-    tasks = [name for name in cfg.tasks if build_task(name, cfg.tasks[name]).applies_to(method)]
+    tasks = []
+    for name in cfg.tasks:
+        try:
+            task = build_task(name, OmegaConf.to_container(cfg.tasks[name], resolve=True))
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"tasks.{name}: {exc}") from None
+        if task.applies_to(method):
+            tasks.append(name)
     if checkpoint_path is None and cfg.checkpoint_key == "target_encoder" and method.target_encoder is None:
         raise ConfigError(f"method {cfg.method.name} has no target encoder: use checkpoint_key=encoder")
 
@@ -181,6 +188,6 @@ def execute(plan: Plan) -> list[dict]:
                       run_dir=plan.run_dir, workers=cfg.workers, show_progress=cfg.progress)
     for name in plan.task_names:
         console.print(f"[bold]task[/] {name}")
-        task = build_task(name, cfg.tasks[name])
+        task = build_task(name, plan.config["tasks"][name])
         guarded(name, lambda: task.run(plan.method, ctx))
     return records

@@ -18,6 +18,8 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from methods.losses import normalize_targets
+
 ENCODER_KEYS = ("target_encoder", "encoder")
 
 
@@ -65,6 +67,20 @@ class Method(nn.Module, metaclass=ABCMeta):
     def predict(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
                 action: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted latents at tgt_idx [B, Kt] from context tokens at ctx_idx [B, Kc]."""
+
+    def sample_masks(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Context positions [B, Kc] and target blocks (a list of [B, Kt]) as in pretraining."""
+        raise ValueError(f"method {self.name} does not draw context/target blocks")
+
+    def encode_context(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens of the patches at positions keep [B, K] only (a masked view)."""
+        return self.encoder(images, keep=keep)
+
+    def target_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """What the predictor is trained to match: layer-normed target-encoder tokens [B, N, D]."""
+        if self.target_encoder is None:
+            raise ValueError(f"method {self.name} has no target encoder, so no latent targets")
+        return normalize_targets(self.target_encoder(images))
 
     def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None) -> torch.Tensor:
         """The world model run on a whole clean image: predictions [B, N, D'] at every position.

@@ -8,7 +8,7 @@ import torch
 from benchmark.data import crop_transform
 from benchmark.schedules import linear
 from methods.base import Method
-from methods.losses import ema_update, latent_regression, normalize_targets
+from methods.losses import ema_update, latent_regression
 from methods.masks import MaskConfig, MultiBlockMasker
 from methods.vit import Predictor, VisionTransformer, gather_tokens
 
@@ -48,14 +48,17 @@ class IJEPA(Method):
 
     def collate(self, items: list) -> dict:
         views, labels, seeds = zip(*items)
-        ctx_idx, tgt_idx = self.masker.sample(len(items), torch.Generator().manual_seed(seeds[0]))
+        ctx_idx, tgt_idx = self.sample_masks(len(items), torch.Generator().manual_seed(seeds[0]))
         return {"images": torch.stack(views), "labels": torch.tensor(labels),
                 "ctx_idx": ctx_idx, "tgt_idx": tgt_idx}
+
+    def sample_masks(self, batch_size: int, gen: torch.Generator):
+        return self.masker.sample(batch_size, gen)
 
     def targets(self, images: torch.Tensor, tgt_idx: list[torch.Tensor]) -> torch.Tensor:
         """Layer-normed EMA-encoder latents at every target block, stacked block-major."""
         with torch.no_grad():
-            h = normalize_targets(self.target_encoder(images))
+            h = self.target_latents(images)
             return torch.cat([gather_tokens(h, idx) for idx in tgt_idx])
 
     def predict_blocks(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: list[torch.Tensor],
@@ -74,7 +77,7 @@ class IJEPA(Method):
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         target = self.targets(batch["images"], batch["tgt_idx"])
-        context = self.encoder(batch["images"], keep=batch["ctx_idx"])
+        context = self.encode_context(batch["images"], batch["ctx_idx"])
         pred = self.predict_blocks(context, batch["ctx_idx"], batch["tgt_idx"])
         return {"loss": self._loss(pred, target)}
 

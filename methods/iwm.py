@@ -29,7 +29,7 @@ class IWM(IJEPA):
 
     def collate(self, items: list) -> dict:
         views, labels, seeds = zip(*items)
-        ctx_idx, tgt_idx = self.masker.sample(len(items), torch.Generator().manual_seed(seeds[0]))
+        ctx_idx, tgt_idx = self.sample_masks(len(items), torch.Generator().manual_seed(seeds[0]))
         return {"target": torch.stack([v["target"] for v in views]),
                 "source": torch.stack([v["source"] for v in views]),
                 "action": torch.stack([v["action"] for v in views]),
@@ -37,6 +37,6 @@ class IWM(IJEPA):
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         target = self.targets(batch["target"], batch["tgt_idx"])
-        context = self.encoder(batch["source"], keep=batch["ctx_idx"])
+        context = self.encode_context(batch["source"], batch["ctx_idx"])
         pred = self.predict_blocks(context, batch["ctx_idx"], batch["tgt_idx"], batch["action"])
         return {"loss": self._loss(pred, target)}

@@ -13,6 +13,7 @@ which is what the MRR bank of transformations needs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -102,21 +103,77 @@ def draw_source(cfg: ViewConfig) -> Photometric:
     return Photometric(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue, gray, blur, solar)
 
 
-def apply_photometric(crop: torch.Tensor, p: Photometric, solarize_threshold: float = 0.5) -> torch.Tensor:
-    """Apply a treatment to an RGB crop in [0, 1] ([3, H, W]); fixed order, deterministic."""
-    x = TF.adjust_brightness(crop, p.brightness)
-    x = TF.adjust_contrast(x, p.contrast)
-    x = TF.adjust_saturation(x, p.saturation)
-    x = TF.adjust_hue(x, p.hue)
-    if p.grayscale:
-        x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    if p.blur_sigma > 0:
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma [B, 1, H, W] of RGB images [B, 3, H, W] (torchvision's weights)."""
+    r, g, b = x.unbind(-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(-3)
+    value, _ = x.max(-3)
+    low, _ = x.min(-3)
+    chroma = value - low
+    grey = chroma == 0
+    safe_chroma = torch.where(grey, torch.ones_like(chroma), chroma)
+    saturation = chroma / torch.where(value == 0, torch.ones_like(value), value)
+    # Hue in sixths of a turn, from whichever channel holds the maximum (red wins ties).
+    hue = torch.where(value == r, (g - b) / safe_chroma,
+                      torch.where(value == g, 2.0 + (b - r) / safe_chroma, 4.0 + (r - g) / safe_chroma))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    return torch.stack([torch.remainder(hue / 6.0, 1.0), saturation, value], -3)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = x.unbind(-3)
+    # Each channel is value minus a piecewise-linear ramp of the hue (the hexcone model).
+    channels = []
+    for shift in (5.0, 3.0, 1.0):  # red, green, blue
+        k = torch.remainder(shift + hue * 6.0, 6.0)
+        ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+        channels.append(value - value * saturation * ramp)
+    return torch.stack(channels, -3)
+
+
+def apply_photometric(crops: torch.Tensor, treatments: Photometric | Sequence[Photometric],
+                      solarize_threshold: float = 0.5) -> torch.Tensor:
+    """Apply treatments to RGB crops in [0, 1]; fixed order, deterministic.
+
+    One crop [3, H, W] with one treatment gives one view [3, H, W]; crops [B, 3, H, W] (or one
+    crop, shared) with B treatments give B views in one batched pass, which is what makes a bank
+    of hundreds of views per image cheap. Matches torchvision's adjust_brightness, _contrast,
+    _saturation, _hue, rgb_to_grayscale, gaussian_blur and solarize applied one view at a time.
+    """
+    single = isinstance(treatments, Photometric)
+    batch = [treatments] if single else list(treatments)
+    x = crops if crops.dim() == 4 else crops.unsqueeze(0)
+    x = x.expand(len(batch), -1, -1, -1)
+
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(t, name) for t in batch], dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+
+    x = (x * column("brightness")).clamp(0, 1)
+    x = _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), column("contrast"))
+    x = _blend(x, _gray(x), column("saturation"))
+    hue = column("hue")
+    if hue.any():
+        hsv = _rgb_to_hsv(x)
+        hsv = torch.cat([torch.remainder(hsv[:, :1] + hue, 1.0), hsv[:, 1:]], dim=1)
+        x = _hsv_to_rgb(hsv)
+    x = torch.where(column("grayscale") > 0, _gray(x).expand_as(x), x)
+    sigmas = [t.blur_sigma for t in batch]
+    for sigma in sorted(set(sigmas) - {0.0}):
+        rows = [i for i, s in enumerate(sigmas) if s == sigma]
         # Kernel covering +-3 sigma, odd, at least 3 pixels.
-        k = max(3, int(2 * round(3 * p.blur_sigma) + 1))
-        x = TF.gaussian_blur(x, [k, k], [p.blur_sigma, p.blur_sigma])
-    if p.solarize:
-        x = TF.solarize(x, solarize_threshold)
-    return x.clamp(0, 1)
+        k = max(3, int(2 * round(3 * sigma) + 1))
+        x[rows] = TF.gaussian_blur(x[rows], [k, k], [sigma, sigma])
+    x = torch.where((column("solarize") > 0) & (x >= solarize_threshold), 1.0 - x, x)
+    x = x.clamp(0, 1)
+    return x[0] if single else x
 
 
 class PairedViews:

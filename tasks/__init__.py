@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from tasks.base import Task, TaskContext
 from tasks.linear import LinearProbe
+from tasks.mrr import WorldModelMRR
 
 TASKS: dict[str, type[Task]] = {
     "linear": LinearProbe,
+    "mrr": WorldModelMRR,
 }
 
 

@@ -100,3 +100,34 @@ def test_bad_view_settings_are_refused():
         ViewConfig(hue=0.7)
     torch.manual_seed(0)
     assert draw_source(ViewConfig(**NONE)) == Photometric()
+
+
+def torchvision_chain(crop, p, threshold=0.5):
+    """The same treatment through torchvision's per-image functions, one view at a time."""
+    import torchvision.transforms.functional as TF
+    x = TF.adjust_brightness(crop, p.brightness)
+    x = TF.adjust_contrast(x, p.contrast)
+    x = TF.adjust_saturation(x, p.saturation)
+    x = TF.adjust_hue(x, p.hue)
+    if p.grayscale:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p.blur_sigma:
+        k = max(3, int(2 * round(3 * p.blur_sigma) + 1))
+        x = TF.gaussian_blur(x, [k, k], [p.blur_sigma, p.blur_sigma])
+    if p.solarize:
+        x = TF.solarize(x, threshold)
+    return x.clamp(0, 1)
+
+
+def test_batched_photometric_matches_torchvision_view_by_view():
+    torch.manual_seed(3)
+    crop = torch.rand(3, 24, 20)
+    crop[:, :4] = 0.5  # grey pixels: hue undefined, must stay grey
+    cfg = ViewConfig(image_size=24, **ALL)
+    treatments = [draw_source(cfg) for _ in range(12)] + [Photometric(), Photometric(hue=0.5), Photometric(hue=-0.5)]
+    batched = apply_photometric(crop, treatments)
+    assert batched.shape == (15, 3, 24, 20)
+    for view, p in zip(batched, treatments):
+        assert torch.allclose(view, torchvision_chain(crop, p), atol=2e-5), p
+    # One view at a time gives the same as the batch.
+    assert torch.allclose(apply_photometric(crop, treatments[3]), batched[3], atol=1e-6)

@@ -1,0 +1,176 @@
+"""World-model quality: mean reciprocal rank (MRR) of the true transformation among a bank.
+
+For each evaluation image: one shared crop; a source view (colour jitter + destructive
+transforms, masked into context and target blocks as in pretraining) and a bank of `bank_size`
+target views of the same crop, each with its own colour jitter. The target encoder encodes every
+bank view; the predictor, told the action from the source to bank view 0 (the true target),
+predicts the target blocks' latents; bank views are ranked by the distance of their latents to
+the prediction at the predicted positions. MRR = mean over images of 1 / rank of the true view.
+
+1 means the world model applies the transformation it is told (equivariant); a predictor the
+action cannot reach ranks the true view uniformly at random, whose expectation is
+H(bank_size) / bank_size (`chance_mrr`), not 0: bank views are exchangeable draws.
+
+Every method is ranked on the same transformation distribution, set in this task's config, so
+MRR compares world models rather than pretraining recipes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from benchmark.data import derive_seed
+from benchmark.progress import progress_bar
+from methods.vit import gather_tokens
+from methods.views import PairedViews, Photometric, ViewConfig, action, apply_photometric, draw_jitter, draw_source
+from tasks.base import Task, TaskContext
+
+GRID_FILE = "mrr_retrievals.png"
+
+
+def chance_mrr(bank_size: int) -> float:
+    """Expected reciprocal rank when the true entry's rank is uniform on 1..bank_size."""
+    return sum(1.0 / k for k in range(1, bank_size + 1)) / bank_size
+
+
+def rank_of_first(distances: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = closest) of entry 0 in each row of distances [..., N]; ties share the mid rank.
+
+    Mid ranks keep a collapsed model (every distance equal) near 2/N instead of scoring a
+    perfect 1 (optimistic ties) or the worst possible 1/N (pessimistic ties).
+    """
+    true = distances[..., :1]
+    closer = (distances[..., 1:] < true).sum(-1)
+    tied = (distances[..., 1:] == true).sum(-1)
+    return 1.0 + closer + tied / 2.0
+
+
+def block_distances(pred: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance [N] between one prediction [K, D] and bank latents [N, K, D]."""
+    return (bank.float() - pred.float().unsqueeze(0)).pow(2).mean(dim=(1, 2))
+
+
+def to_pil(x: torch.Tensor, size: int) -> Image.Image:
+    """An RGB tensor in [0, 1] ([3, H, W]) as a PIL image upscaled to size x size (nearest)."""
+    array = (x.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((size, size), Image.NEAREST)
+
+
+def retrieval_grid(rows: list[dict], path: Path, cell: int = 96, pad: int = 4) -> None:
+    """One row per image: source | true target | top-k retrieved bank views (true one outlined).
+
+    Each row dict holds 'source' and 'target' views and 'retrieved': [(view, is_true)], best first.
+    """
+    columns = 2 + max(len(r["retrieved"]) for r in rows)
+    header = 16
+    width, height = columns * (cell + pad) + pad, header + len(rows) * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    titles = ["source", "true target"] + [f"top {k + 1}" for k in range(columns - 2)]
+    for c, title in enumerate(titles):
+        draw.text((pad + c * (cell + pad), 2), title, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        y = header + pad + r * (cell + pad)
+        tiles = [(row["source"], False), (row["target"], False)] + [(v, t) for v, t in row["retrieved"]]
+        for c, (view, is_true) in enumerate(tiles):
+            x = pad + c * (cell + pad)
+            canvas.paste(to_pil(view, cell), (x, y))
+            if is_true:
+                draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=(0, 200, 0), width=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+class WorldModelMRR(Task):
+    """World-model MRR: rank the true photometric transformation among a bank by predicted latents."""
+    name = "mrr"
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        if cfg["bank_size"] < 2 or cfg["num_images"] < 1:
+            raise ValueError(f"bank_size must be >= 2 and num_images >= 1, got {cfg['bank_size']}, {cfg['num_images']}")
+        self.views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["views"].items()})
+
+    def applies_to(self, method) -> bool:
+        # Ranking happens in the target encoder's latent space, which the predictor regresses.
+        return method.predictor is not None and method.target_encoder is not None
+
+    def run(self, method, ctx: TaskContext) -> dict:
+        cfg = self.cfg
+        views = replace(self.views, image_size=ctx.source.image_size)
+        # Bank entries are always jittered: with the training jitter probability, ~20% of them
+        # would be the identity, i.e. exact duplicates that tie.
+        bank_views = replace(views, jitter=1.0)
+        crops = PairedViews(views)
+        dataset = ctx.source.split("val")
+        count = min(cfg["num_images"], len(dataset))
+        # A seeded sample: ImageFolder orders images by class, the first few would share one.
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(ctx.seed))[:count].tolist()
+        device, bank_size = ctx.device, cfg["bank_size"]
+        method = method.to(device).eval()
+        autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
+
+        ranks, grid_rows = [], []
+        with torch.no_grad(), progress_bar("mrr", count, enabled=ctx.show_progress) as bar:
+            for n, index in enumerate(chosen):
+                image, _ = dataset[index]
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(ctx.seed, index))
+                    crop = crops.shared_crop(image)
+                    source = draw_source(views)
+                    bank = [draw_jitter(bank_views) for _ in range(bank_size)]
+                    ctx_idx, tgt_blocks = method.sample_masks(1, torch.Generator().manual_seed(derive_seed(ctx.seed, index, 1)))
+                rank, order = self._rank(method, crops, crop, source, bank, ctx_idx, tgt_blocks, views, device, autocast)
+                ranks.append(rank)
+                if n < cfg["grid_images"]:
+                    grid_rows.append(self._grid_row(crop, source, bank, order, views, cfg["grid_top_k"]))
+                bar.advance()
+        ranks_t = torch.tensor(ranks, dtype=torch.float64)
+        reciprocal = 1.0 / ranks_t
+        grid_path = ctx.run_dir / GRID_FILE
+        if grid_rows:
+            retrieval_grid(grid_rows, grid_path)
+        return {
+            "mrr": reciprocal.mean().item(),
+            "mrr_stderr": (reciprocal.std(unbiased=True) / math.sqrt(len(ranks))).item() if len(ranks) > 1 else 0.0,
+            "chance_mrr": chance_mrr(bank_size),
+            "top1_retrieval": 100.0 * (ranks_t == 1).double().mean().item(),
+            "median_rank": ranks_t.median().item(),
+            "bank_size": bank_size,
+            "num_images": len(ranks),
+            "conditioning": getattr(method.predictor, "conditioning", "none"),
+            "retrieval_grid": str(grid_path) if grid_rows else None,
+        }
+
+    @staticmethod
+    def _rank(method, crops: PairedViews, crop: torch.Tensor, source: Photometric, bank: list[Photometric],
+              ctx_idx: torch.Tensor, tgt_blocks: list[torch.Tensor], views: ViewConfig,
+              device: torch.device, autocast: dict) -> tuple[float, torch.Tensor]:
+        """Rank of the true view (bank entry 0) and the bank order by distance."""
+        threshold = views.solarize_threshold
+        source_view = crops.normalize(apply_photometric(crop, source, threshold)).unsqueeze(0).to(device)
+        bank_views = crops.normalize(apply_photometric(crop, bank, threshold)).to(device)
+        ctx_idx = ctx_idx.to(device)
+        blocks = torch.cat([b.to(device) for b in tgt_blocks])  # [num_blocks, Kt]
+        true_action = action(bank[0], source).unsqueeze(0).to(device)
+        with torch.autocast(**autocast):
+            latents = method.target_latents(bank_views)  # [bank, N, D]
+            context = method.encode_context(source_view, ctx_idx)
+            n = blocks.size(0)
+            # One predictor pass per target block, as in pretraining.
+            pred = method.predict(context.repeat(n, 1, 1), ctx_idx.repeat(n, 1), blocks, true_action.repeat(n, 1))
+        flat = blocks.reshape(-1)
+        bank_at_blocks = latents[:, flat]  # [bank, num_blocks * Kt, D]
+        distances = block_distances(pred.reshape(-1, pred.size(-1)), bank_at_blocks)
+        return rank_of_first(distances).item(), distances.argsort().cpu()
+
+    @staticmethod
+    def _grid_row(crop, source, bank, order, views: ViewConfig, top_k: int) -> dict:
+        top = order[:top_k].tolist()
+        rendered = apply_photometric(crop, [source, bank[0]] + [bank[j] for j in top], views.solarize_threshold)
+        return {"source": rendered[0], "target": rendered[1],
+                "retrieved": [(view, j == 0) for view, j in zip(rendered[2:], top)]}
