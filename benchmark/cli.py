@@ -3,6 +3,7 @@
     bench run [overrides...]      pretrain (or load checkpoint=PATH), then run the selected tasks
     bench list                    registered methods, tasks, datasets and the other config groups
     bench config [overrides...]   print the resolved config without running anything
+    bench perf [options] [overrides...]   time the training step of each method and the eval path
 
 Exit codes: 0 done, 1 a run failed while computing (its record says why), 2 bad input
 (unknown name, bad override, missing data folder, unreadable or mismatched checkpoint),
@@ -128,6 +129,45 @@ def cmd_config(overrides: list[str]) -> int:
     return EXIT_OK
 
 
+def cmd_perf(args) -> int:
+    import json
+    from pathlib import Path
+
+    from benchmark.config import ConfigError
+    from benchmark.data import DataError
+    from benchmark.perf import CPU_CASES, PRECISIONS, PerfError, run_benchmark, tables
+
+    methods = args.methods.split(",")
+    precisions = args.precision.split(",")
+    unknown = [m for m in methods if m not in CPU_CASES] + [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        return _fail(f"unknown perf method or precision {unknown[0]!r} (methods: {', '.join(CPU_CASES)}; "
+                     f"precisions: {', '.join(PRECISIONS)})", EXIT_USAGE)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        return _fail("--steps and --rounds must be >= 1 and --warmup >= 0", EXIT_USAGE)
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            return _fail(f"--device {args.device} but no CUDA device is available", EXIT_USAGE)
+    try:
+        result = run_benchmark(methods, precisions, args.overrides, args.steps, args.warmup, args.device,
+                               args.threads, args.gpu_cases, args.compile, args.rounds,
+                               None if args.no_probe else args.probe, {"fp32": args.rtol_fp32, "bf16": args.rtol_bf16},
+                               args.peak_tflops, log=lambda m: err.print(m, highlight=False))
+    except (ConfigError, DataError, PerfError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except RuntimeError as exc:
+        return _fail(f"perf case failed: {exc}", EXIT_FAILED)
+    for table in tables(result):
+        out.print(table)
+    for method, why in result["skipped"].items():
+        out.print(f"skipped {method}: {why}", highlight=False)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    out.print(f"results: {args.out}", highlight=False, soft_wrap=True)
+    differ = [c for c in result["cases"] if c.get("equal_numerics") is False]
+    return EXIT_FAILED if differ else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="Pretrain and evaluate IWM, I-JEPA and MAE side by side.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,12 +177,34 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="registered methods, tasks, datasets and config presets")
     config = sub.add_parser("config", help="print the resolved config for the given overrides")
     config.add_argument("overrides", nargs="*")
+    perf = sub.add_parser("perf", help="time the training step of each method, and the evaluation path",
+                          description="Config overrides (e.g. model=vit_small pretrain.batch_size=16) apply to "
+                                      "every training-step case on top of the reference configuration.")
+    perf.add_argument("overrides", nargs="*")
+    perf.add_argument("--methods", default="ijepa,iwm,mae", help="comma-separated (default: all)")
+    perf.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both (default)")
+    perf.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    perf.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    perf.add_argument("--rounds", type=int, default=1, help="repeat all cases, interleaved")
+    perf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    perf.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    perf.add_argument("--gpu-cases", action="store_true", help="ViT-B/16 224 px cases instead of the CPU ones")
+    perf.add_argument("--compile", action="store_true", help="torch.compile the step of the fast variant")
+    perf.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for model FLOP utilisation")
+    perf.add_argument("--rtol-fp32", type=float, default=1e-4, help="loss tolerance of fast vs eager, fp32")
+    perf.add_argument("--rtol-bf16", type=float, default=2e-2, help="loss tolerance of fast vs eager, bf16")
+    perf.add_argument("--probe", nargs="*", default=[], metavar="OVERRIDE",
+                      help="config overrides of the linear-probe timing (default config)")
+    perf.add_argument("--no-probe", action="store_true", help="skip the linear-probe timing")
+    perf.add_argument("--out", default="perf.json", help="where the JSON goes")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors already; keep its code
         return int(exc.code or 0)
     if args.command == "run":
         return cmd_run(args.overrides)
+    if args.command == "perf":
+        return cmd_perf(args)
     if args.command == "config":
         return cmd_config(args.overrides)
     return cmd_list()

@@ -181,10 +181,11 @@ class Transformed(Dataset):
 
 
 def train_loader(dataset: Dataset, transform: Callable, collate: Callable, batch_size: int, seed: int,
-                 epoch: int, start: int = 0, workers: int = 0) -> DataLoader:
+                 epoch: int, start: int = 0, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     batches = SeededBatches(len(dataset), batch_size, seed, epoch, start)
+    # Workers build views and masks while the step runs; pinned pages make the copy to a GPU async.
     return DataLoader(Transformed(dataset, transform), batch_sampler=batches, collate_fn=collate,
-                      num_workers=workers, persistent_workers=False)
+                      num_workers=workers, persistent_workers=False, pin_memory=pin_memory)
 
 
 def eval_loader(dataset: Dataset, image_size: int, batch_size: int, workers: int = 0) -> DataLoader:

@@ -21,6 +21,7 @@ from benchmark import checkpoint as ckpt
 from benchmark.data import DataError, DataSource, train_loader
 from benchmark.progress import progress_bar
 from benchmark.schedules import cosine, warmup_cosine
+from benchmark.step import forward_loss, make_optimizer, step_function, update
 from methods.base import Method
 
 LAST = "last.pt"
@@ -92,7 +93,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     schedule = Schedule.of(cfg, len(dataset))
     steps_to_run = int(cfg.epochs * schedule.steps_per_epoch)
     method.to(device)
-    opt = torch.optim.AdamW(method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps)
+    opt = make_optimizer(method, cfg)
     step = 0
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / LAST
@@ -109,7 +110,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                          "step": at_step, "total_steps": schedule.total_steps, "rng": rng_state(),
                          "config": config})
 
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16))
+    step_fn = step_function(method, bool(cfg.compile))
     method.train()
     losses: list[float] = []
     started, start_step = time.perf_counter(), step
@@ -118,21 +119,15 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
         while step < stop_at:
             epoch, batch_in_epoch = divmod(step, schedule.steps_per_epoch)
             loader = train_loader(dataset, method.train_transform(), method.collate, cfg.batch_size,
-                                  seed, epoch, start=batch_in_epoch, workers=workers)
+                                  seed, epoch, start=batch_in_epoch, workers=workers,
+                                  pin_memory=device.type == "cuda")
             for batch in loader:
                 lr, wd = set_hyperparameters(opt, cfg, schedule, step)
-                with torch.autocast(**autocast):
-                    out = method.training_step(to_device(batch, device))
-                loss = out["loss"]
+                loss = forward_loss(step_fn, to_device(batch, device), device, bool(cfg.bf16))
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"pretraining loss is {loss.item()} at step {step}; "
                                           f"last good checkpoint: {last if last.exists() else 'none'}")
-                loss.backward()
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                method.after_step(step / schedule.total_steps)
+                update(method, opt, loss, cfg.clip_grad, step / schedule.total_steps)
                 step += 1
                 losses.append(loss.item())
                 bar.advance(loss=losses[-1])

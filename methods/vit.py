@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -72,6 +73,24 @@ def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: f
         Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm)
         for rate in rates
     )
+
+
+def block_on_tail(block: Block, x: torch.Tensor, n: int) -> torch.Tensor:
+    """`block(x)[:, -n:]` without computing the other tokens' outputs.
+
+    Every token is still attended to, but only the last n get the attention output projection,
+    the residuals and the MLP: in the predictor's last block only the mask tokens reach the loss,
+    which saves about half of that block.
+    """
+    attn = block.attn
+    B, N, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q[:, :, -n:]), attn.k_norm(k)
+    drop = attn.attn_drop.p if block.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop).transpose(1, 2).reshape(B, n, -1)
+    y = x[:, -n:] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
 class PatchEmbed(nn.Module):
@@ -184,7 +203,9 @@ class Predictor(nn.Module):
             else:
                 parts.append(torch.stack([proj(action[:, i:i + 1]) for i, proj in enumerate(self.action_proj)], 1))
         x = torch.cat([*parts, queries], dim=1)
-        for block in self.predictor_blocks:
+        n = queries.size(1)
+        *body, last = [*self.predictor_blocks] or [None]
+        for block in body:
             x = block(x)
-        x = self.predictor_norm(x[:, -queries.size(1):])
-        return self.predictor_proj(x)
+        x = x[:, -n:] if last is None else block_on_tail(last, x, n)
+        return self.predictor_proj(self.predictor_norm(x))

@@ -1,0 +1,386 @@
+"""`bench perf`: how fast pretraining and evaluation run, and proof that the fast path computes
+the same thing.
+
+Training step. Each (method, precision, variant) case is built through the real config tree and
+run in a fresh subprocess (so its peak memory is its own): the real data path feeds the real
+method through the step the pretraining loop runs (benchmark/step.py). Per case: the median
+seconds of the timed steps after warm-up, images/s, the time the step waited for data, the cost
+of building one batch in one process, peak memory (max RSS on CPU, max allocated on GPU), the
+FLOPs of each timed step (FlopCounterMode) and their rate as a fraction of the machine's matmul
+ceiling measured in the same run, and the loss of every timed step. Two variants per method and
+precision: `eager` (fused AdamW and compile off) and `fast` (the defaults, or compiled with
+--compile); their losses must agree within a tolerance, and the table says whether they do.
+
+Evaluation. Pooled features are extracted once per (checkpoint, dataset) and cached for every
+frozen probe (first versus second request is timed), and the linear-probe grid trained in one
+pass is timed against the same heads trained one at a time, with the largest weight difference
+between the two.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+# Seconds per step of the official I-JEPA and MAE code at the CPU cases below (issue #8; 2
+# threads, forward + loss + backward + AdamW + EMA). IWM has no official code.
+REFERENCE = {"ijepa": {"fp32": 1.62, "bf16": 0.88}, "mae": {"fp32": 0.21, "bf16": 0.15}}
+
+# The reference configurations: ViT-tiny/16 at 224 px, batch 8.
+_TINY_224 = ["model=vit_tiny", "data.image_size=224", "pretrain.batch_size=8"]
+CPU_CASES = {
+    "ijepa": ["method=ijepa", *_TINY_224, "method.predictor.depth=6", "method.predictor.width=384",
+              "method.mask.min_keep=10"],
+    "iwm": ["method=iwm", *_TINY_224, "method.predictor.depth=6", "method.predictor.width=384",
+            "method.mask.min_keep=10"],
+    "mae": ["method=mae", *_TINY_224, "method.predictor.depth=4", "method.predictor.width=128",
+            "method.mask_ratio=0.75"],
+}
+# Paper-sized ViT-B/16 cases for a GPU (the IWM, I-JEPA-like and MAE presets at 224 px).
+_BASE_224 = ["model=vit_base", "data.image_size=224", "pretrain.batch_size=128"]
+GPU_CASES = {
+    "ijepa": ["method=ijepa", *_BASE_224, "method.predictor.depth=12", "method.predictor.width=384",
+              "method.mask.min_keep=10"],
+    "iwm": ["method=iwm_equi_18_384", *_BASE_224],
+    "mae": ["method=mae_paper", *_BASE_224],
+}
+VARIANTS = {"eager": ["pretrain.fused_adamw=false", "pretrain.compile=false"], "fast": []}
+PRECISIONS = ("fp32", "bf16")
+
+
+class PerfError(ValueError):
+    """A benchmark request that cannot run (unknown method, bad option)."""
+
+
+# --- measurements inside one process ----------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Best GFLOP/s of a large square matmul: what the machine can do at best."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _method_and_data(cfg, device: torch.device):
+    from benchmark.data import resolve_data
+    from methods import build_method
+
+    dataset = resolve_data(cfg.data, cfg.cache_dir).split("train")
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg.method.name, OmegaConf.to_container(cfg.model),
+                          OmegaConf.to_container(cfg.method), cfg.data.image_size)
+    return method.to(device).train(), dataset
+
+
+def time_training_step(overrides: list[str], steps: int, warmup: int, device: str,
+                       threads: int | None) -> dict:
+    """Warm-up then timed steps of the real training step on the real data path (one case)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmark.config import load_config
+    from benchmark.data import train_loader
+    from benchmark.pretrain import Schedule, set_hyperparameters, to_device
+    from benchmark.step import forward_loss, make_optimizer, step_function, update
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cfg = load_config(overrides)
+    pcfg = cfg.pretrain
+    method, dataset = _method_and_data(cfg, dev)
+    opt = make_optimizer(method, pcfg)
+    step_fn = step_function(method, bool(pcfg.compile))
+    schedule = Schedule.of(pcfg, len(dataset))
+    total = warmup + steps
+
+    def loader(workers: int):
+        return train_loader(dataset, method.train_transform(), method.collate, pcfg.batch_size, cfg.seed, 0,
+                            workers=workers, pin_memory=dev.type == "cuda")
+
+    # What one process pays to build a batch (views, masks, collation), for the data-path check.
+    start = time.perf_counter()
+    built = sum(1 for _ in zip(range(total), loader(0)))
+    data_seconds = (time.perf_counter() - start) / built
+
+    batches, seconds, waits, losses = [], [], [], []
+    feed = iter(loader(cfg.workers))
+    for i in range(total):
+        start = time.perf_counter()
+        batch = to_device(next(feed), dev)
+        _sync(dev)
+        ready = time.perf_counter()
+        set_hyperparameters(opt, pcfg, schedule, i)
+        loss = forward_loss(step_fn, batch, dev, bool(pcfg.bf16))
+        update(method, opt, loss, pcfg.clip_grad, i / schedule.total_steps)
+        value = loss.item()
+        _sync(dev)
+        done = time.perf_counter()
+        if i >= warmup:
+            batches.append(batch)
+            seconds.append(done - ready)
+            waits.append(ready - start)
+            losses.append(value)
+    memory = peak_memory_mib(dev)
+
+    # FLOPs of exactly the timed batches (forward, loss, backward), counted eagerly.
+    flops = []
+    for batch in batches:
+        with FlopCounterMode(display=False) as counter:
+            forward_loss(method.training_step, batch, dev, bool(pcfg.bf16)).backward()
+        opt.zero_grad(set_to_none=True)
+        flops.append(counter.get_total_flops())
+    return {"seconds": seconds, "waits": waits, "losses": losses, "flops": flops,
+            "data_seconds_per_batch": data_seconds, "peak_memory_mib": memory,
+            "batch_size": int(pcfg.batch_size), "workers": int(cfg.workers), "threads": torch.get_num_threads()}
+
+
+def measure_ceiling(device: str, threads: int | None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    size = 8192 if dev.type == "cuda" else 2048
+    return {p: matmul_ceiling(dev, torch.float32 if p == "fp32" else torch.bfloat16, size) for p in PRECISIONS}
+
+
+def _child(kind: str, kwargs: dict) -> dict:
+    """Run one measurement in a fresh interpreter; its result is the last line it prints."""
+    code = (f"import json, sys; from benchmark import perf; "
+            f"print(json.dumps(perf.{kind}(**json.loads(sys.argv[1]))))")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{kind} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- evaluation path -----------------------------------------------------------------------------
+
+def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
+    """Shared feature cache (first vs second request) and the head grid in one pass vs one at a time."""
+    from benchmark.config import load_config
+    from benchmark.data import resolve_data
+    from tasks.base import TaskContext
+    from tasks.linear import accuracy, train_heads
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config(overrides)
+    method, _ = _method_and_data(cfg, torch.device("cpu"))
+    ctx = TaskContext(resolve_data(cfg.data, cfg.cache_dir), torch.device("cpu"), "target_encoder", cfg.seed,
+                      Path("."), show_progress=False)
+    start = time.perf_counter()
+    x, y = ctx.pooled_features(method, "train")
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    ctx.pooled_features(method, "train")
+    second = time.perf_counter() - start
+
+    lin = cfg.tasks.linear
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    classes = int(y.max()) + 1
+    args = (lin.epochs, lin.batch_size, cfg.seed)
+    start = time.perf_counter()
+    grid = train_heads(x, y, classes, list(lin.lrs), list(lin.weight_decays), *args)
+    grid_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    alone = [train_heads(x, y, classes, [lr], [wd], *args)[0] for lr, wd, _ in grid]
+    alone_seconds = time.perf_counter() - start
+    with torch.no_grad():
+        diff = max(max((a.weight - b.weight).abs().max().item(), (a.bias - b.bias).abs().max().item())
+                   for (_, _, a), (_, _, b) in zip(grid, alone))
+        same_top1 = all(accuracy(a(x), y) == accuracy(b(x), y) for (_, _, a), (_, _, b) in zip(grid, alone))
+    return {"samples": len(x), "feature_dim": int(x.size(1)), "heads": len(grid), "epochs": int(lin.epochs),
+            "features_first_seconds": first, "features_cached_seconds": second,
+            "grid_seconds": grid_seconds, "one_at_a_time_seconds": alone_seconds,
+            "speedup": alone_seconds / grid_seconds, "max_weight_diff": diff, "same_train_top1": same_top1}
+
+
+# --- the whole benchmark ---------------------------------------------------------------------------
+
+def case_overrides(method: str, precision: str, variant: str, gpu: bool, compile: bool,
+                   extra: list[str]) -> list[str]:
+    """The config overrides of one case: the reference case, then the user's, then the variant's."""
+    base = (GPU_CASES if gpu else CPU_CASES)[method]
+    out = [*base, *extra, f"pretrain.bf16={precision == 'bf16'}", *VARIANTS[variant]]
+    if variant == "fast" and compile:
+        out.append("pretrain.compile=true")
+    return out
+
+
+def _sized_data(overrides: list[str], images: int) -> list[str]:
+    """Make the built-in data just big enough for the steps (generated once, then cached)."""
+    from benchmark.config import load_config
+
+    cfg = load_config(overrides)
+    if cfg.data.kind != "builtin":
+        return overrides
+    return [*overrides, f"data.num_train={max(images, cfg.pretrain.batch_size)}",
+            f"data.num_val={cfg.pretrain.batch_size}"]
+
+
+def available_methods() -> list[str]:
+    from benchmark.config import group_options
+    from methods import METHODS
+
+    return [m for m in CPU_CASES if m in METHODS and m in group_options("method")]
+
+
+def summarise(case: dict, ceiling: dict, peak_tflops: float | None) -> dict:
+    seconds = statistics.median(case["seconds"])
+    gflop = statistics.mean(case["flops"]) / 1e9
+    rate = sum(case["flops"]) / sum(case["seconds"]) / 1e9
+    row = {"s_per_step": seconds, "images_per_s": case["batch_size"] / seconds, "gflop_per_step": gflop,
+           "gflops": rate, "ceiling_fraction": rate / ceiling[case["precision"]],
+           "wait_s_per_step": statistics.median(case["waits"]), "max_wait_s": max(case["waits"]),
+           "data_s_per_batch": case["data_seconds_per_batch"],
+           "waits_for_data": max(case["waits"]) > 0.05 * seconds}
+    if peak_tflops:
+        row["mfu"] = rate / (peak_tflops * 1e3)
+    ref = REFERENCE.get(case["method"], {}).get(case["precision"])
+    if ref is not None and not case["gpu"]:
+        row["reference_s_per_step"] = ref
+        row["speedup_vs_reference"] = ref / seconds
+    return row
+
+
+def check_numerics(cases: list[dict], rtol: dict) -> None:
+    """Attach to every fast case the largest relative loss difference to its eager twin."""
+    eager = {(c["method"], c["precision"]): c for c in cases if c["variant"] == "eager"}
+    for c in cases:
+        twin = eager.get((c["method"], c["precision"]))
+        if c["variant"] == "eager" or twin is None:
+            continue
+        diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(c["losses"], twin["losses"]))
+        c["loss_rel_diff_vs_eager"] = diff
+        c["equal_numerics"] = diff <= rtol[c["precision"]]
+
+
+def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str], steps: int, warmup: int,
+                  device: str, threads: int | None, gpu_cases: bool, compile: bool, rounds: int,
+                  probe: list[str] | None, rtol: dict, peak_tflops: float | None, log=print) -> dict:
+    known = available_methods()
+    skipped = {m: f"method={m} is not in this checkout" for m in methods if m not in known}
+    methods = [m for m in methods if m in known]
+    cases = []
+    for method in methods:
+        for precision in precisions:
+            for variant in VARIANTS:
+                ov = case_overrides(method, precision, variant, gpu_cases, compile, overrides)
+                ov = _sized_data(ov, (steps + warmup) * _batch_size(ov))
+                cases.append({"method": method, "precision": precision, "variant": variant, "overrides": ov,
+                              "gpu": gpu_cases, "runs": []})
+    # Every case must build before anything is timed; the data is generated once, here.
+    from benchmark.config import load_config
+    from benchmark.data import resolve_data
+    from methods import build_method
+    for case in cases:
+        cfg = load_config(case["overrides"])
+        try:
+            build_method(cfg.method.name, OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method),
+                         cfg.data.image_size)
+        except ValueError as exc:
+            raise PerfError(f"{case['method']} case does not build: {exc}") from None
+        resolve_data(cfg.data, cfg.cache_dir)
+    if probe is not None:
+        load_config(probe)
+    ceilings = [_child("measure_ceiling", {"device": device, "threads": threads})]
+    # Rounds interleave the cases, so a change of machine load hits every case alike.
+    for r in range(rounds):
+        for case in cases:
+            log(f"round {r + 1}/{rounds}: {case['method']} {case['precision']} {case['variant']}")
+            case["runs"].append(_child("time_training_step", {"overrides": case["overrides"], "steps": steps,
+                                                               "warmup": warmup, "device": device,
+                                                               "threads": threads}))
+    ceilings.append(_child("measure_ceiling", {"device": device, "threads": threads}))
+    ceiling = {p: max(c[p] for c in ceilings) for p in PRECISIONS}
+    for case in cases:
+        runs = case.pop("runs")
+        case.update({k: runs[0][k] for k in ("losses", "flops", "batch_size", "workers", "threads")})
+        case["seconds"] = [s for run in runs for s in run["seconds"]]
+        case["waits"] = [w for run in runs for w in run["waits"]]
+        case["data_seconds_per_batch"] = statistics.median(run["data_seconds_per_batch"] for run in runs)
+        case["peak_memory_mib"] = max(run["peak_memory_mib"] for run in runs)
+        case["flops"] = case["flops"] * len(runs)
+        case["losses_every_round"] = [run["losses"] for run in runs]
+        case.update(summarise(case, ceiling, peak_tflops))
+    check_numerics(cases, rtol)
+    result = {"device": device, "threads": cases[0]["threads"] if cases else threads, "steps": steps,
+              "warmup": warmup, "rounds": rounds, "ceiling_gflops": ceiling, "cases": cases, "skipped": skipped,
+              "loss_rtol": rtol, "torch": torch.__version__}
+    if probe is not None:
+        log("linear probe: feature cache and head grid")
+        result["linear_probe"] = _child("time_linear_probe", {"overrides": probe, "threads": threads})
+    return result
+
+
+def _batch_size(overrides: list[str]) -> int:
+    from benchmark.config import load_config
+    return int(load_config(overrides).pretrain.batch_size)
+
+
+def tables(result: dict):
+    """The rich tables `bench perf` prints."""
+    from rich.table import Table
+
+    c = result["ceiling_gflops"]
+    title = (f"training step on {result['device']}, {result['threads']} threads, median of "
+             f"{result['steps']} x {result['rounds']} steps after {result['warmup']} warm-up; matmul ceiling "
+             f"{c['fp32']:.0f} GFLOP/s fp32, {c['bf16']:.0f} bf16")
+    step = Table(title=title)
+    columns = ["method", "precision", "variant", "s/step", "img/s", "reference", "speed-up", "GFLOP/step",
+               "GFLOP/s", "of ceiling", "peak MiB", "data s/batch", "wait s", "losses vs eager"]
+    for col in columns:
+        step.add_column(col, justify="left" if col in ("method", "precision", "variant") else "right")
+    for case in result["cases"]:
+        ref = case.get("reference_s_per_step")
+        check = ("" if case["variant"] == "eager" else
+                 f"{'equal' if case['equal_numerics'] else 'DIFFER'} ({case['loss_rel_diff_vs_eager']:.1e})")
+        step.add_row(case["method"], case["precision"], case["variant"], f"{case['s_per_step']:.3f}",
+                     f"{case['images_per_s']:.1f}", f"{ref:.2f}" if ref else "-",
+                     f"{case['speedup_vs_reference']:.2f}x" if ref else "-", f"{case['gflop_per_step']:.1f}",
+                     f"{case['gflops']:.0f}", f"{100 * case['ceiling_fraction']:.0f}%",
+                     f"{case['peak_memory_mib']:.0f}", f"{case['data_s_per_batch']:.3f}",
+                     f"{case['wait_s_per_step']:.3f}", check)
+    out = [step]
+    probe = result.get("linear_probe")
+    if probe:
+        t = Table(title=f"linear probe: {probe['heads']} heads, {probe['epochs']} epochs, "
+                        f"{probe['samples']} x {probe['feature_dim']} features")
+        for col in ("features (first)", "features (cached)", "grid, one pass", "heads one at a time",
+                    "speed-up", "max |w diff|", "same top-1"):
+            t.add_column(col, justify="right")
+        t.add_row(f"{probe['features_first_seconds']:.2f} s", f"{probe['features_cached_seconds']:.4f} s",
+                  f"{probe['grid_seconds']:.2f} s", f"{probe['one_at_a_time_seconds']:.2f} s",
+                  f"{probe['speedup']:.1f}x", f"{probe['max_weight_diff']:.1e}", str(probe["same_train_top1"]))
+        out.append(t)
+    return out

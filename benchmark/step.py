@@ -1,0 +1,45 @@
+"""One optimisation step of any method: what the pretraining loop runs and `bench perf` times.
+
+Split in two so the loop can stop on a non-finite loss before it touches the weights:
+`forward_loss` (forward and loss under optional bf16 autocast, optionally through
+torch.compile) and `update` (backward, clipping, AdamW, the method's post-step update).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from methods.base import Method
+
+
+def make_optimizer(method: Method, cfg) -> torch.optim.AdamW:
+    """AdamW over the method's groups; fused=True runs one kernel over all parameters.
+
+    The fused kernel computes the same update as the per-parameter loop (equal up to float
+    rounding, tests/test_perf.py) with far fewer small kernel launches.
+    """
+    return torch.optim.AdamW(method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=bool(cfg.fused_adamw))
+
+
+def step_function(method: Method, compile: bool) -> Callable[[dict], dict]:
+    """method.training_step, or its torch.compile graph (dynamic: mask sizes vary per batch)."""
+    if not compile:
+        return method.training_step
+    return torch.compile(method.training_step, dynamic=True)
+
+
+def forward_loss(step: Callable[[dict], dict], batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        return step(batch)["loss"]
+
+
+def update(method: Method, opt: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float,
+           progress: float) -> None:
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(method.parameters(), clip_grad)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    method.after_step(progress)

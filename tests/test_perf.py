@@ -1,0 +1,160 @@
+"""The speed-ups compute what the plain path computes, and `bench perf` measures what it says.
+
+Speed itself is never asserted: it depends on the machine and its load.
+"""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from benchmark import perf, synthetic
+from benchmark.config import load_config
+from benchmark.data import DataSource
+from benchmark.pretrain import pretrain
+from methods import build_method
+from methods.vit import Predictor, gather_tokens
+from tasks.linear import train_heads
+
+# A case small enough to time in seconds: 32 px, 4 px patches, a 2-block encoder.
+TINY_STEP = ["model=vit_micro", "model.depth=2", "model.patch_size=4", "data.image_size=32",
+             "method.predictor.depth=1", "method.predictor.width=48", "method.mask.min_keep=4",
+             "pretrain.batch_size=4", "data.num_train=16", "data.num_val=4"]
+
+
+def test_predictor_last_block_on_mask_tokens_only_equals_full_sequence():
+    torch.manual_seed(0)
+    for depth, conditioning in ((0, "none"), (1, "feature"), (3, "sequence")):
+        p = Predictor(64, 8, 32, 48, depth, 4, conditioning=conditioning, action_dim=7)
+        ctx = torch.randn(3, 20, 32, requires_grad=True)
+        ctx_idx, tgt_idx, action = torch.randint(0, 64, (3, 20)), torch.randint(0, 64, (3, 9)), torch.randn(3, 7)
+        fast = p(ctx, ctx_idx, tgt_idx, action)
+        (grad_fast,) = torch.autograd.grad(fast.square().sum(), ctx)
+        # The plain computation: every block over the whole sequence, then keep the mask tokens.
+        pos = p.predictor_pos_embed.expand(3, -1, -1)
+        parts = [p.predictor_embed(ctx) + gather_tokens(pos, ctx_idx)]
+        queries = p.mask_tokens(tgt_idx)
+        if conditioning == "feature":
+            queries = p.action_mixer(torch.cat([queries, action.unsqueeze(1).expand(-1, 9, -1)], -1))
+        if conditioning == "sequence":
+            parts.append(torch.stack([proj(action[:, i:i + 1]) for i, proj in enumerate(p.action_proj)], 1))
+        x = torch.cat([*parts, queries], 1)
+        for block in p.predictor_blocks:
+            x = block(x)
+        plain = p.predictor_proj(p.predictor_norm(x[:, -9:]))
+        (grad_plain,) = torch.autograd.grad(plain.square().sum(), ctx)
+        assert fast.shape == (3, 9, 32)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-4, atol=1e-6)
+
+
+def test_head_grid_in_one_pass_equals_heads_one_at_a_time():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 16, generator=gen), torch.randint(0, 4, (120,), generator=gen)
+    x[:, 0] += y  # learnable, so the heads move away from zero
+    grid = train_heads(x, y, 4, [0.01, 0.3], [0.0, 1e-2], epochs=3, batch_size=32, seed=1)
+    assert [(lr, wd) for lr, wd, _ in grid] == [(0.01, 0.0), (0.01, 1e-2), (0.3, 0.0), (0.3, 1e-2)]
+    for lr, wd, head in grid:
+        (_, _, alone), = train_heads(x, y, 4, [lr], [wd], epochs=3, batch_size=32, seed=1)
+        assert head.weight.abs().max() > 1e-3
+        torch.testing.assert_close(head.weight, alone.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(head.bias, alone.bias, rtol=0, atol=1e-6)
+    # Different learning rates and decays give different heads: the grid is not one head copied.
+    assert not torch.allclose(grid[0][2].weight, grid[2][2].weight)
+    assert not torch.allclose(grid[2][2].weight, grid[3][2].weight)
+
+
+def test_head_grid_follows_torch_sgd():
+    """One head of the batched grid = nn.Linear + torch.optim.SGD(momentum 0.9) with the cosine lr."""
+    from benchmark.schedules import cosine
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    (_, _, head), = train_heads(x, y, 3, [0.5], [1e-2], epochs=2, batch_size=16, seed=4)
+    ref = torch.nn.Linear(8, 3)
+    torch.nn.init.zeros_(ref.weight)
+    torch.nn.init.zeros_(ref.bias)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
+    order_gen, step = torch.Generator().manual_seed(4), 0
+    for _ in range(2):
+        order = torch.randperm(64, generator=order_gen)
+        for i in range(4):
+            idx = order[i * 16:(i + 1) * 16]
+            opt.param_groups[0]["lr"] = cosine(step, 8, 0.5, 0.0)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+    torch.testing.assert_close(head.weight, ref.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(head.bias, ref.bias, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = synthetic.generate(tmp_path_factory.mktemp("gen") / "shapes", 32, 8, 32, seed=2)
+    return DataSource("shapes", root, "train", "val", 32)
+
+
+@pytest.mark.parametrize("method,bf16", [("ijepa", False), ("iwm", True)])
+def test_fused_adamw_trains_like_the_plain_loop(source, tmp_path, method, bf16):
+    losses, weights = {}, {}
+    for fused in (False, True):
+        cfg = OmegaConf.to_container(load_config([f"method={method}", *TINY_STEP, "pretrain.epochs=2",
+                                                  f"pretrain.bf16={bf16}", f"pretrain.fused_adamw={fused}",
+                                                  "pretrain.log_every=1", "pretrain.checkpoint_every=0"]))
+        torch.manual_seed(0)
+        m = build_method(method, cfg["model"], cfg["method"], 32)
+        run = tmp_path / str(fused)
+        pretrain(m, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), run / "ckpt", cfg,
+                 show_progress=False)
+        losses[fused] = [json.loads(line)["loss"] for line in open(run / "train_log.jsonl")]
+        weights[fused] = m.encoder.patch_embed.proj.weight.detach()
+    assert len(losses[True]) == 16
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4 if not bf16 else 1e-2)
+    torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=1e-4 if bf16 else 1e-5)
+
+
+def test_timed_step_reports_every_measure(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
+    overrides = perf.case_overrides("ijepa", "fp32", "eager", False, False, TINY_STEP)
+    assert overrides[:1] == ["method=ijepa"] and overrides[-2:] == perf.VARIANTS["eager"]
+    assert "pretrain.bf16=False" in overrides and overrides.index("model=vit_micro") > overrides.index("model=vit_tiny")
+    out = perf.time_training_step(overrides, steps=2, warmup=1, device="cpu", threads=None)
+    assert len(out["seconds"]) == len(out["waits"]) == len(out["losses"]) == len(out["flops"]) == 2
+    assert all(s > 0 for s in out["seconds"]) and all(l > 0 for l in out["losses"])
+    # FLOPs of a 2-block 32x32 ViT step: at least the target encoder's matmuls over 64 tokens x 4 images.
+    cfg = load_config(overrides)
+    d, tokens = cfg.model.embed_dim, 4 * 64
+    assert min(out["flops"]) > 2 * 2 * tokens * 12 * d * d
+    assert out["peak_memory_mib"] > 50 and out["data_seconds_per_batch"] > 0 and out["batch_size"] == 4
+    again = perf.time_training_step(overrides, steps=2, warmup=1, device="cpu", threads=None)
+    assert again["losses"] == out["losses"] and again["flops"] == out["flops"]  # deterministic
+
+
+def test_numerics_check_and_summary():
+    def case(variant, losses, precision="fp32"):
+        return {"method": "ijepa", "precision": precision, "variant": variant, "losses": losses}
+    cases = [case("eager", [1.0, 0.5]), case("fast", [1.0, 0.50001]), case("eager", [1.0], "bf16"),
+             case("fast", [1.1], "bf16")]
+    perf.check_numerics(cases, {"fp32": 1e-4, "bf16": 2e-2})
+    assert cases[1]["equal_numerics"] and cases[1]["loss_rel_diff_vs_eager"] == pytest.approx(2e-5)
+    assert not cases[3]["equal_numerics"] and "equal_numerics" not in cases[0]
+
+    row = perf.summarise({"method": "ijepa", "precision": "fp32", "gpu": False, "batch_size": 8,
+                          "seconds": [1.0, 2.0, 1.5], "waits": [0.0, 0.01, 0.0], "flops": [100e9, 200e9, 150e9],
+                          "data_seconds_per_batch": 0.1}, {"fp32": 200.0, "bf16": 400.0}, peak_tflops=1.0)
+    assert row["s_per_step"] == 1.5 and row["images_per_s"] == pytest.approx(8 / 1.5)
+    assert row["gflops"] == pytest.approx(100.0) and row["ceiling_fraction"] == pytest.approx(0.5)
+    assert row["mfu"] == pytest.approx(0.1) and row["speedup_vs_reference"] == pytest.approx(1.62 / 1.5)
+    assert not row["waits_for_data"]
+
+
+def test_matmul_ceiling_is_a_rate():
+    assert perf.matmul_ceiling(torch.device("cpu"), torch.float32, 256, repeats=2) > 0.1
+
+
+def test_perf_cli_rejects_bad_input_before_compute(bench):
+    proc = bench("perf", "--methods", "ijepa,simclr", check=2)
+    assert "simclr" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = bench("perf", "--methods", "ijepa", "--precision", "fp32", "--steps", "1", "--no-probe",
+                 "pretrain.batch_siz=3", check=2)
+    assert "pretrain.batch_size" in proc.stderr
