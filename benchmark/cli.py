@@ -158,8 +158,9 @@ def cmd_perf(args) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except RuntimeError as exc:
         return _fail(f"perf case failed: {exc}", EXIT_FAILED)
+    wide = Console(width=max(out.width, 200))  # the step table has 14 columns
     for table in tables(result):
-        out.print(table)
+        wide.print(table)
     for method, why in result["skipped"].items():
         out.print(f"skipped {method}: {why}", highlight=False)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -158,3 +158,20 @@ def test_perf_cli_rejects_bad_input_before_compute(bench):
     proc = bench("perf", "--methods", "ijepa", "--precision", "fp32", "--steps", "1", "--no-probe",
                  "pretrain.batch_siz=3", check=2)
     assert "pretrain.batch_size" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_step(source, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        cfg = OmegaConf.to_container(load_config(["method=iwm", *TINY_STEP, "pretrain.epochs=1", "pretrain.bf16=false",
+                                                  f"pretrain.compile={compiled}", "pretrain.log_every=1",
+                                                  "pretrain.checkpoint_every=0"]))
+        torch.manual_seed(0)
+        m = build_method("iwm", cfg["model"], cfg["method"], 32)
+        run = tmp_path / str(compiled)
+        pretrain(m, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), run / "ckpt", cfg,
+                 show_progress=False)
+        losses[compiled] = [json.loads(line)["loss"] for line in open(run / "train_log.jsonl")]
+    assert len(losses[True]) == 8
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
