@@ -139,6 +139,8 @@ def validate(cfg: DictConfig) -> None:
     if "predictor" in cfg.method:
         _number(cfg, "method.predictor.depth", 0, integer=True)
         _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
+    _require(cfg.pretrain.attention in ("auto", "fused", "math"),
+             f"pretrain.attention must be auto, fused or math, got {cfg.pretrain.attention!r}")
     _require(cfg.checkpoint_key in ("target_encoder", "encoder"),
              f"checkpoint_key must be target_encoder or encoder, got {cfg.checkpoint_key!r}")
     _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),

@@ -8,8 +8,9 @@ seconds of the timed steps after warm-up, images/s, the time the step waited for
 of building one batch in one process, peak memory (max RSS on CPU, max allocated on GPU), the
 FLOPs of each timed step (FlopCounterMode) and their rate as a fraction of the machine's matmul
 ceiling measured in the same run, and the loss of every timed step. Two variants per method and
-precision: `eager` (fused AdamW and compile off) and `fast` (the defaults, or compiled with
---compile); their losses must agree within a tolerance, and the table says whether they do.
+precision: `eager` (plain AdamW loop, timm's SDPA attention, no compile) and `fast` (the
+defaults, compiled with --compile); their losses must agree within a tolerance, and the table
+says whether they do.
 
 Evaluation. Pooled features are extracted once per (checkpoint, dataset) and cached for every
 frozen probe (first versus second request is timed), and the linear-probe grid trained in one
@@ -53,7 +54,7 @@ GPU_CASES = {
     "iwm": ["method=iwm_equi_18_384", *_BASE_224],
     "mae": ["method=mae_paper", *_BASE_224],
 }
-VARIANTS = {"eager": ["pretrain.fused_adamw=false", "pretrain.compile=false"], "fast": []}
+VARIANTS = {"eager": ["pretrain.fused_adamw=false", "pretrain.compile=false", "pretrain.attention=fused"], "fast": []}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -108,7 +109,7 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
     from benchmark.config import load_config
     from benchmark.data import train_loader
     from benchmark.pretrain import Schedule, set_hyperparameters, to_device
-    from benchmark.step import forward_loss, make_optimizer, step_function, update
+    from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
 
     if threads:
         torch.set_num_threads(threads)
@@ -118,6 +119,7 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
     method, dataset = _method_and_data(cfg, dev)
     opt = make_optimizer(method, pcfg)
     step_fn = step_function(method, bool(pcfg.compile))
+    use_attention(method, pcfg.attention, dev, bool(pcfg.bf16))
     schedule = Schedule.of(pcfg, len(dataset))
     total = warmup + steps
 

@@ -21,7 +21,7 @@ from benchmark import checkpoint as ckpt
 from benchmark.data import DataError, DataSource, train_loader
 from benchmark.progress import progress_bar
 from benchmark.schedules import cosine, warmup_cosine
-from benchmark.step import forward_loss, make_optimizer, step_function, update
+from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
 from methods.base import Method
 
 LAST = "last.pt"
@@ -111,6 +111,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                          "config": config})
 
     step_fn = step_function(method, bool(cfg.compile))
+    restore_attention = use_attention(method, cfg.attention, device, bool(cfg.bf16))
     method.train()
     losses: list[float] = []
     started, start_step = time.perf_counter(), step
@@ -139,6 +140,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                     save(step)
                 if step >= stop_at:
                     break
+    restore_attention()  # evaluation runs with the kernels a loaded checkpoint would get
     save(step)
     elapsed = time.perf_counter() - started
     trained = step - start_step

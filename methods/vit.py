@@ -87,8 +87,11 @@ def block_on_tail(block: Block, x: torch.Tensor, n: int) -> torch.Tensor:
     qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q[:, :, -n:]), attn.k_norm(k)
-    drop = attn.attn_drop.p if block.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop).transpose(1, 2).reshape(B, n, -1)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if block.training else 0.0)
+    else:
+        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(B, n, -1)
     y = x[:, -n:] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
     return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
