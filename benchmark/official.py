@@ -175,8 +175,8 @@ def method_from_official(state: dict, path: Path, cfg: DictConfig) -> Method:
 def _epochs_done(checkpoint: dict) -> int:
     """Completed epochs of one of our checkpoints (I-JEPA's 'epoch' field)."""
     pre = checkpoint["config"]["pretrain"]
-    per_epoch = checkpoint["total_steps"] / max(pre["epochs"] * pre["ipe_scale"], 1e-12)
-    return int(checkpoint["step"] // per_epoch) if pre["epochs"] else 0
+    # total_steps spans epochs * ipe_scale epochs; the small slack absorbs float rounding.
+    return int(checkpoint["step"] * pre["epochs"] * pre["ipe_scale"] / checkpoint["total_steps"] + 1e-6)
 
 
 def to_official(checkpoint: dict, encoder_only: bool = False) -> tuple[str, dict]:
