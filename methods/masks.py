@@ -1,8 +1,8 @@
 """Masking: I-JEPA's multi-block masks and MAE's per-sample random masks (at the end).
 
-I-JEPA, per batch: one target-block size and one context-block size are drawn; per image: `num_targets`
-target blocks at random positions, then one context block with every target patch removed from
-it. Index lists are cut to the batch minimum so they stack into tensors.
+I-JEPA, per batch: one target-block size and one context-block size are drawn; per image:
+`num_targets` target blocks at random positions, then one context block with every target patch
+removed from it. Index lists are cut to the batch minimum so they stack into tensors.
 
 Two edge modes:
 - "official" reproduces the released collator bit for bit in distribution: block sides are capped
