@@ -60,16 +60,16 @@ def _shape(weights: dict, key: str, what: str) -> tuple[int, ...]:
 
 
 def _count(weights: dict, prefix: str) -> int:
-    """Number of blocks `prefix{i}.` present (0, 1, ... without gaps are assumed by load_weights)."""
+    """Number of distinct blocks `prefix{i}.`; a gap in the numbering then fails in load_weights."""
     return len({k[len(prefix):].split(".")[0] for k in weights if k.startswith(prefix)})
 
 
 def vit_architecture(weights: dict, prefix_tokens: int, what: str) -> dict:
-    """patch_size, embed_dim, depth, mlp_ratio, in_chans and grid of a ViT encoder, from its tensors.
+    """patch_size, embed_dim, depth and mlp_ratio of a ViT encoder, from its tensors.
 
     Heads are not recoverable from the weights (qkv is [3D, D] for any head count).
     """
-    dim, in_chans, p, p2 = _shape(weights, "patch_embed.proj.weight", what)
+    dim, _, p, p2 = _shape(weights, "patch_embed.proj.weight", what)
     if p != p2:
         raise CheckpointError(f"{what}: non-square patches {p}x{p2} are not supported")
     tokens = _shape(weights, "pos_embed", what)[1] - prefix_tokens
@@ -78,7 +78,7 @@ def vit_architecture(weights: dict, prefix_tokens: int, what: str) -> dict:
         raise CheckpointError(f"{what}: pos_embed holds {tokens} patch positions, not a square grid")
     hidden = _shape(weights, "blocks.0.mlp.fc1.weight", what)[0]
     return {"patch_size": p, "embed_dim": dim, "depth": _count(weights, "blocks."),
-            "mlp_ratio": hidden / dim, "in_chans": in_chans, "grid": grid}
+            "mlp_ratio": hidden / dim}
 
 
 def resample_pos_embed(pos: torch.Tensor, grid: int, prefix_tokens: int) -> torch.Tensor:
