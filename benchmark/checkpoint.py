@@ -53,8 +53,8 @@ def load(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for torn, foreign or code-carrying files
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if code:
-            raise CheckpointError(f"refused checkpoint {path}: loading it would run pickled code ({code.group(1)}); "
-                                  "checkpoints are read weights-only") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: loading it would run pickled code "
+                                  f"({code.group(1)}), refused (checkpoints are read weights-only)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
 
