@@ -3,6 +3,7 @@
     bench run [overrides...]      pretrain (or load checkpoint=PATH), then run the selected tasks
     bench list                    registered methods, tasks, datasets and the other config groups
     bench config [overrides...]   print the resolved config without running anything
+    bench export CKPT OUT         write a bench checkpoint in its method's official release layout
 
 Exit codes: 0 done, 1 a run failed while computing (its record says why), 2 bad input
 (unknown name, bad override, missing data folder, unreadable or mismatched checkpoint),
@@ -128,6 +129,24 @@ def cmd_config(overrides: list[str]) -> int:
     return EXIT_OK
 
 
+def cmd_export(checkpoint: str, target: str, encoder_only: bool) -> int:
+    from pathlib import Path
+
+    from benchmark.checkpoint import CheckpointError, load, save
+    from benchmark.official import to_official
+
+    path = Path(target)
+    if path.exists():
+        return _fail(f"output file already exists: {path}", EXIT_USAGE)
+    try:
+        layout, payload = to_official(load(checkpoint), encoder_only)
+    except (CheckpointError, KeyError) as exc:
+        return _fail(f"cannot export {checkpoint}: {exc}", EXIT_USAGE)
+    save(path, payload)
+    out.print(f"wrote {path}: official {layout} layout ({', '.join(payload)})", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="Pretrain and evaluate IWM, I-JEPA and MAE side by side.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="registered methods, tasks, datasets and config presets")
     config = sub.add_parser("config", help="print the resolved config for the given overrides")
     config.add_argument("overrides", nargs="*")
+    export = sub.add_parser("export", help="write a bench checkpoint in the official I-JEPA or MAE layout",
+                            description="I-JEPA/IWM -> the I-JEPA .pth.tar layout; MAE -> {'model': ...} "
+                                        "(encoder + decoder, or the encoder alone with --encoder-only)")
+    export.add_argument("checkpoint", help="a checkpoint written by bench run (checkpoints/last.pt)")
+    export.add_argument("out", help="the file to write (never overwritten)")
+    export.add_argument("--encoder-only", action="store_true", help="MAE: the encoder alone, as mae_pretrain_vit_*.pth")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors already; keep its code
@@ -145,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args.overrides)
     if args.command == "config":
         return cmd_config(args.overrides)
+    if args.command == "export":
+        return cmd_export(args.checkpoint, args.out, args.encoder_only)
     return cmd_list()
 
 
