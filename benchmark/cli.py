@@ -199,7 +199,7 @@ def cmd_leaderboard(args) -> int:
     board = lb.board(frame, by=args.by)
     out_dir = Path(args.out) if args.out else Path(args.folders[0]) / "leaderboard"
     written = lb.write_tables(board, out_dir, args.digits)
-    runs = frame["run_id"].nunique()
+    runs = frame["run_dir"].nunique()
     out.print(lb.to_rich(board, f"{runs} runs, mean ± std over seeds, best in bold"))
     points = lb.spectrum_points(frame, by=args.by)
     if not points.empty and len(points.columns) > 1:

@@ -90,13 +90,14 @@ class Board:
     std: pd.DataFrame
     n: pd.DataFrame
 
-    def best(self) -> dict[tuple, object]:
-        """For each column, the row index holding the best mean."""
+    def best(self) -> dict[tuple, set]:
+        """For each column, the rows holding the best mean (all of them on a tie)."""
         out = {}
         for column in self.mean.columns:
             values = self.mean[column].dropna()
             if len(values):
-                out[column] = values.idxmin() if column[1] in LOWER_IS_BETTER else values.idxmax()
+                top = values.min() if column[1] in LOWER_IS_BETTER else values.max()
+                out[column] = set(values.index[values == top])
         return out
 
 
@@ -128,7 +129,7 @@ def _cells(b: Board, digits: int) -> tuple[list[str], list[str], list[list[str]]
     texts, marks = [], []
     for idx in b.mean.index:
         texts.append([cell_text(b.mean.at[idx, c], b.std.at[idx, c], b.n.at[idx, c], digits) for c in b.mean.columns])
-        marks.append([best.get(c) == idx for c in b.mean.columns])
+        marks.append([idx in best.get(c, ()) for c in b.mean.columns])
     return rows, columns, texts, marks
 
 

@@ -39,14 +39,15 @@ def overrides_for(overrides: list[str], task: str | None) -> list[str]:
 
 
 class SweepJob(submitit.helpers.Checkpointable):
-    """`bench run` semantics for one unit of a sweep: task=None pretrains, else evaluates `checkpoint`."""
+    """`bench run` semantics for one unit of a sweep: task=None pretrains, else evaluates checkpoint_path."""
 
     def __init__(self, overrides: list[str], run_dir: str, task: str | None = None,
-                 checkpoint: str | None = None):
+                 checkpoint_path: str | None = None):
         self.overrides = list(overrides)
         self.run_dir = str(run_dir)
         self.task = task
-        self.checkpoint = checkpoint
+        # Not `checkpoint`: that name is Checkpointable's method, which submitit calls to requeue.
+        self.checkpoint_path = checkpoint_path
 
     @property
     def record_name(self) -> str:
@@ -57,7 +58,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         resume = (Path(self.run_dir) / "config.yaml").is_file()
         fixed = [f"run_dir={self.run_dir}", f"resume={str(resume).lower()}", "launcher=local", "progress=false"]
         if self.task is not None:
-            fixed += [f"checkpoint={self.checkpoint}", f"task={self.task}"]
+            fixed += [f"checkpoint={self.checkpoint_path}", f"task={self.task}"]
         return overrides_for(self.overrides, self.task) + fixed
 
     def __call__(self) -> list[dict]:

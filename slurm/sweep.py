@@ -9,8 +9,8 @@ pretraining job succeeded (sbatch --dependency=afterok), so nothing waits on the
 
 Sweep folder:
     <sweep_dir>/sweep.json              cells, their overrides, and every job submitted
-    <sweep_dir>/<cell>/pretrain/        the cell's pretraining run folder (bench run layout)
-    <sweep_dir>/<cell>/<task>/          one run folder per task, on the cell's checkpoint
+    <sweep_dir>/<cell>.pretrain/        the cell's pretraining run folder (bench run layout)
+    <sweep_dir>/<cell>.<task>/          one run folder per task, on the cell's checkpoint
     <sweep_dir>/logs/<job id>/          submitit's logs
 
 A unit (a cell's pretraining, or one of its tasks) is done when its record exists. Submitting
@@ -90,7 +90,7 @@ def format_value(value) -> str:
 def cell_name(items: list[tuple[str, str]]) -> str:
     """Readable and safe in paths and overrides: group choices by value, other keys as leaf+value."""
     parts = [value if key in GROUPS else f"{key.rpartition('.')[2]}{value}" for key, value in items]
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", "_".join(parts)).strip("-") or "cell"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-") or "cell"
 
 
 def expand_grid(grid: dict, shared: list[str]) -> list[tuple[str, list[str]]]:
@@ -181,7 +181,8 @@ def _applicable_tasks(overrides: list[str], tasks: list[str]) -> list[str]:
 # ---- the sweep folder ------------------------------------------------------------------------
 
 def unit_dir(sweep_dir: Path, unit: str) -> Path:
-    return sweep_dir / unit
+    # Flat and unique: the folder name is the run id its records carry.
+    return sweep_dir / unit.replace("/", ".")
 
 
 def read_manifest(sweep_dir: Path) -> dict:
@@ -241,11 +242,14 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,Reason", "-j", ",".join(job_ids)],
                              capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return {j: f"UNKNOWN (sacct: {' '.join(str(exc).split())[:120]})" for j in job_ids}
-    rows = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+    rows = {}
+    for line in out.splitlines():
+        job, state, reason = (line.split("|") + ["", ""])[:3]
+        rows[job] = f"{state} ({reason})" if reason not in ("", "None") else state
     states = {}
     for job in job_ids:
         array = job.split("_")[0] + "_["  # array tasks not started yet show as 12_[0-3]
@@ -305,7 +309,7 @@ def _jobs_for(sweep: Sweep, unit: str) -> SweepJob:
     if what == PRETRAIN:
         return SweepJob(cell.overrides, str(run_dir))
     checkpoint = unit_dir(sweep.sweep_dir, f"{cell_name}/{PRETRAIN}") / "checkpoints" / LAST
-    return SweepJob(cell.overrides, str(run_dir), task=what, checkpoint=str(checkpoint))
+    return SweepJob(cell.overrides, str(run_dir), task=what, checkpoint_path=str(checkpoint))
 
 
 @dataclass
@@ -332,7 +336,7 @@ def decide(cell: Cell, states: dict[str, UnitState], retry: bool) -> Decision:
     if pre.state == FAILED and not submit_pre:
         blocked = [f"{cell.name}/{t}: waits for failed pretraining (retry to resubmit)" for t in cell.tasks]
         return Decision(False, None, [], skipped + blocked)
-    after = None if pre.state == DONE else pre.job_id
+    after = None if pre.state == DONE or submit_pre else pre.job_id
     tasks = []
     for task in cell.tasks:
         st = states[f"{cell.name}/{task}"]
