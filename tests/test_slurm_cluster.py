@@ -53,10 +53,16 @@ def wait_for_sweep(bench, sweep_dir: Path, timeout: float) -> dict:
     raise AssertionError(f"sweep not finished after {timeout}s:\n{proc.stdout}")
 
 
-def sacct_times(job_id: str) -> tuple[str, str, str]:
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "State,Start,End", "-j", job_id],
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
-    return tuple(out[-1].split("|"))
+def sacct_times(job_id: str, timeout: float = 120) -> tuple[str, str, str]:
+    """(state, start, end) once the job has ended: a record is written a moment before its job exits."""
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "State,Start,End", "-j", job_id],
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        state, start, end = out[-1].split("|")
+        if end != "Unknown" or time.time() > deadline:
+            return state, start, end
+        time.sleep(2)
 
 
 def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
@@ -71,7 +77,7 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
         assert jobs[f"{cell}/linear"]["after"] == pre
         shown = subprocess.run(["scontrol", "show", "job", lin], capture_output=True, text=True).stdout
         assert f"Dependency=afterok:{pre}" in shown or "Dependency=(null)" in shown and \
-            sacct_times(pre)[0] == "COMPLETED", shown
+            sacct_times(pre, timeout=0)[0] == "COMPLETED", shown
 
     states = wait_for_sweep(bench, sweep_dir, timeout=900)
     assert all(s.state == "done" for s in states.values()), {u: (s.state, s.reason, s.log) for u, s in states.items()}
@@ -84,7 +90,7 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
         assert rec["checkpoint"]["path"] == str(sweep_dir / f"{cell}.pretrain" / "checkpoints" / "last.pt")
 
     status = bench("status", str(sweep_dir), check=0)
-    assert "8 done" in status.stdout
+    assert "8 done, 0 running, 0 pending, 0 failed" in " ".join(status.stdout.split())
 
     board = bench("leaderboard", str(sweep_dir), "--out", str(tmp_path / "board"), check=0)
     table = (tmp_path / "board" / "leaderboard.md").read_text()
@@ -94,7 +100,7 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
     assert csv.count(",2,") == 2, csv  # every cell counted: 2 seeds per method
 
     again = bench("sweep", "ci", LAUNCHER, f"sweep_dir={sweep_dir}", check=0)
-    assert "nothing to submit" in again.stdout and "submitted" not in again.stdout
+    assert "nothing to submit" in again.stdout and "submitted" not in again.stdout, again.stdout
     assert manifest(sweep_dir)["jobs"] == jobs
 
 
