@@ -3,7 +3,8 @@
 Per iteration: learning rate (warmup + cosine) and weight decay (cosine) set from the step,
 forward + loss under optional bf16 autocast, backward, optional gradient clipping, AdamW, then
 the method's post-step update (EMA). Checkpoints are written atomically every
-`checkpoint_every` steps and at the end, and hold everything needed to continue exactly:
+`checkpoint_every` steps, at the end, and at the step boundary right after a preemption or
+timeout signal (benchmark/interrupt.py), and hold everything needed to continue exactly:
 weights (EMA included), optimiser, step, RNG states and the resolved config. Schedules are pure
 functions of the step, so the step is their whole state.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from benchmark import checkpoint as ckpt
+from benchmark import interrupt
 from benchmark.data import DataError, DataSource, train_loader
 from benchmark.progress import progress_bar
 from benchmark.schedules import cosine, warmup_cosine
@@ -95,6 +97,10 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     method.to(device)
     opt = make_optimizer(method, cfg)
     step = 0
+    # The first loss and the last epoch's losses, so that a resumed run reports what an
+    # uninterrupted one would.
+    first_loss: float | None = None
+    losses: list[float] = []
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / LAST
     if last.exists():
@@ -103,20 +109,22 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         set_rng_state(state["rng"])
+        first_loss, losses = state.get("first_loss"), list(state.get("recent_losses", []))
     log_path = checkpoint_dir.parent / "train_log.jsonl"
 
     def save(at_step: int) -> None:
         ckpt.save(last, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(),
                          "step": at_step, "total_steps": schedule.total_steps, "rng": rng_state(),
+                         "first_loss": first_loss, "recent_losses": losses[-schedule.steps_per_epoch:],
                          "config": config})
 
     step_fn = step_function(method, bool(cfg.compile))
     restore_attention = use_attention(method, cfg.attention, device, bool(cfg.bf16))
     method.train()
-    losses: list[float] = []
     started, start_step = time.perf_counter(), step
     stop_at = steps_to_run if max_steps is None else min(steps_to_run, max_steps)
-    with progress_bar("pretrain", stop_at, step, enabled=show_progress) as bar, open(log_path, "a") as log:
+    with progress_bar("pretrain", stop_at, step, enabled=show_progress) as bar, open(log_path, "a") as log, \
+            interrupt.served_by_loop():
         while step < stop_at:
             epoch, batch_in_epoch = divmod(step, schedule.steps_per_epoch)
             loader = train_loader(dataset, method.train_transform(), method.collate, cfg.batch_size,
@@ -131,13 +139,18 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                 update(method, opt, loss, cfg.clip_grad, step / schedule.total_steps)
                 step += 1
                 losses.append(loss.item())
+                if first_loss is None:
+                    first_loss = losses[-1]
                 bar.advance(loss=losses[-1])
                 if step % cfg.log_every == 0 or step == stop_at:
                     log.write(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr,
                                           "weight_decay": wd}) + "\n")
                     log.flush()
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                asked = interrupt.take()
+                if asked or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     save(step)
+                if asked == interrupt.STOP:
+                    raise interrupt.Interrupted(step, last)
                 if step >= stop_at:
                     break
     restore_attention()  # evaluation runs with the kernels a loaded checkpoint would get
@@ -147,7 +160,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     tail = losses[-max(1, schedule.steps_per_epoch):]
     return {"steps": step, "total_steps": schedule.total_steps, "epochs": cfg.epochs,
             "final_loss": sum(tail) / len(tail) if tail else None,
-            "first_loss": losses[0] if losses else None,
+            "first_loss": first_loss,
             "train_seconds": elapsed,
             "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
             "checkpoint": str(last)}
