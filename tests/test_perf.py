@@ -126,7 +126,7 @@ def test_fast_defaults_train_like_the_plain_loop(source, tmp_path, method, bf16)
 def test_timed_step_reports_every_measure(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
     overrides = perf.case_overrides("ijepa", "fp32", "eager", False, False, TINY_STEP)
-    assert overrides[:1] == ["method=ijepa"] and overrides[-2:] == perf.VARIANTS["eager"]
+    assert overrides[:1] == ["method=ijepa"] and overrides[-3:] == perf.VARIANTS["eager"]
     assert "pretrain.bf16=False" in overrides and overrides.index("model=vit_micro") > overrides.index("model=vit_tiny")
     out = perf.time_training_step(overrides, steps=2, warmup=1, device="cpu", threads=None)
     assert len(out["seconds"]) == len(out["waits"]) == len(out["losses"]) == len(out["flops"]) == 2
