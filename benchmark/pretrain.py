@@ -4,8 +4,12 @@ Per iteration: learning rate (warmup + cosine) and weight decay (cosine) set fro
 forward + loss under optional bf16 autocast, backward, optional gradient clipping, AdamW, then
 the method's post-step update (EMA). Checkpoints are written atomically every
 `checkpoint_every` steps and at the end, and hold everything needed to continue exactly:
-weights (EMA included), optimiser, step, RNG states and the resolved config. Schedules are pure
-functions of the step, so the step is their whole state.
+weights (EMA included), optimiser, step, RNG states, the losses so far and the resolved config.
+Schedules are pure functions of the step, so the step is their whole state.
+
+A checkpoint due after step k is written once the loss of step k + 1 has been seen to be finite
+(with the RNG state from before that step), so a run that diverges keeps a checkpoint whose
+weights still train; a non-finite loss or weight stops the run with DivergenceError.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import Any
 import torch
 
 from benchmark import checkpoint as ckpt
-from benchmark.data import DataError, DataSource, train_loader
+from benchmark.data import UNREADABLE_LOG, DataError, DataSource, train_loader
+from benchmark.faults import fault_point
 from benchmark.progress import progress_bar
 from benchmark.schedules import cosine, warmup_cosine
 from methods.base import Method
@@ -89,29 +94,39 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     so that an interrupted run can be reproduced exactly.
     """
     dataset = source.split("train")
+    dataset.log_skipped(checkpoint_dir.parent / UNREADABLE_LOG)
     schedule = Schedule.of(cfg, len(dataset))
     steps_to_run = int(cfg.epochs * schedule.steps_per_epoch)
     method.to(device)
     opt = torch.optim.AdamW(method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps)
     step = 0
+    losses: list[float] = []
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / LAST
+    log_path = checkpoint_dir.parent / "train_log.jsonl"
     if last.exists():
         state = ckpt.load(last)
         ckpt.load_weights(method, state["method"]["weights"], f"checkpoint {last}")
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         set_rng_state(state["rng"])
-    log_path = checkpoint_dir.parent / "train_log.jsonl"
+        losses = state["losses"].tolist() if "losses" in state else []
+        truncate_log(log_path, step)
+    saved_step = step if last.exists() else None
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, rng: dict) -> None:
+        nonlocal saved_step
+        bad = next((name for name, t in method.state_dict().items()
+                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise DivergenceError(f"weight {bad} is not finite after step {at_step}; {_last_good(last, saved_step)}")
         ckpt.save(last, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(),
-                         "step": at_step, "total_steps": schedule.total_steps, "rng": rng_state(),
-                         "config": config})
+                         "step": at_step, "total_steps": schedule.total_steps, "rng": rng,
+                         "losses": torch.tensor(losses, dtype=torch.float64), "config": config})
+        saved_step = at_step
 
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16))
     method.train()
-    losses: list[float] = []
     started, start_step = time.perf_counter(), step
     stop_at = steps_to_run if max_steps is None else min(steps_to_run, max_steps)
     with progress_bar("pretrain", stop_at, step, enabled=show_progress) as bar, open(log_path, "a") as log:
@@ -120,13 +135,16 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
             loader = train_loader(dataset, method.train_transform(), method.collate, cfg.batch_size,
                                   seed, epoch, start=batch_in_epoch, workers=workers)
             for batch in loader:
+                rng = rng_state()
                 lr, wd = set_hyperparameters(opt, cfg, schedule, step)
                 with torch.autocast(**autocast):
                     out = method.training_step(to_device(batch, device))
                 loss = out["loss"]
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"pretraining loss is {loss.item()} at step {step}; "
-                                          f"last good checkpoint: {last if last.exists() else 'none'}")
+                                          f"{_last_good(last, saved_step)}")
+                if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
+                    save(step, rng)
                 loss.backward()
                 if cfg.clip_grad:
                     torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.clip_grad)
@@ -140,11 +158,10 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                     log.write(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr,
                                           "weight_decay": wd}) + "\n")
                     log.flush()
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    save(step)
+                fault_point(f"step:{step}")
                 if step >= stop_at:
                     break
-    save(step)
+    save(step, rng_state())
     elapsed = time.perf_counter() - started
     trained = step - start_step
     tail = losses[-max(1, schedule.steps_per_epoch):]
@@ -153,4 +170,30 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
             "first_loss": losses[0] if losses else None,
             "train_seconds": elapsed,
             "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
+            "unreadable_skipped": count_logged(checkpoint_dir.parent / UNREADABLE_LOG),
             "checkpoint": str(last)}
+
+
+def _last_good(last: Path, saved_step: int | None) -> str:
+    return f"last good checkpoint: {last} (step {saved_step})" if saved_step is not None else "no checkpoint written"
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (and a line torn by a crash): the resumed run writes them again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry["step"] <= step:
+            kept.append(line + "\n")
+    data = "".join(kept).encode()
+    ckpt.atomic_write(path, lambda f: f.write(data))
+
+
+def count_logged(path: Path) -> int:
+    """Distinct files in a skip log (a file may fail once per epoch and per worker)."""
+    return len(set(path.read_text().splitlines())) if path.exists() else 0
