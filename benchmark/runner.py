@@ -106,6 +106,11 @@ def plan_run(cfg: DictConfig) -> Plan:
     if cfg.data.kind == "folder":  # header scan: an unreadable image fails here, not mid-run
         for split in ("train", "val"):
             source.split(split)
+    if not cfg.checkpoint and cfg.pretrain.epochs > 0:
+        train_size = cfg.data.num_train if cfg.data.kind == "builtin" else len(source.split("train"))
+        if cfg.pretrain.batch_size > train_size:
+            raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} is larger than the training set "
+                              f"({train_size} images)")
     device = pick_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
