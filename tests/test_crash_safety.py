@@ -119,3 +119,25 @@ def test_divergence_stops_with_the_step_keeps_a_good_checkpoint_and_records_the_
     state = ckpt.load(run / "checkpoints" / "last.pt")
     assert state["step"] == 1
     assert all(torch.isfinite(w).all() for w in state["method"]["weights"].values() if w.is_floating_point())
+
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, cache):
+    # A weight that overflowed (here set by hand: AdamW refuses an lr large enough to overflow
+    # in one step, and any later step's loss would catch it first) must not reach a checkpoint.
+    from omegaconf import OmegaConf
+
+    from benchmark.config import load_config
+    from benchmark.data import resolve_data
+    from benchmark.pretrain import DivergenceError, pretrain
+    from methods import build_method
+
+    cfg = load_config([*FAST, "data.num_train=8", "pretrain.epochs=1"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    method = build_method("ijepa", config["model"], config["method"], 32)
+    with torch.no_grad():
+        method.encoder.norm.weight[0] = float("inf")
+    with pytest.raises(DivergenceError, match=r"weight encoder.norm.weight is not finite after step 0; no checkpoint"):
+        pretrain(method, resolve_data(cfg.data, cache), cfg.pretrain, 0, torch.device("cpu"), tmp_path / "checkpoints",
+                 config, show_progress=False, max_steps=0)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
