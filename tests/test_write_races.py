@@ -1,11 +1,12 @@
 """Readers racing writers never see a half-written record; a write that fails midway (a full
 disk, a file size limit) leaves the previous file as it was."""
-import errno
 import json
 import multiprocessing as mp
 import os
 import resource
 import signal
+import subprocess
+import sys
 import time
 
 import torch
@@ -79,29 +80,37 @@ def test_the_race_does_catch_a_non_atomic_writer(tmp_path):
     assert torn > 0
 
 
+FAILING_WRITES = """
+import errno, sys
+import torch
+from benchmark import checkpoint as ckpt
+from benchmark.records import write_record
+folder = sys.argv[1]
+failures = 0
+try:
+    write_record(folder, {"task": "linear", "round": 2, "payload": "x" * 200_000})
+except OSError as exc:
+    failures += exc.errno == errno.EFBIG
+try:
+    ckpt.save(folder + "/last.pt", {"step": 2, "w": torch.ones(100_000)})
+except (OSError, RuntimeError):  # torch reports the failed write as a RuntimeError
+    failures += 1
+sys.exit(0 if failures == 2 else 3)
+"""
+
+
+def _file_size_limit():
+    # In the child before exec: writes past 64 KiB fail with EFBIG, as on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+
 def test_a_write_that_fails_midway_keeps_the_previous_file(tmp_path):
     write_record(tmp_path, record(0, 1))
     ckpt.save(tmp_path / "last.pt", {"step": 1, "w": torch.ones(4)})
-    pid = os.fork()
-    if pid == 0:  # the child hits a 64 KiB file size limit, as a full disk would stop it
-        code = 1
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-            failures = 0
-            try:
-                write_record(tmp_path, record(0, 2))
-            except OSError as exc:
-                failures += exc.errno == errno.EFBIG
-            try:
-                ckpt.save(tmp_path / "last.pt", {"step": 2, "w": torch.ones(100_000)})
-            except (OSError, RuntimeError):  # torch reports the failed write as RuntimeError
-                failures += 1
-            code = 0 if failures == 2 else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    proc = subprocess.run([sys.executable, "-c", FAILING_WRITES, str(tmp_path)], preexec_fn=_file_size_limit,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "records" / "linear.json").read_text())["round"] == 1
     assert ckpt.load(tmp_path / "last.pt")["step"] == 1
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["last.pt", "linear.json"]
