@@ -28,7 +28,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _headline(metrics: dict) -> str:
-    for key in ("top1", "final_loss"):
+    for key in ("top1", "miou", "final_loss"):
         if metrics.get(key) is not None:
             return f"{key} {metrics[key]:.4g}"
     return ""

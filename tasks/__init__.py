@@ -1,11 +1,13 @@
 """The task registry: every evaluation protocol, by the name used in `task=<name>`."""
 from __future__ import annotations
 
+from tasks.ade20k import ADE20kSegmentation
 from tasks.base import Task, TaskContext
 from tasks.linear import LinearProbe
 
 TASKS: dict[str, type[Task]] = {
     "linear": LinearProbe,
+    "ade20k": ADE20kSegmentation,
 }
 
 
