@@ -3,6 +3,10 @@
     bench run [overrides...]      pretrain (or load checkpoint=PATH), then run the selected tasks
     bench list                    registered methods, tasks, datasets and the other config groups
     bench config [overrides...]   print the resolved config without running anything
+    bench export CKPT OUT         write a bench checkpoint in its method's official release layout
+    bench sweep SWEEP [overrides] submit a grid of runs (launcher=slurm) or run it here (launcher=local)
+    bench status SWEEP            every unit of a sweep: pending / running / done / failed
+    bench leaderboard FOLDERS...  tables (Markdown, LaTeX, HTML, CSV) and the MRR spectrum plot
 
 Exit codes: 0 done, 1 a run failed while computing (its record says why), 2 bad input
 (unknown name, bad override, missing data folder, unreadable or mismatched checkpoint),
@@ -128,6 +132,104 @@ def cmd_config(overrides: list[str]) -> int:
     return EXIT_OK
 
 
+def cmd_export(checkpoint: str, target: str, encoder_only: bool) -> int:
+    from pathlib import Path
+
+    from benchmark.checkpoint import CheckpointError, load, save
+    from benchmark.official import to_official
+
+    path = Path(target)
+    if path.exists():
+        return _fail(f"output file already exists: {path}", EXIT_USAGE)
+    try:
+        layout, payload = to_official(load(checkpoint), encoder_only)
+    except (CheckpointError, KeyError) as exc:
+        return _fail(f"cannot export {checkpoint}: {exc}", EXIT_USAGE)
+    save(path, payload)
+    out.print(f"wrote {path}: official {layout} layout ({', '.join(payload)})", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
+    from benchmark.checkpoint import CheckpointError
+    from benchmark.config import ConfigError
+    from benchmark.data import DataError
+    from slurm.sweep import load_sweep, submit_sweep, unit_states
+
+    try:
+        sweep = load_sweep(name, overrides)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    out.print(f"sweep {sweep.name}: {len(sweep.cells)} cells x tasks {', '.join(sweep.tasks) or '-'} "
+              f"({sweep.launcher['name']}) -> {sweep.sweep_dir}", highlight=False, soft_wrap=True)
+    submitted = []
+
+    def event(line: str) -> None:
+        if line.startswith(("submitted", "running")):
+            submitted.append(line)
+        out.print(line, highlight=False, soft_wrap=True)
+
+    try:
+        manifest = submit_sweep(sweep, retry=retry, on_event=event)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if not submitted:
+        out.print("nothing to submit: every unit is done, queued or running (--retry resubmits failed ones)")
+    if sweep.launcher["name"] == "local":
+        states = unit_states(sweep.sweep_dir, manifest)
+        from slurm.sweep import FAILED, status_table
+
+        out.print(status_table(sweep.sweep_dir, states))
+        return EXIT_FAILED if any(s.state == FAILED for s in states) else EXIT_OK
+    return EXIT_OK
+
+
+def cmd_status(name: str) -> int:
+    from benchmark.config import ConfigError
+    from slurm.sweep import read_manifest, resolve_sweep_dir, status_table, unit_states
+
+    try:
+        sweep_dir = resolve_sweep_dir(name)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    out.print(status_table(sweep_dir, unit_states(sweep_dir, read_manifest(sweep_dir))))
+    return EXIT_OK
+
+
+def cmd_leaderboard(args) -> int:
+    from pathlib import Path
+
+    from benchmark import leaderboard as lb
+
+    missing = [f for f in args.folders if not Path(f).is_dir()]
+    if missing:
+        return _fail(f"results folder not found: {missing[0]}", EXIT_USAGE)
+    problems: list[str] = []
+    try:
+        frame = lb.load_frame(args.folders, methods=args.method, tasks=args.task, datasets=args.data,
+                              since=args.since, until=args.until, by=args.by, all_metrics=args.all_metrics,
+                              problems=problems)
+    except ValueError as exc:  # a malformed --since/--until date
+        return _fail(f"bad date: {exc}", EXIT_USAGE)
+    for line in problems:
+        err.print(f"skipped {line}", highlight=False, soft_wrap=True)
+    if frame.empty:
+        return _fail(f"no successful records match in {', '.join(args.folders)}", EXIT_USAGE)
+    board = lb.board(frame, by=args.by)
+    out_dir = Path(args.out) if args.out else Path(args.folders[0]) / "leaderboard"
+    written = lb.write_tables(board, out_dir, args.digits)
+    runs = frame["run_dir"].nunique()
+    out.print(lb.to_rich(board, f"{runs} runs, mean ± std over seeds, best in bold"))
+    points = lb.spectrum_points(frame, by=args.by)
+    if not points.empty and len(points.columns) > 1:
+        plot = out_dir / "spectrum.png"
+        for what, r in lb.spectrum_plot(points, plot).items():
+            out.print(f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False)
+        written.append(plot)
+    out.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="Pretrain and evaluate IWM, I-JEPA and MAE side by side.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +239,32 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="registered methods, tasks, datasets and config presets")
     config = sub.add_parser("config", help="print the resolved config for the given overrides")
     config.add_argument("overrides", nargs="*")
+    export = sub.add_parser("export", help="write a bench checkpoint in the official I-JEPA or MAE layout",
+                            description="I-JEPA/IWM -> the I-JEPA .pth.tar layout; MAE -> {'model': ...} "
+                                        "(encoder + decoder, or the encoder alone with --encoder-only)")
+    export.add_argument("checkpoint", help="a checkpoint written by bench run (checkpoints/last.pt)")
+    export.add_argument("out", help="the file to write (never overwritten)")
+    export.add_argument("--encoder-only", action="store_true", help="MAE: the encoder alone, as mae_pretrain_vit_*.pth")
+    sweep = sub.add_parser("sweep", help="submit a sweep (grid of runs x tasks) to SLURM, or run it here",
+                           description="SWEEP: a name in benchmark/conf/sweep or a YAML path; then launcher=slurm|local, "
+                                       "launcher.* (partition, account, ...), grid.KEY=[...], tasks=[...], sweep_dir=PATH, "
+                                       "and overrides for every run")
+    sweep.add_argument("sweep")
+    sweep.add_argument("overrides", nargs="*")
+    sweep.add_argument("--retry", action="store_true", help="resubmit units whose record says failed")
+    status = sub.add_parser("status", help="state of every job of a sweep")
+    status.add_argument("sweep", help="sweep folder, or sweep name under results/sweeps")
+    board = sub.add_parser("leaderboard", help="tables and the MRR spectrum plot from result folders")
+    board.add_argument("folders", nargs="+")
+    board.add_argument("--method", action="append", help="method or preset (repeatable)")
+    board.add_argument("--task", action="append", help="task (repeatable; 'pretrain' for pretraining loss)")
+    board.add_argument("--data", action="append", help="dataset name (repeatable)")
+    board.add_argument("--since", help="records finished at or after this ISO date/time")
+    board.add_argument("--until", help="records finished at or before this ISO date/time")
+    board.add_argument("--by", action="append", help="config key that splits rows, e.g. pretrain.epochs")
+    board.add_argument("--all-metrics", action="store_true", help="every numeric metric, not only each task's headline")
+    board.add_argument("--digits", type=int, default=2)
+    board.add_argument("--out", help="folder for the tables and plot (default: FIRST_FOLDER/leaderboard)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors already; keep its code
@@ -145,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args.overrides)
     if args.command == "config":
         return cmd_config(args.overrides)
+    if args.command == "export":
+        return cmd_export(args.checkpoint, args.out, args.encoder_only)
+    if args.command == "sweep":
+        return cmd_sweep(args.sweep, args.overrides, args.retry)
+    if args.command == "status":
+        return cmd_status(args.sweep)
+    if args.command == "leaderboard":
+        return cmd_leaderboard(args)
     return cmd_list()
 
 

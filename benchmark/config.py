@@ -13,6 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("method", "model", "data", "pretrain", "task", "launcher")
 
+# MAE's linear scaling rule, lr = base_lr * batch / 256, so a preset's lr follows its batch size.
+OmegaConf.register_new_resolver("linear_scaled_lr", lambda base, batch: base * batch / 256, replace=True)
+
 
 class ConfigError(ValueError):
     """A command line or config that cannot describe a run."""
@@ -139,8 +142,8 @@ def validate(cfg: DictConfig) -> None:
     if "predictor" in cfg.method:
         _number(cfg, "method.predictor.depth", 0, integer=True)
         _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
-    _require(cfg.checkpoint_key in ("target_encoder", "encoder"),
-             f"checkpoint_key must be target_encoder or encoder, got {cfg.checkpoint_key!r}")
+    _require(cfg.checkpoint_key in (None, "target_encoder", "encoder"),
+             f"checkpoint_key must be target_encoder, encoder or null, got {cfg.checkpoint_key!r}")
     _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
              f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
     _require(len(cfg.tasks) > 0, "no task selected: use task=<name> or task=all")

@@ -3,13 +3,15 @@
 Per iteration: learning rate (warmup + cosine) and weight decay (cosine) set from the step,
 forward + loss under optional bf16 autocast, backward, optional gradient clipping, AdamW, then
 the method's post-step update (EMA). Checkpoints are written atomically every
-`checkpoint_every` steps and at the end, and hold everything needed to continue exactly:
-weights (EMA included), optimiser, step, RNG states, the losses so far and the resolved config.
-Schedules are pure functions of the step, so the step is their whole state.
+`checkpoint_every` steps, at the end, and at the step boundary right after a preemption or
+timeout signal (benchmark/interrupt.py), and hold everything needed to continue exactly:
+weights (EMA included), optimiser, step, RNG states, the losses a resumed run reports and the
+resolved config. Schedules are pure functions of the step, so the step is their whole state.
 
-A checkpoint due after step k is written once the loss of step k + 1 has been seen to be finite
-(with the RNG state from before that step), so a run that diverges keeps a checkpoint whose
-weights still train; a non-finite loss or weight stops the run with DivergenceError.
+A periodic checkpoint due after step k is written once the loss of step k + 1 has been seen to
+be finite (with the RNG state from before that step), so a run that diverges keeps a
+checkpoint whose weights still train; a non-finite loss, or a non-finite weight when a
+checkpoint is due, stops the run with DivergenceError.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from benchmark import checkpoint as ckpt
+from benchmark import interrupt
 from benchmark.data import UNREADABLE_LOG, DataError, DataSource, train_loader
 from benchmark.faults import fault_point
 from benchmark.progress import progress_bar
@@ -100,6 +103,9 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     method.to(device)
     opt = torch.optim.AdamW(method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps)
     step = 0
+    # The first loss and the last epoch's losses, so that a resumed run reports what an
+    # uninterrupted one would.
+    first_loss: float | None = None
     losses: list[float] = []
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / LAST
@@ -110,7 +116,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         set_rng_state(state["rng"])
-        losses = state["losses"].tolist() if "losses" in state else []
+        first_loss, losses = state.get("first_loss"), list(state.get("recent_losses", []))
         truncate_log(log_path, step)
     saved_step = step if last.exists() else None
 
@@ -122,14 +128,16 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
             raise DivergenceError(f"weight {bad} is not finite after step {at_step}; {_last_good(last, saved_step)}")
         ckpt.save(last, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(),
                          "step": at_step, "total_steps": schedule.total_steps, "rng": rng,
-                         "losses": torch.tensor(losses, dtype=torch.float64), "config": config})
+                         "first_loss": first_loss, "recent_losses": losses[-schedule.steps_per_epoch:],
+                         "config": config})
         saved_step = at_step
 
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16))
     method.train()
     started, start_step = time.perf_counter(), step
     stop_at = steps_to_run if max_steps is None else min(steps_to_run, max_steps)
-    with progress_bar("pretrain", stop_at, step, enabled=show_progress) as bar, open(log_path, "a") as log:
+    with progress_bar("pretrain", stop_at, step, enabled=show_progress) as bar, open(log_path, "a") as log, \
+            interrupt.served_by_loop():
         while step < stop_at:
             epoch, batch_in_epoch = divmod(step, schedule.steps_per_epoch)
             loader = train_loader(dataset, method.train_transform(), method.collate, cfg.batch_size,
@@ -153,12 +161,19 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                 method.after_step(step / schedule.total_steps)
                 step += 1
                 losses.append(loss.item())
+                if first_loss is None:
+                    first_loss = losses[-1]
                 bar.advance(loss=losses[-1])
                 if step % cfg.log_every == 0 or step == stop_at:
                     log.write(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr,
                                           "weight_decay": wd}) + "\n")
                     log.flush()
                 fault_point(f"step:{step}")
+                asked = interrupt.take()
+                if asked:  # a preemption does not wait for the next loss
+                    save(step, rng_state())
+                if asked == interrupt.STOP:
+                    raise interrupt.Interrupted(step, last)
                 if step >= stop_at:
                     break
     save(step, rng_state())
@@ -167,7 +182,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     tail = losses[-max(1, schedule.steps_per_epoch):]
     return {"steps": step, "total_steps": schedule.total_steps, "epochs": cfg.epochs,
             "final_loss": sum(tail) / len(tail) if tail else None,
-            "first_loss": losses[0] if losses else None,
+            "first_loss": first_loss,
             "train_seconds": elapsed,
             "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
             "unreadable_skipped": count_logged(checkpoint_dir.parent / UNREADABLE_LOG),

@@ -88,11 +88,32 @@ def write_record(run_dir: Path, record: dict) -> Path:
     return path
 
 
-def read_records(*folders: str | Path) -> list[dict]:
-    """Every record under the given folders (any depth), oldest first."""
+REQUIRED_KEYS = ("run_id", "status", "method", "preset", "task", "seed", "metrics", "finished")
+
+
+def read_records(*folders: str | Path, problems: list[str] | None = None) -> list[dict]:
+    """Every record under the given folders (any depth), oldest first.
+
+    Safe while jobs are writing: records appear by an atomic rename, and the temporary files that
+    precede them do not match `records/*.json`. A file that vanishes (a run folder being removed)
+    is passed over; one that is not a record (hand-edited, another tool's) is passed over and
+    named in `problems`.
+    """
     records = []
     for folder in folders:
         for path in sorted(Path(folder).rglob("records/*.json")):
-            with open(path) as f:
-                records.append(json.load(f))
+            try:
+                record = json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                if problems is not None:
+                    problems.append(f"{path}: unreadable ({type(exc).__name__})")
+                continue
+            missing = [k for k in REQUIRED_KEYS if not isinstance(record, dict) or k not in record]
+            if missing:
+                if problems is not None:
+                    problems.append(f"{path}: not a run record (missing {', '.join(missing)})")
+                continue
+            records.append(record)
     return sorted(records, key=lambda r: r["finished"])

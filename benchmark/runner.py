@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark import checkpoint as ckpt
+from benchmark import official
 from benchmark.config import ConfigError
 from benchmark.data import DataError, DataSource, resolve_data
 from benchmark.pretrain import LAST, pretrain
@@ -38,6 +39,8 @@ class Plan:
     device: torch.device
     method: Method
     checkpoint_path: Path | None
+    # The encoder tasks evaluate: checkpoint_key, or the method's default when it is null.
+    encoder_key: str
     task_names: list[str]
 
 
@@ -81,9 +84,9 @@ def _check_resume(run_dir: Path, config: dict) -> None:
 
 def _load_checkpoint_method(cfg: DictConfig, path: Path) -> Method:
     state = ckpt.load(path)
-    method_state = state.get("method") if isinstance(state, dict) else None
-    if not isinstance(method_state, dict) or "weights" not in method_state:
-        raise ckpt.CheckpointError(f"{path} is not a checkpoint written by bench run (no 'method' entry)")
+    if official.layout_of(state) != "bench":
+        return official.method_from_official(state, path, cfg)
+    method_state = state["method"]
     if method_state["method"] != cfg.method.name:
         raise ckpt.CheckpointError(f"{path} holds method {method_state['method']!r} but method={cfg.method.name}")
     differ = [f"{k}={method_state['model_cfg'].get(k)} (config {cfg.model.get(k)})" for k in ARCHITECTURE_KEYS
@@ -132,8 +135,11 @@ def plan_run(cfg: DictConfig) -> Plan:
             raise ConfigError(f"tasks.{name}: {exc}") from None
         if task.applies_to(method):
             tasks.append(name)
-    if checkpoint_path is None and cfg.checkpoint_key == "target_encoder" and method.target_encoder is None:
+    encoder_key = cfg.checkpoint_key or method.default_encoder_key
+    if encoder_key == "target_encoder" and method.target_encoder is None:
         raise ConfigError(f"method {cfg.method.name} has no target encoder: use checkpoint_key=encoder")
+    # The key actually used goes into the saved config and every record, never a bare null.
+    config["checkpoint_key"] = encoder_key
 
     # Absolute, so records still point at their files when read from elsewhere.
     run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir else default_run_dir(cfg)).absolute()
@@ -143,7 +149,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         _check_resume(run_dir, config)
     elif cfg.resume and cfg.run_dir:
         raise ConfigError(f"resume=true but the run folder does not exist: {run_dir}")
-    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, tasks)
+    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks)
 
 
 def _create_run_dir(plan: Plan) -> None:
@@ -178,7 +184,7 @@ def execute(plan: Plan) -> list[dict]:
         ckpt_path = plan.checkpoint_path or plan.run_dir / "checkpoints" / LAST
         rec = make_record(run_id=plan.run_dir.name, run_dir=plan.run_dir, task=task, config=plan.config,
                           metrics=metrics, status=status, started=started, wall_seconds=seconds,
-                          checkpoint_path=str(ckpt_path), checkpoint_key=cfg.checkpoint_key,
+                          checkpoint_path=str(ckpt_path), checkpoint_key=plan.encoder_key,
                           device=str(plan.device), error=error)
         write_record(plan.run_dir, rec)
         records.append(rec)
@@ -201,7 +207,7 @@ def execute(plan: Plan) -> list[dict]:
         guarded("pretrain", lambda: pretrain(plan.method, source, cfg.pretrain, cfg.seed, plan.device,
                                              plan.run_dir / "checkpoints", plan.config, cfg.workers, cfg.progress))
     plan.method.to(plan.device).eval()
-    ctx = TaskContext(source=source, device=plan.device, encoder_key=cfg.checkpoint_key, seed=cfg.seed,
+    ctx = TaskContext(source=source, device=plan.device, encoder_key=plan.encoder_key, seed=cfg.seed,
                       run_dir=plan.run_dir, workers=cfg.workers, show_progress=cfg.progress)
     for name in plan.task_names:
         console.print(f"[bold]task[/] {name}")

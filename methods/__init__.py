@@ -5,10 +5,12 @@ from benchmark.checkpoint import load_weights
 from methods.base import Method
 from methods.ijepa import IJEPA
 from methods.iwm import IWM
+from methods.mae import MAE
 
 METHODS: dict[str, type[Method]] = {
     "ijepa": IJEPA,
     "iwm": IWM,
+    "mae": MAE,
 }
 
 

@@ -25,6 +25,8 @@ ENCODER_KEYS = ("target_encoder", "encoder")
 
 class Method(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str]
+    # The encoder tasks evaluate when the user names none (checkpoint_key=null).
+    default_encoder_key: ClassVar[str] = "target_encoder"
     encoder: nn.Module
     target_encoder: nn.Module | None
     predictor: nn.Module | None

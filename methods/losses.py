@@ -30,3 +30,31 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
     """target <- momentum * target + (1 - momentum) * online, in place."""
     torch._foreach_mul_(target, momentum)
     torch._foreach_add_(target, online, alpha=1.0 - momentum)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, p*p*C], row-major patches, each flattened (row, column, channel).
+
+    The (row, column, channel) order is the official MAE one, so a released decoder_pred's
+    outputs line up with these targets.
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's norm_pix_loss targets: each patch minus its mean, over sqrt(unbiased variance + eps)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps) ** 0.5
+
+
+def masked_pixel_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MAE's loss on the removed patches only: per-patch MSE, averaged over patches.
+
+    Both are [B, K, P] at the removed positions; every sample removes the same K patches,
+    so this equals the official sum(loss * mask) / sum(mask).
+    """
+    return ((pred.float() - target.float()) ** 2).mean(dim=-1).mean()

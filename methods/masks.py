@@ -1,8 +1,8 @@
-"""I-JEPA's multi-block masking.
+"""Masking: I-JEPA's multi-block masks and MAE's per-sample random masks (at the end).
 
-Per batch: one target-block size and one context-block size are drawn; per image: `num_targets`
-target blocks at random positions, then one context block with every target patch removed from
-it. Index lists are cut to the batch minimum so they stack into tensors.
+I-JEPA, per batch: one target-block size and one context-block size are drawn; per image:
+`num_targets` target blocks at random positions, then one context block with every target patch
+removed from it. Index lists are cut to the batch minimum so they stack into tensors.
 
 Two edge modes:
 - "official" reproduces the released collator bit for bit in distribution: block sides are capped
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -139,3 +140,29 @@ class MultiBlockMasker:
         context = torch.stack([i[:keep_ctx] for i in contexts])
         target = [torch.stack([blocks[k][:keep_tgt] for blocks in targets]) for k in range(c.num_targets)]
         return context, target
+
+
+class RandomMask(NamedTuple):
+    """MAE's mask: kept positions [B, K], removed positions [B, N-K], mask [B, N] (1 = removed)."""
+    keep: torch.Tensor
+    removed: torch.Tensor
+    mask: torch.Tensor
+
+
+def random_masking(noise: torch.Tensor, mask_ratio: float) -> RandomMask:
+    """MAE's per-sample random masking: keep the patches with the lowest noise.
+
+    The noise [B, N] is an argument, not drawn here, so a run (or the official code fed the same
+    noise) can be reproduced exactly. Kept and removed positions come in ascending-noise order,
+    as the official ids_shuffle does; every sample keeps int(N * (1 - mask_ratio)) patches.
+    """
+    if not 0 < mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    n = noise.size(1)
+    keep = int(n * (1 - mask_ratio))
+    if not 0 < keep < n:
+        raise ValueError(f"mask_ratio={mask_ratio} on {n} patches keeps {keep}: nothing to see or to predict")
+    order = torch.argsort(noise, dim=1)
+    mask = torch.ones_like(noise)
+    mask.scatter_(1, order[:, :keep], 0.0)
+    return RandomMask(order[:, :keep], order[:, keep:], mask)

@@ -1,6 +1,7 @@
 """The task registry: every evaluation protocol, by the name used in `task=<name>`."""
 from __future__ import annotations
 
+from tasks.ade20k import ADE20kSegmentation
 from tasks.base import Task, TaskContext
 from tasks.linear import LinearProbe
 from tasks.mrr import WorldModelMRR
@@ -8,6 +9,7 @@ from tasks.mrr import WorldModelMRR
 TASKS: dict[str, type[Task]] = {
     "linear": LinearProbe,
     "mrr": WorldModelMRR,
+    "ade20k": ADE20kSegmentation,
 }
 
 

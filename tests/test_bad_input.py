@@ -57,7 +57,7 @@ CONFIG = {
     "typo in nested key": (["tasks.linear.epoch=2"], "unknown config key 'tasks.linear.epoch'"),
     "size not a patch multiple": (["data.image_size=30"], "data.image_size=30 is not a multiple of model.patch_size=4"),
     "heads do not divide width": (["model.num_heads=5"], "model.embed_dim=48 is not divisible by model.num_heads=5"),
-    "unknown encoder key": (["checkpoint_key=decoder"], "checkpoint_key must be target_encoder or encoder"),
+    "unknown encoder key": (["checkpoint_key=decoder"], "checkpoint_key must be target_encoder, encoder or null"),
     "unknown device": (["device=tpu"], "device must be auto, cpu or cuda[:N], got 'tpu'"),
     "task epochs 0": (["tasks.linear.epochs=0"], "tasks.linear.epochs must be > 0"),
     "negative seed": (["seed=-1"], "seed must be >= 0"),
@@ -261,7 +261,7 @@ CHECKPOINTS = {
     "truncated": (_truncated, "is truncated: its zip directory"),
     "one flipped bit": (_bit_flip, "is corrupt"),
     "NaN weight": (_nan, "holds NaN or inf in 1 tensors: encoder.blocks.0.attn.qkv.weight"),
-    "not from bench": (lambda p: torch.save({"model": {"w": torch.zeros(2)}}, p), "is not a checkpoint written by bench run"),
+    "unknown layout": (lambda p: torch.save({"net": {"w": torch.zeros(2)}}, p), "unknown checkpoint layout"),
     "another method": (lambda p: bench_checkpoint(p, ["method=iwm"]), "holds method 'iwm' but method=ijepa"),
     "another architecture": (lambda p: bench_checkpoint(p, ["model.depth=2"]), "does not match model=vit_micro: depth=2"),
     "not a file": (lambda p: p.mkdir(), "checkpoint not found"),
@@ -283,7 +283,7 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(capsys, here):
     torch.load(path, weights_only=False)  # the file is a real exploit: a plain load runs it
     assert marker.read_text() == "code ran"
     marker.unlink()
-    refused(capsys, here, [*FAST, f"checkpoint={path}"], f"cannot read checkpoint {path}: Weights only load failed")
+    refused(capsys, here, [*FAST, f"checkpoint={path}"], f"cannot read checkpoint {path}: loading it would run pickled code")
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load(path)
     assert not marker.exists()

@@ -19,7 +19,8 @@ PAYLOAD = 100_000  # large enough that a plain write takes several system calls
 
 
 def record(writer: int, rnd: int) -> dict:
-    return {"task": "linear", "finished": f"{rnd:04d}", "writer": writer, "round": rnd,
+    return {"run_id": f"w{writer}", "status": "ok", "method": "ijepa", "preset": "ijepa", "task": "linear",
+            "seed": 0, "metrics": {}, "finished": f"{rnd:04d}", "writer": writer, "round": rnd,
             "payload": "x" * (PAYLOAD + rnd), "end": "complete"}
 
 
@@ -48,9 +49,9 @@ def race(root, atomic, max_seconds):
         p.start()
     complete, torn, deadline = 0, 0, time.monotonic() + max_seconds
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        try:
-            recs = read_records(root)
-        except json.JSONDecodeError:
+        problems: list[str] = []
+        recs = read_records(root, problems=problems)
+        if problems:  # the registry passes over a file it cannot parse, and names it here
             torn += 1
             if not atomic:
                 break

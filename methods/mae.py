@@ -1,0 +1,198 @@
+"""MAE (arXiv 2111.06377): reconstruct the pixels of randomly removed patches.
+
+The encoder sees the visible patches only (position embeddings added before masking, the cls
+token after); the decoder gets the encoded tokens plus one shared mask token per removed
+position, fixed sin-cos positions, and predicts each removed patch's pixels. Loss: per-patch MSE
+over removed patches, on normalised pixels with norm_pix_loss. Parameter names are the official
+ones, so released files load key for key.
+
+Through the method contract the decoder is MAE's predictor ("world model"): `predict` returns
+pixel predictions at the query positions, `predict_full` the decoder features (after
+decoder_norm) of a whole clean image with nothing masked.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from benchmark.data import crop_transform
+from methods.base import Method
+from methods.losses import masked_pixel_loss, normalize_patches, patchify
+from methods.masks import random_masking
+from methods.vit import LayerNorm, PatchEmbed, gather_tokens, make_blocks, sincos_2d
+
+
+def sincos_with_cls(dim: int, grid: int) -> torch.Tensor:
+    """[1, 1 + grid*grid, dim]: the 2-D sin-cos table behind a zero row for the cls slot (official)."""
+    table = sincos_2d(dim, grid, grid)
+    return torch.cat([table.new_zeros(1, dim), table]).unsqueeze(0)
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """The official MAE initialisation: xavier-uniform linears (and patch projection), zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, PatchEmbed):
+        # Initialised as the linear layer it is, not as a convolution.
+        nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.size(0), -1))
+        nn.init.zeros_(module.proj.bias)
+
+
+class MAEEncoder(nn.Module):
+    """MAE's ViT: cls token, fixed sin-cos positions (zero at the cls slot), pre-LN timm blocks.
+
+    `forward(images)` gives the patch tokens [B, N, D] (what tasks evaluate);
+    `forward_with_cls(images, keep)` gives [B, 1 + K, D] with the cls token first, encoding only
+    the patches at positions keep [B, K] when given.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, in_chans: int = 3):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid * self.grid
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_with_cls(embed_dim, self.grid), requires_grad=False)
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.norm = LayerNorm(embed_dim)
+        self.apply(init_mae_weights)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward_with_cls(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.size(0), -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_cls(images)[:, 1:]
+
+    def cls_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last-layer cls token [B, D] (MAE's `pool: cls` linear-probe feature)."""
+        return self.forward_with_cls(images)[:, 0]
+
+
+class MAEDecoder(nn.Module):
+    """MAE's decoder: encoded tokens at their positions plus mask tokens at the query positions.
+
+    The official code restores the full sequence with a gather by ids_restore; placing every
+    token by its position embedding instead gives the same attention (a transformer without a
+    causal mask does not see sequence order), and also serves `predict` on arbitrary positions.
+    """
+
+    def __init__(self, grid: int, embed_dim: int, width: int, depth: int, num_heads: int,
+                 mlp_ratio: float, patch_size: int, in_chans: int = 3):
+        super().__init__()
+        self.grid, self.width, self.depth, self.num_heads = grid, width, depth, num_heads
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.decoder_embed = nn.Linear(embed_dim, width)
+        self.decoder_pos_embed = nn.Parameter(sincos_with_cls(width, grid), requires_grad=False)
+        self.decoder_blocks = make_blocks(width, depth, num_heads, mlp_ratio, 0.0)
+        self.decoder_norm = LayerNorm(width)
+        self.decoder_pred = nn.Linear(width, patch_size * patch_size * in_chans)
+        self.apply(init_mae_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def features(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor | None = None,
+                 cls: torch.Tensor | None = None) -> torch.Tensor:
+        """decoder_norm outputs [B, Kc (+ Kt), width]: context positions, then query positions.
+
+        context [B, Kc, D] are encoder patch tokens at ctx_idx [B, Kc]; cls [B, 1, D] is the
+        encoder's cls token (the official decoder always has it; its output is dropped here).
+        """
+        pos = self.decoder_pos_embed[:, 1:].expand(context.size(0), -1, -1)
+        parts = [self.decoder_embed(context) + gather_tokens(pos, ctx_idx)]
+        if cls is not None:
+            parts.insert(0, self.decoder_embed(cls) + self.decoder_pos_embed[:, :1])
+        if tgt_idx is not None:
+            parts.append(self.mask_token + gather_tokens(pos, tgt_idx))
+        x = torch.cat(parts, dim=1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_norm(x)[:, 0 if cls is None else 1:]
+
+    def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
+                cls: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixel predictions [B, Kt, p*p*C] of the patches at tgt_idx."""
+        return self.decoder_pred(self.features(context, ctx_idx, tgt_idx, cls)[:, -tgt_idx.size(1):])
+
+
+class MAE(Method):
+    """MAE (arXiv 2111.06377): random masking, visible-only encoder, pixel-reconstruction decoder."""
+    name = "mae"
+    # No EMA target encoder: tasks evaluate the encoder unless told otherwise.
+    default_encoder_key = "encoder"
+
+    def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
+        super().__init__(model_cfg, method_cfg, image_size)
+        self.encoder = MAEEncoder(image_size, model_cfg["patch_size"], model_cfg["embed_dim"], model_cfg["depth"],
+                                  model_cfg["num_heads"], model_cfg.get("mlp_ratio", 4.0),
+                                  model_cfg.get("drop_path", 0.0))
+        self.mask_ratio = float(method_cfg["mask_ratio"])
+        # Fails early on a ratio that keeps nothing or removes nothing at this grid.
+        random_masking(torch.zeros(1, self.encoder.num_patches), self.mask_ratio)
+        self.predictor = self.new_predictor()
+
+    def new_predictor(self) -> MAEDecoder:
+        p = self.method_cfg["predictor"]
+        if p["width"] % p["num_heads"]:
+            raise ValueError(f"method.predictor.width={p['width']} is not divisible by "
+                             f"method.predictor.num_heads={p['num_heads']}")
+        return MAEDecoder(self.encoder.grid, self.encoder.embed_dim, p["width"], p["depth"], p["num_heads"],
+                          self.model_cfg.get("mlp_ratio", 4.0), self.encoder.patch_size)
+
+    def train_transform(self):
+        return crop_transform(self.image_size, self.method_cfg["crop_scale"], flip=self.method_cfg["flip"])
+
+    def collate(self, items: list) -> dict:
+        views, labels, seeds = zip(*items)
+        # The masking noise comes from the batch seed: the same batch gets the same masks on resume.
+        noise = torch.rand(len(items), self.encoder.num_patches, generator=torch.Generator().manual_seed(seeds[0]))
+        return {"images": torch.stack(views), "labels": torch.tensor(labels), "noise": noise}
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["images"]
+        m = random_masking(batch["noise"], self.mask_ratio)
+        latent = self.encoder.forward_with_cls(images, keep=m.keep)
+        pred = self._decoder()(latent[:, 1:], m.keep, m.removed, cls=latent[:, :1])
+        target = gather_tokens(patchify(images, self.encoder.patch_size), m.removed)
+        if self.method_cfg["norm_pix_loss"]:
+            target = normalize_patches(target)
+        return {"loss": masked_pixel_loss(pred, target)}
+
+    def _decoder(self) -> MAEDecoder:
+        if self.predictor is None:
+            raise ValueError("this MAE has no decoder: it was loaded from an encoder-only checkpoint "
+                             "(the official *_full.pth / mae_visualize_*.pth files include one)")
+        return self.predictor
+
+    def predict(self, context, ctx_idx, tgt_idx, action=None):
+        # MAE's world model takes no action: it only fills in what was removed.
+        return self._decoder()(context, ctx_idx, tgt_idx)
+
+    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder features [B, N, width] of a whole clean image: nothing masked, no mask token.
+
+        `tokens` are the patch tokens [B, N, D] the eval encoder gives, or [B, 1 + N, D] from
+        `encoder.forward_with_cls`, in which case the cls token is fed as in the official
+        decoder; only patch positions are returned, after decoder_norm (before decoder_pred).
+        """
+        cls = None
+        if tokens.size(1) == self.encoder.num_patches + 1:
+            cls, tokens = tokens[:, :1], tokens[:, 1:]
+        idx = torch.arange(tokens.size(1), device=tokens.device).expand(tokens.size(0), -1)
+        return self._decoder().features(tokens, idx, cls=cls)

@@ -1,0 +1,151 @@
+"""Leaderboards from hand-written records, and records written by many processes at once."""
+import json
+import multiprocessing as mp
+import math
+
+import pandas as pd
+import pytest
+
+from benchmark import leaderboard as lb
+from benchmark.records import read_records, write_record
+
+
+def record(run_id, preset, task, seed, metrics, finished="2026-11-20T10:00:00+00:00", method=None, data="shapes",
+           status="ok", epochs=5):
+    return {"schema": 1, "run_id": run_id, "run_dir": f"/r/{run_id}", "status": status, "error": None,
+            "method": method or preset.split("_")[0], "preset": preset, "task": task, "model": "vit_micro",
+            "data": data, "seed": seed, "metrics": metrics, "checkpoint": {"path": None, "key": "target_encoder"},
+            "started": finished, "finished": finished, "wall_seconds": 1.0, "config": {"pretrain": {"epochs": epochs}}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    """Two presets x 3 seeds: linear top1, mrr, predictor_ft top1; plus noise the board must ignore."""
+    linear = {"iwm_inv_cpu": [80.0, 82.0, 84.0], "iwm_equi_cpu": [70.0, 71.0, 75.0]}
+    mrr = {"iwm_inv_cpu": [0.1, 0.2, 0.3], "iwm_equi_cpu": [0.7, 0.8, 0.9]}
+    pft = {"iwm_inv_cpu": [60.0, 61.0, 62.0], "iwm_equi_cpu": [66.0, 68.0, 70.0]}
+    for preset in linear:
+        for seed in range(3):
+            run = f"{preset}-s{seed}"
+            write_record(tmp_path / "a" / run, record(run, preset, "linear", seed, {"top1": linear[preset][seed],
+                                                                                 "chance_top1": 16.7}))
+            write_record(tmp_path / "b" / run, record(run, preset, "mrr", seed, {"mrr": mrr[preset][seed]}))
+            write_record(tmp_path / "b" / run, record(run, preset, "predictor_ft", seed, {"top1": pft[preset][seed]}))
+            write_record(tmp_path / "a" / run, record(run, preset, "pretrain", seed, {"final_loss": 0.5}))
+    write_record(tmp_path / "a" / "broken", record("broken", "ijepa", "linear", 0, {}, status="failed"))
+    write_record(tmp_path / "a" / "old", record("old", "ijepa", "linear", 0, {"top1": 99.0},
+                                                finished="2025-01-01T00:00:00+00:00"))
+    return tmp_path
+
+
+def test_board_numbers_std_and_best(results):
+    frame = lb.load_frame([results / "a", results / "b"], since="2026-01-01")
+    b = lb.board(frame)
+    inv = ("iwm", "iwm_inv_cpu", "vit_micro", "shapes")
+    equi = ("iwm", "iwm_equi_cpu", "vit_micro", "shapes")
+    assert b.mean.at[inv, ("linear", "top1")] == pytest.approx(82.0)
+    assert b.std.at[inv, ("linear", "top1")] == pytest.approx(2.0)  # sample std of 80, 82, 84
+    assert b.std.at[equi, ("linear", "top1")] == pytest.approx(math.sqrt(7.0))  # 70, 71, 75
+    assert b.n.at[equi, ("mrr", "mrr")] == 3
+    assert set(b.mean.columns) == {("linear", "top1"), ("mrr", "mrr"), ("predictor_ft", "top1")}
+    assert ("ijepa", "ijepa", "vit_micro", "shapes") not in b.mean.index  # failed and too old
+    best = b.best()
+    assert best[("linear", "top1")] == {inv} and best[("mrr", "mrr")] == {equi}
+
+
+def test_all_four_formats_highlight_the_best(results, tmp_path):
+    b = lb.board(lb.load_frame([results], since="2026-01-01"))
+    paths = lb.write_tables(b, tmp_path / "out")
+    assert sorted(p.suffix for p in paths) == [".csv", ".html", ".md", ".tex"]
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "| iwm / iwm_inv_cpu / vit_micro / shapes | **82.00 ± 2.00** | 0.20 ± 0.10 | 61.00 ± 1.00 |" in md
+    assert "| iwm / iwm_equi_cpu / vit_micro / shapes | 72.00 ± 2.65 | **0.80 ± 0.10** | **68.00 ± 2.00** |" in md
+    tex = (tmp_path / "out" / "leaderboard.tex").read_text()
+    assert r"\textbf{82.00 $\pm$ 2.00}" in tex and r"iwm\_inv\_cpu" in tex and r"\bottomrule" in tex
+    html = (tmp_path / "out" / "leaderboard.html").read_text()
+    assert "<td><b>0.80 ± 0.10</b></td>" in html and "<td>0.20 ± 0.10</td>" in html
+    csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    row = csv[csv["preset"] == "iwm_equi_cpu"].iloc[0]
+    assert row["linear/top1/mean"] == pytest.approx(72.0) and row["linear/top1/n"] == 3
+    assert row["predictor_ft/top1/std"] == pytest.approx(2.0)
+
+
+def test_filters_and_split_by_config(results):
+    frame = lb.load_frame([results], methods=["iwm_inv_cpu"], tasks=["linear", "pretrain"])
+    assert set(frame["preset"]) == {"iwm_inv_cpu"} and set(frame["task"]) == {"linear", "pretrain"}
+    assert lb.load_frame([results], datasets=["imagenet"]).empty
+    assert set(lb.load_frame([results], until="2025-06-01")["run_id"]) == {"old"}
+    lowest = lb.board(lb.load_frame([results], tasks=["pretrain"])).best()[("pretrain", "final_loss")]
+    assert len(lowest) == 2  # a tie: both rows are best
+    by = lb.board(lb.load_frame([results], tasks=["linear"], by=["pretrain.epochs"]), by=["pretrain.epochs"])
+    assert by.mean.index.names[-1] == "pretrain.epochs"
+    everything = lb.load_frame([results], tasks=["linear"], all_metrics=True)
+    assert set(everything["metric"]) == {"top1", "chance_top1"}
+
+
+def test_spectrum_plot_and_correlations(results, tmp_path):
+    frame = lb.load_frame([results], since="2026-01-01")
+    points = lb.spectrum_points(frame)
+    assert len(points) == 6
+    corr = lb.spectrum_plot(points, tmp_path / "spectrum.png")
+    mrr = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
+    lin = [80.0, 82.0, 84.0, 70.0, 71.0, 75.0]
+    expected = pd.Series(mrr).corr(pd.Series(lin))
+    assert corr["linear top1"] == pytest.approx(expected) and corr["linear top1"] < 0
+    assert corr["predictor_ft top1"] > 0.9
+    assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_headline_mapping():
+    assert lb.headline_metric("mrr") == "mrr" and lb.headline_metric("ade20k") == "miou"
+    assert lb.headline_metric("linear") == "top1" and lb.headline_metric("predictor_ft") == "top1"
+    assert lb.headline(record("r", "ijepa", "ade20k", 0, {"miou": 41.5})) == ("miou", 41.5)
+
+
+def test_leaderboard_cli(bench, results, tmp_path):
+    proc = bench("leaderboard", str(results / "a"), str(results / "b"), "--since", "2026-01-01",
+                 "--out", str(tmp_path / "cli"), check=0)
+    assert "correlation of mrr with linear top1: -0.8" in proc.stdout
+    assert (tmp_path / "cli" / "spectrum.png").is_file() and (tmp_path / "cli" / "leaderboard.md").is_file()
+    bad = bench("leaderboard", str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "results folder not found" in bad.stderr
+    none = bench("leaderboard", str(results), "--method", "mae")
+    assert none.returncode == 2 and "no successful records match" in none.stderr
+
+
+def _writer(args):
+    folder, worker = args
+    for i in range(50):
+        rec = record(f"w{worker}-{i}", "ijepa", "linear", i, {"top1": float(worker * 100 + i)},
+                     finished=f"2026-11-20T10:{worker:02d}:{i:02d}+00:00")
+        rec["config"] = {"padding": "x" * 20000}  # large enough that a torn write would show
+        write_record(f"{folder}/w{worker}-{i}", rec)
+    return worker
+
+
+def test_records_written_by_8_processes_all_land_intact(tmp_path):
+    ctx = mp.get_context("fork")  # separate processes, without re-importing torch in each
+    with ctx.Pool(8) as pool:
+        pending = pool.map_async(_writer, [(str(tmp_path), w) for w in range(8)])
+        seen = 0
+        while not pending.ready():  # read while they write: never a torn or half record
+            problems = []
+            seen = max(seen, len(read_records(tmp_path, problems=problems)))
+            assert problems == []
+        assert sorted(pending.get()) == list(range(8))
+    records = read_records(tmp_path)
+    assert len(records) == 400
+    assert sorted(r["metrics"]["top1"] for r in records) == sorted(float(w * 100 + i) for w in range(8)
+                                                                   for i in range(50))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_reading_passes_over_foreign_files(tmp_path):
+    write_record(tmp_path / "good", record("good", "ijepa", "linear", 0, {"top1": 1.0}))
+    (tmp_path / "bad" / "records").mkdir(parents=True)
+    (tmp_path / "bad" / "records" / "linear.json").write_text("{not json")
+    (tmp_path / "bad" / "records" / "other.json").write_text(json.dumps({"hello": 1}))
+    problems = []
+    assert [r["run_id"] for r in read_records(tmp_path, problems=problems)] == ["good"]
+    assert len(problems) == 2 and any("unreadable" in p for p in problems)
+    assert any("not a run record" in p for p in problems)

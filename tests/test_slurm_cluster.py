@@ -1,0 +1,140 @@
+"""Against a real SLURM cluster on this machine (slurm/cluster.sh start; CI starts one).
+
+A tiny sweep goes through pretraining -> dependent evaluation array -> leaderboard; a resubmission
+submits nothing; a job sent the preemption signal mid-pretraining is checkpointed at that step,
+requeued, and ends with the same records as its uninterrupted twin.
+"""
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+pytestmark = pytest.mark.slow
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None or shutil.which("sacct") is None:
+        return False
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return nodes.returncode == 0 and any(s.startswith(("idle", "mixed", "alloc")) for s in nodes.stdout.split()) \
+        and acct.returncode == 0
+
+
+if not _cluster_up():
+    pytest.skip("no SLURM cluster with accounting runs here (start one: sudo slurm/cluster.sh start)",
+                allow_module_level=True)
+
+LAUNCHER = "launcher=slurm_localhost"
+
+
+def manifest(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / "sweep.json").read_text())
+
+
+def wait_for_sweep(bench, sweep_dir: Path, timeout: float) -> dict:
+    """Poll the sweep's own status until nothing is pending or running."""
+    from slurm.sweep import PENDING, RUNNING, unit_states
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = unit_states(sweep_dir, manifest(sweep_dir))
+        if not any(s.state in (PENDING, RUNNING) for s in states):
+            return {s.unit: s for s in states}
+        time.sleep(3)
+    proc = bench("status", str(sweep_dir))
+    raise AssertionError(f"sweep not finished after {timeout}s:\n{proc.stdout}")
+
+
+def sacct_times(job_id: str, timeout: float = 120) -> tuple[str, str, str]:
+    """(state, start, end) once the job has ended: a record is written a moment before its job exits."""
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "State,Start,End", "-j", job_id],
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        state, start, end = out[-1].split("|")
+        if end != "Unknown" or time.time() > deadline:
+            return state, start, end
+        time.sleep(2)
+
+
+def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = bench("sweep", "ci", LAUNCHER, f"sweep_dir={sweep_dir}", check=0)
+    jobs = manifest(sweep_dir)["jobs"]
+    assert len(jobs) == 8, proc.stdout  # 4 cells x (pretraining + linear)
+
+    # The evaluation jobs carry the real sbatch dependency on their cell's pretraining job.
+    for cell in ("ijepa_seed0", "ijepa_seed1", "iwm_seed0", "iwm_seed1"):
+        pre, lin = jobs[f"{cell}/pretrain"]["job_id"], jobs[f"{cell}/linear"]["job_id"]
+        assert jobs[f"{cell}/linear"]["after"] == pre
+        shown = subprocess.run(["scontrol", "show", "job", lin], capture_output=True, text=True).stdout
+        assert f"Dependency=afterok:{pre}" in shown or "Dependency=(null)" in shown and \
+            sacct_times(pre, timeout=0)[0] == "COMPLETED", shown
+
+    states = wait_for_sweep(bench, sweep_dir, timeout=900)
+    assert all(s.state == "done" for s in states.values()), {u: (s.state, s.reason, s.log) for u, s in states.items()}
+    for cell in ("ijepa_seed0", "ijepa_seed1", "iwm_seed0", "iwm_seed1"):
+        pre_state, _, pre_end = sacct_times(jobs[f"{cell}/pretrain"]["job_id"])
+        lin_state, lin_start, _ = sacct_times(jobs[f"{cell}/linear"]["job_id"])
+        assert pre_state == lin_state == "COMPLETED"
+        assert lin_start >= pre_end  # ISO timestamps: the array waited for its pretraining
+        rec = states[f"{cell}/linear"].record
+        assert rec["checkpoint"]["path"] == str(sweep_dir / f"{cell}.pretrain" / "checkpoints" / "last.pt")
+
+    status = bench("status", str(sweep_dir), check=0)
+    assert "8 done, 0 running, 0 pending, 0 failed" in " ".join(status.stdout.split())
+
+    board = bench("leaderboard", str(sweep_dir), "--out", str(tmp_path / "board"), check=0)
+    table = (tmp_path / "board" / "leaderboard.md").read_text()
+    for preset in ("ijepa / ijepa", "iwm / iwm"):
+        assert preset in table
+    csv = (tmp_path / "board" / "leaderboard.csv").read_text()
+    assert csv.count(",2,") == 2, csv  # every cell counted: 2 seeds per method
+
+    again = bench("sweep", "ci", LAUNCHER, f"sweep_dir={sweep_dir}", check=0)
+    assert "nothing to submit" in again.stdout and "submitted" not in again.stdout, again.stdout
+    assert manifest(sweep_dir)["jobs"] == jobs
+
+
+def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
+    twin, hit = tmp_path / "twin", tmp_path / "preempted"
+    bench("sweep", "ci_preempt", LAUNCHER, f"sweep_dir={twin}", check=0)
+    bench("sweep", "ci_preempt", LAUNCHER, f"sweep_dir={hit}", check=0)
+    unit = "ijepa_seed3/pretrain"
+    job_id = manifest(hit)["jobs"][unit]["job_id"]
+    log = hit / "ijepa_seed3.pretrain" / "train_log.jsonl"
+    deadline = time.time() + 600
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert time.time() < deadline, "the pretraining job never started"
+        time.sleep(0.5)
+    submitit.SlurmJob(hit / "logs" / "%j", job_id)._interrupt()  # SIGTERM then SIGUSR2, as SLURM preempts
+
+    states = wait_for_sweep(bench, hit, timeout=900)
+    twin_states = wait_for_sweep(bench, twin, timeout=300)
+    out = Path(manifest(hit)["jobs"][unit]["log"]).with_suffix(".out").read_text()
+    stopped = [line for line in out.splitlines() if line.startswith("preempted: pretraining stopped")]
+    assert stopped, out
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 2 <= step < 30  # a checkpoint mid-run, not at an epoch end or the end
+    restarts = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "State", "-j", job_id],
+                              capture_output=True, text=True).stdout.split()
+    assert "REQUEUED" in restarts or len(restarts) > 1, restarts
+
+    for task in ("pretrain", "linear"):
+        a, b = states[f"ijepa_seed3/{task}"].record, twin_states[f"ijepa_seed3/{task}"].record
+        assert a["status"] == b["status"] == "ok"
+        keep = ("train_seconds", "images_per_second", "checkpoint")
+        assert {k: v for k, v in a["metrics"].items() if k not in keep} == \
+            {k: v for k, v in b["metrics"].items() if k not in keep}
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    twin_losses = [json.loads(line)["loss"] for line in
+                   (twin / "ijepa_seed3.pretrain" / "train_log.jsonl").read_text().splitlines()]
+    assert losses == twin_losses  # every step logged once, with the twin's loss
