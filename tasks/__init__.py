@@ -1,11 +1,20 @@
 """The task registry: every evaluation protocol, by the name used in `task=<name>`."""
 from __future__ import annotations
 
+from tasks.attentive import AttentiveProbe
 from tasks.base import Task, TaskContext
+from tasks.finetune import EncoderFinetune, EndToEnd, PredictorFinetune, RandomPredictorFinetune
 from tasks.linear import LinearProbe
+from tasks.multitask import MultitaskPredictor
 
 TASKS: dict[str, type[Task]] = {
     "linear": LinearProbe,
+    "attentive": AttentiveProbe,
+    "encoder_ft": EncoderFinetune,
+    "predictor_ft": PredictorFinetune,
+    "predictor_ft_random": RandomPredictorFinetune,
+    "end_to_end": EndToEnd,
+    "multitask": MultitaskPredictor,
 }
 
 
