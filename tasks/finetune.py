@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Subset
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 
@@ -216,23 +217,33 @@ def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tenso
 
 
 # --- inputs ----------------------------------------------------------------------------------------
+def train_pool(n: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices of the training samples used: all, or a seeded subset of `limit` (sorted)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
 def frozen_inputs(method: Method, ctx: TaskContext, split: str, labels: torch.Tensor, batch_size: int,
-                  seed: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Frozen-encoder tokens and labels; shuffled per `seed` (train, full batches) or in order (val)."""
-    n = len(labels)
+                  seed: int | None, pool: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Frozen-encoder tokens and labels of the samples in `pool` (default all); shuffled per `seed`
+    (train, full batches only) or in order (val)."""
+    pool = torch.arange(len(labels)) if pool is None else pool
+    n = len(pool)
     if seed is None:
-        order = torch.arange(n)
+        order = pool
     else:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n - n % batch_size]
+        order = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n - n % batch_size]]
     for tokens, idx in ctx.token_batches(method, split, order, batch_size):
         yield tokens, labels[idx].to(ctx.device)
 
 
-def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None) -> tuple[Batches, int, Callable]:
-    """Augmented training images (RandomResizedCrop + flip), their steps per epoch, and val images,
-    labelled by `column` (default: the data's label)."""
+def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None, pool: torch.Tensor
+                 ) -> tuple[Batches, int, Callable]:
+    """Augmented training images (RandomResizedCrop + flip) of the samples in `pool`, their steps
+    per epoch, and val images, labelled by `column` (default: the data's label)."""
     source = ctx.source if column is None else replace(ctx.source, label_column=column)
-    dataset = source.split("train")
+    dataset = Subset(source.split("train"), pool.tolist())
     transform = crop_transform(source.image_size, cfg["crop_scale"], flip=cfg["flip"])
 
     def train(epoch: int):
@@ -254,13 +265,16 @@ def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None) -> 
 NUMBERS = {"epochs": (1, True), "batch_size": (1, True), "warmup_epochs": (0, False), "lr": (0, False),
            "min_lr": (0, False), "weight_decay": (0, False), "drop_path": (0, False), "label_smoothing": (0, False),
            "mixup": (0, False), "cutmix": (0, False), "mix_prob": (0, False), "switch_prob": (0, False),
-           "clip_grad": (0, False), "head_heads": (1, True)}
+           "clip_grad": (0, False), "head_heads": (1, True), "train_samples": (1, True)}
+
+
+NULLABLE = {"train_samples"}
 
 
 def check_recipe(name: str, cfg: dict) -> None:
     """Types and ranges of a finetuning section; ConfigError names the key."""
     for key, (low, integer) in NUMBERS.items():
-        if key not in cfg:
+        if key not in cfg or (key in NULLABLE and cfg[key] is None):
             continue
         value = cfg[key]
         kind = int if integer else (int, float)
@@ -337,17 +351,19 @@ class Finetune(Task):
         y_val, _ = ctx.labels("val", column)
         model, groups, _ = self.build(method, ctx, num_classes, seed)
         bs = cfg["batch_size"]
+        # Seeded by the run only: every task of a run (and multitask's comparison) uses one subset.
+        pool = train_pool(len(y_train), cfg.get("train_samples"), derive_seed(ctx.seed, 4))
         if self.train_encoder:
-            train_batches, steps, val_batches = image_inputs(ctx, cfg, seed, column)
+            train_batches, steps, val_batches = image_inputs(ctx, cfg, seed, column, pool)
         else:
             def train_batches(epoch: int):
-                return frozen_inputs(method, ctx, "train", y_train, bs, derive_seed(seed, epoch))
+                return frozen_inputs(method, ctx, "train", y_train, bs, derive_seed(seed, epoch), pool)
 
             def val_batches():
                 return frozen_inputs(method, ctx, "val", y_val, bs, None)
-            steps = len(y_train) // bs
+            steps = len(pool) // bs
         if steps == 0:
-            raise ValueError(f"tasks.{self.name}.batch_size={bs} is larger than the training set ({len(y_train)})")
+            raise ValueError(f"tasks.{self.name}.batch_size={bs} is larger than the training set ({len(pool)})")
         started = time.perf_counter()
         stats = train_classifier(model, groups, train_batches, steps, num_classes, cfg, seed, ctx.device,
                                  self.name, ctx.show_progress)

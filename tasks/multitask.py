@@ -21,7 +21,7 @@ from benchmark.progress import progress_bar
 from methods.base import Method
 from tasks.base import Task, TaskContext
 from tasks.finetune import (PredictorFinetune, as_grid, check_recipe, count_parameters, evaluate, frozen_inputs,
-                            param_groups, set_drop_path, set_lr, working_copy)
+                            param_groups, set_drop_path, set_lr, train_pool, working_copy)
 from tasks.heads import build_head
 from tasks.mixing import mix, soft_cross_entropy, soft_targets
 
@@ -104,7 +104,9 @@ class MultitaskPredictor(Task):
         groups = (param_groups(model.heads, 1.0, cfg["weight_decay"], None)
                   + param_groups(model.work.predictor, cfg["predictor_lr_scale"], cfg["weight_decay"], None)
                   + [{"params": [model.task_tokens], "lr_scale": cfg["predictor_lr_scale"], "weight_decay": 0.0}])
-        bs, n = cfg["batch_size"], len(train[0][0])
+        bs = cfg["batch_size"]
+        pool = train_pool(len(train[0][0]), cfg.get("train_samples"), derive_seed(ctx.seed, 4))
+        n = len(pool)
         steps = n // bs
         if steps == 0:
             raise ValueError(f"tasks.multitask.batch_size={bs} is larger than the training set ({n})")
@@ -117,7 +119,7 @@ class MultitaskPredictor(Task):
         model.to(ctx.device).train()
         with progress_bar(self.name, total, enabled=ctx.show_progress) as bar:
             for epoch in range(cfg["epochs"]):
-                streams = [frozen_inputs(method, ctx, "train", labels, bs, derive_seed(seed, epoch, t))
+                streams = [frozen_inputs(method, ctx, "train", labels, bs, derive_seed(seed, epoch, t), pool)
                            for t, (labels, _) in enumerate(train)]
                 for batches in zip(*streams):
                     set_lr(opt, cfg, step, total, warmup)
