@@ -50,6 +50,12 @@ def test_predictor_ft_trains_a_copy_of_the_predictor_and_the_head_only(cfg, sour
     assert m["train_samples"] == 32 and m["val_samples"] == 16 and m["steps"] == 4
 
 
+def test_train_samples_trains_on_a_subset(cfg, source, tmp_path):
+    small = dict(cfg, tasks=dict(cfg["tasks"], predictor_ft=dict(cfg["tasks"]["predictor_ft"], train_samples=16)))
+    _, _, m, _ = tune("predictor_ft", small, source, tmp_path)
+    assert m["train_samples"] == 16 and m["steps"] == 2 and m["val_samples"] == 16
+
+
 def test_reported_top1_is_the_val_split_accuracy_of_the_trained_model(cfg, source, tmp_path):
     method, ctx, m, model = tune("predictor_ft", cfg, source, tmp_path)
     tokens = ctx.frozen_tokens(method, "val")

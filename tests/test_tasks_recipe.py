@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from methods.vit import VisionTransformer
-from tasks.finetune import block_layers, param_groups, set_drop_path
+from tasks.finetune import block_layers, param_groups, set_drop_path, train_pool
 from tasks.heads import AttentiveClassifier
 from tasks.mixing import mix, soft_cross_entropy, soft_targets
 
@@ -63,3 +63,10 @@ def test_attentive_classifier_pools_tokens_through_one_learned_query():
     assert torch.allclose(head(tokens[:, torch.randperm(7)]), out, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         AttentiveClassifier(10, 5, num_heads=4)
+
+
+def test_train_pool_is_a_seeded_sorted_subset_or_everything():
+    assert torch.equal(train_pool(5, None, 0), torch.arange(5)) and torch.equal(train_pool(5, 9, 0), torch.arange(5))
+    a, b = train_pool(100, 10, 3), train_pool(100, 10, 3)
+    assert torch.equal(a, b) and len(a.unique()) == 10 and torch.equal(a, a.sort().values)
+    assert not torch.equal(a, train_pool(100, 10, 4))
