@@ -66,7 +66,9 @@ def print_tables(records: list[dict]) -> None:
     out.print(summary_table(records))
     results = results_table(records)
     if results is not None:
-        out.print(results)
+        # Never cut a column: the table is as wide as its headers need, even in a log file.
+        needed = sum(max(len(str(c.header)), *(len(cell) for cell in c.cells), 6) + 3 for c in results.columns) + 1
+        Console(width=max(out.width, needed)).print(results)
 
 
 def cmd_run(overrides: list[str]) -> int:
