@@ -208,7 +208,8 @@ def execute(plan: Plan) -> list[dict]:
                                              plan.run_dir / "checkpoints", plan.config, cfg.workers, cfg.progress))
     plan.method.to(plan.device).eval()
     ctx = TaskContext(source=source, device=plan.device, encoder_key=plan.encoder_key, seed=cfg.seed,
-                      run_dir=plan.run_dir, workers=cfg.workers, show_progress=cfg.progress)
+                      run_dir=plan.run_dir, workers=cfg.workers, show_progress=cfg.progress,
+                      token_cache_bytes=int(cfg.token_cache_gb * 2**30))
     for name in plan.task_names:
         console.print(f"[bold]task[/] {name}")
         task = build_task(name, plan.config["tasks"][name])
