@@ -166,7 +166,8 @@ class DataSource:
     skip_unreadable: bool = False
     check_headers: bool = True
     # Splits are scanned once (headers of every file) and shared by pretraining and the tasks.
-    _splits: dict = field(default_factory=dict, repr=False, compare=False)
+    # Per label set: dataclasses.replace(source, label_column=...) starts a fresh cache.
+    _splits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def labels(self) -> dict[Path, str] | None:
         if self.label_file is None:
