@@ -28,6 +28,10 @@ def missing_reason() -> str | None:
     return None
 
 
+# The heads build this loss; our training loop computes its own (same) cross-entropy.
+LOSS = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True)
+
+
 def _norm_cfg() -> dict:
     # BN, not the configs' SyncBN: one process here; SyncBN equals BN on one device anyway.
     return dict(type="BN", requires_grad=True)
@@ -39,9 +43,8 @@ def uper_head(in_dims: list[int], channels: int, num_classes: int, pool_scales: 
 
     head = UPerHead(in_channels=list(in_dims), in_index=list(range(len(in_dims))), pool_scales=tuple(pool_scales),
                     channels=channels, dropout_ratio=dropout, num_classes=num_classes, norm_cfg=_norm_cfg(),
-                    align_corners=False, ignore_index=IGNORE_INDEX)
-    head.init_weights()
-    return _Levels(head)
+                    align_corners=False, ignore_index=IGNORE_INDEX, loss_decode=LOSS)
+    return _Levels(_init_classifier(head))
 
 
 def fcn_head(in_dim: int, channels: int, num_classes: int, dropout: float) -> nn.Module:
@@ -49,9 +52,16 @@ def fcn_head(in_dim: int, channels: int, num_classes: int, dropout: float) -> nn
 
     head = FCNHead(in_channels=in_dim, in_index=0, channels=channels, num_convs=1, concat_input=False,
                    dropout_ratio=dropout, num_classes=num_classes, norm_cfg=_norm_cfg(), align_corners=False,
-                   ignore_index=IGNORE_INDEX)
-    head.init_weights()
-    return _Single(head)
+                   ignore_index=IGNORE_INDEX, loss_decode=LOSS)
+    return _Single(_init_classifier(head))
+
+
+def _init_classifier(head: nn.Module) -> nn.Module:
+    # What the heads' init_cfg (Normal std 0.01 on conv_seg) does; ConvModules initialise
+    # themselves. Done here because mmengine's init_weights logs every parameter it visits.
+    nn.init.normal_(head.conv_seg.weight, std=0.01)
+    nn.init.zeros_(head.conv_seg.bias)
+    return head
 
 
 class _Levels(nn.Module):

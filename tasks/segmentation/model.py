@@ -79,7 +79,7 @@ class Segmenter(nn.Module):
         if self.uses_predictor:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
                 _, last = self.levels(images)
-            b, d, h, w = last.shape
+            h, w = last.shape[-2:]
             predicted = tokens_to_map(self.method.predict_full(last.flatten(2).transpose(1, 2)), h, w)
             return predicted if self.pyramid is None else self.pyramid([predicted] * len(SCALES))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
@@ -91,9 +91,7 @@ class Segmenter(nn.Module):
         feats = self.features(images)
         logits = self.head(feats)
         aux = self.aux(feats[AUX_LEVEL]) if self.aux is not None and self.training else None
-        size = images.shape[-2:]
-        up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731
-        return up(logits), None if aux is None else up(aux)
+        return upsample(logits, images), None if aux is None else upsample(aux, images)
 
     def param_groups(self, lr: float, weight_decay: float, layer_decay: float, predictor_lr_scale: float) -> list[dict]:
         """AdamW groups: encoder lr decayed by depth (BEiT), no decay on biases / 1-D tensors."""
@@ -118,6 +116,10 @@ class Segmenter(nn.Module):
                 for name, p in module.named_parameters():
                     add(p, name, 1.0)
         return list(groups.values())
+
+
+def upsample(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def layer_id(name: str, depth: int) -> int:
