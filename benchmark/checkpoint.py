@@ -1,13 +1,18 @@
-"""Checkpoint files: atomic writes, weights-only reads."""
+"""Checkpoint files: atomic writes, weights-only reads, corruption detected before use."""
 from __future__ import annotations
 
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmark.faults import fault_point
+
+TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
@@ -17,15 +22,20 @@ class CheckpointError(ValueError):
 def atomic_write(path: str | Path, write) -> None:
     """Run write(file_object) into a temporary sibling, fsync it, then rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    A crash at any moment leaves either the old file or the new one, never a torn one; the
+    directory is fsynced too, so the rename itself survives a power loss.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); records must stay readable by whoever reads
+        # the results folder, as a plain open() would have made them.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            fault_point(f"write:{path.name}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -39,15 +49,33 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of atomic writes killed mid-way under `folder` (any depth).
+
+    Only safe where no other process is writing: a run folder being resumed.
+    """
+    stale = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint without executing any pickled code."""
+    """Read a checkpoint without executing any pickled code, after checking its CRCs."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_crc(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for torn, foreign or code-carrying files
@@ -57,6 +85,26 @@ def load(path: str | Path) -> dict[str, Any]:
                                   f"({code.group(1)}), refused (checkpoints are read weights-only)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+
+
+def _check_crc(path: Path) -> None:
+    """Refuse a zip-format checkpoint (torch >= 1.6) whose stored CRC32s do not match its bytes.
+
+    torch.load does not check them: a flipped bit in a tensor loads silently as a wrong weight.
+    Files in torch's legacy format carry no checksum and are left to torch.load.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated: its zip directory (at the end of the file) is missing")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt zip archive ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch in record {bad!r}")
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
@@ -71,4 +119,7 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what
                 if keys]
     if problems:
         raise CheckpointError(f"{what} does not match the model: {'; '.join(problems)}")
+    non_finite = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(f"{what} holds NaN or inf in {len(non_finite)} tensors: {', '.join(non_finite[:4])}")
     module.load_state_dict(weights, strict=True)

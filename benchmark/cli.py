@@ -51,6 +51,31 @@ def summary_table(records: list[dict]) -> Table:
     return table
 
 
+def results_table(records: list[dict]) -> Table | None:
+    """The paper's shape: rows method, columns tasks, headline metric (top-1 %) in each cell."""
+    from benchmark.tables import paper_table
+
+    frame = paper_table(records)
+    if frame.empty:
+        return None
+    table = Table(title="results (top-1 %, val split)")
+    table.add_column("method", no_wrap=True)
+    for task in frame.columns:
+        table.add_column(task, justify="right", no_wrap=True)
+    for method, row in frame.iterrows():
+        table.add_row(method, *("" if value != value else f"{value:.1f}" for value in row))
+    return table
+
+
+def print_tables(records: list[dict]) -> None:
+    out.print(summary_table(records))
+    results = results_table(records)
+    if results is not None:
+        # Never cut a column: the table is as wide as its headers need, even in a log file.
+        needed = sum(max(len(str(c.header)), *(len(cell) for cell in c.cells), 6) + 3 for c in results.columns) + 1
+        Console(width=max(out.width, needed)).print(results)
+
+
 def cmd_run(overrides: list[str]) -> int:
     # torch loads here, not at import time: `bench --help` and argument errors answer at once.
     from benchmark.checkpoint import CheckpointError
@@ -70,7 +95,7 @@ def cmd_run(overrides: list[str]) -> int:
         return _fail(f"interrupted; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
     except Exception as exc:
         return _fail(f"run failed: {type(exc).__name__}: {exc} (records in {plan.run_dir / 'records'})", EXIT_FAILED)
-    out.print(summary_table(records))
+    print_tables(records)
     out.print(f"run folder: {plan.run_dir}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
@@ -98,7 +123,7 @@ def _submit(overrides: list[str], plan) -> int:
         records = job.result()
     except Exception as exc:
         return _fail(f"job {job.job_id} failed: {' '.join(str(exc).split())[-400:]}", EXIT_FAILED)
-    out.print(summary_table(records))
+    print_tables(records)
     return EXIT_OK
 
 

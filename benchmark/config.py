@@ -121,6 +121,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "pretrain.log_every", 0, integer=True, strictly=True)
     _number(cfg, "seed", 0, integer=True)
     _number(cfg, "workers", 0, integer=True)
+    _number(cfg, "token_cache_gb", 0)
     _number(cfg, "data.image_size", 0, integer=True, strictly=True)
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         _number(cfg, f"model.{key}", 0, integer=True, strictly=True)

@@ -3,12 +3,20 @@
 Every random choice of the data path (sample order, crops, masks) is seeded from
 (seed, epoch, batch index), never from worker-global state: a run gives the same batches with
 any number of workers, and a resumed run continues with exactly the batches it would have seen.
+
+Unreadable files are found in two places, because decoding every image of ImageNet before
+training would take longer than many runs: when a split is first used, every file's header is
+read (format, size, mode: no pixel decoding, in a thread pool) and a file PIL cannot identify
+fails the run before training, naming the file; a file whose header is fine but whose pixels
+are not (a truncated download) fails when the loader decodes it, again naming the file. With
+`skip_unreadable`, both kinds are skipped instead and listed in the run's unreadable.txt.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,6 +31,15 @@ from benchmark import synthetic
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Modes that to_rgb turns into 8-bit RGB; anything else (LAB, HSV, multi-band TIFF) is refused.
+READABLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                  "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# Header reads wait on storage (often a network file system), not on the CPU.
+SCAN_THREADS = 8
+# The run folder's list of skipped files, one path per line (a file may appear more than once).
+UNREADABLE_LOG = "unreadable.txt"
+# What PIL raises for a file it cannot identify or decode.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -42,15 +59,39 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def header_problem(path: Path) -> str | None:
+    """Why PIL cannot use this file as an image, judged from its header alone; None if it can."""
+    try:
+        with Image.open(path) as img:
+            (width, height), mode = img.size, img.mode
+    except DECODE_ERRORS as exc:
+        return _reason(exc)
+    if width < 1 or height < 1:
+        return f"empty image ({width}x{height})"
+    if mode not in READABLE_MODES:
+        return f"unsupported image mode {mode!r}"
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class ImageFolder(Dataset):
     """`root/<class>/<image>` (ImageNet, iNat-style, any custom set); classes sorted by name.
 
     With `labels` (image path -> class name), images are still found in the class folders but
-    labelled by that mapping instead: another label set over the same files.
+    labelled by that mapping instead: another label set over the same files. Headers are
+    checked at construction (`check_headers`); unreadable files raise DataError naming the file,
+    or are skipped with `skip_unreadable` (listed in `skipped`; see `log_skipped`).
     """
 
-    def __init__(self, root: str | Path, labels: dict[Path, str] | None = None):
+    def __init__(self, root: str | Path, labels: dict[Path, str] | None = None, skip_unreadable: bool = False,
+                 check_headers: bool = True):
         self.root = Path(root)
+        self.skip_unreadable = skip_unreadable
+        self.skip_log: Path | None = None
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -65,6 +106,18 @@ class ImageFolder(Dataset):
             if unlabelled:
                 raise DataError(f"{len(unlabelled)} images have no label in the labels file, e.g. {unlabelled[0]}")
             found = [(path, labels[path]) for path, _ in found]
+        self.skipped: list[Path] = []
+        if check_headers:
+            with ThreadPoolExecutor(SCAN_THREADS) as pool:
+                problems = list(pool.map(header_problem, [path for path, _ in found]))
+            bad = [(path, why) for (path, _), why in zip(found, problems) if why]
+            if bad and not skip_unreadable:
+                raise DataError(f"unreadable image {bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable under "
+                                f"{self.root}; data.skip_unreadable=true skips them)")
+            self.skipped = [path for path, _ in bad]
+            found = [item for item, why in zip(found, problems) if not why]
+            if not found:
+                raise DataError(f"data folder holds no readable images: {self.root}")
         self.classes = sorted({name for _, name in found})
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = [(path, index[name]) for path, name in found]
@@ -72,10 +125,31 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def log_skipped(self, path: Path) -> None:
+        """Append skipped files to `path`, now (header failures) and as decoding meets them."""
+        self.skip_log = Path(path)
+        self._log(self.skipped)
+
+    def _log(self, paths: list[Path]) -> None:
+        if self.skip_log is not None and paths:
+            # One short O_APPEND write per call: lines from several loader workers do not mix.
+            with open(self.skip_log, "a") as f:
+                f.write("".join(f"{p}\n" for p in paths))
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            return to_rgb(img), label
+        # A file that fails to decode is replaced by the next readable one: deterministic, so
+        # a resumed run still sees the batches the uninterrupted run saw.
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as img:
+                    return to_rgb(img), label
+            except DECODE_ERRORS as exc:
+                if not self.skip_unreadable:
+                    raise DataError(f"cannot decode image {path}: {_reason(exc)} "
+                                    "(data.skip_unreadable=true skips such files)") from None
+                self._log([path])
+        raise DataError(f"no image under {self.root} can be decoded")
 
 
 @dataclass
@@ -89,6 +163,11 @@ class DataSource:
     # Optional CSV (columns: file relative to root, then label columns) and the column to use.
     label_file: Path | None = None
     label_column: str | None = None
+    skip_unreadable: bool = False
+    check_headers: bool = True
+    # Splits are scanned once (headers of every file) and shared by pretraining and the tasks.
+    # Per label set: dataclasses.replace(source, label_column=...) starts a fresh cache.
+    _splits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def labels(self) -> dict[Path, str] | None:
         if self.label_file is None:
@@ -100,7 +179,10 @@ class DataSource:
             return {self.root / row["file"]: row[self.label_column] for row in reader}
 
     def split(self, which: str) -> ImageFolder:
-        return ImageFolder(self.root / (self.train_split if which == "train" else self.val_split), self.labels())
+        if which not in self._splits:
+            folder = self.root / (self.train_split if which == "train" else self.val_split)
+            self._splits[which] = ImageFolder(folder, self.labels(), self.skip_unreadable, self.check_headers)
+        return self._splits[which]
 
 
 def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSource:
@@ -115,7 +197,8 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
         root = Path(cache_dir).expanduser() / name
         if generate:
             synthetic.generate(root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
-        return DataSource(cfg.name, root, "train", "val", cfg.image_size, root / "labels.csv", cfg.label)
+        return DataSource(cfg.name, root, "train", "val", cfg.image_size, root / "labels.csv", cfg.label,
+                          cfg.skip_unreadable, cfg.check_headers)
     if cfg.kind == "folder":
         if cfg.root is None:
             raise DataError(f"data={cfg.name} needs a folder: add data.root=/path/to/dataset")
@@ -128,8 +211,38 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
             label_file = root / str(cfg.labels_csv)
             if not label_file.is_file():
                 raise DataError(f"labels file not found: {label_file}")
-        return DataSource(cfg.name, root, cfg.train_split, cfg.val_split, cfg.image_size, label_file, cfg.label_column)
+        return DataSource(cfg.name, root, cfg.train_split, cfg.val_split, cfg.image_size, label_file, cfg.label_column,
+                          cfg.skip_unreadable, cfg.check_headers)
     raise DataError(f"unknown data kind {cfg.kind!r} (builtin or folder)")
+
+
+def check_label_png(path: str | Path, num_classes: int, ignore_values: Sequence[int] = (0,),
+                    size: tuple[int, int] | None = None) -> np.ndarray:
+    """The class-index array of a segmentation label PNG, after checking it can be one.
+
+    Valid values are 1..num_classes and `ignore_values` (ADE20k: 0 = ignore, 1..150 the
+    classes, i.e. reduce_zero_label). `size` is the (width, height) of the image it labels.
+    Raises DataError naming the file for an unreadable file, a colour (RGB) label, a size
+    mismatch or values outside the range.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            mode, img_size = img.mode, img.size
+            values = np.asarray(img)
+    except DECODE_ERRORS as exc:
+        raise DataError(f"unreadable label {path}: {_reason(exc)}") from None
+    if mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        raise DataError(f"label {path} has mode {mode}: a label must be one channel of class indices")
+    if size is not None and tuple(img_size) != tuple(size):
+        raise DataError(f"label {path} is {img_size[0]}x{img_size[1]} but its image is {size[0]}x{size[1]}")
+    present = np.unique(values)
+    allowed = (present >= 1) & (present <= num_classes) | np.isin(present, list(ignore_values))
+    if not allowed.all():
+        bad = present[~allowed]
+        raise DataError(f"label {path} holds values {', '.join(map(str, bad[:5].tolist()))} outside 1..{num_classes} "
+                        f"(ignore: {', '.join(map(str, ignore_values))})")
+    return values
 
 
 def derive_seed(*parts: int) -> int:

@@ -5,8 +5,13 @@ forward + loss under optional bf16 autocast, backward, optional gradient clippin
 the method's post-step update (EMA). Checkpoints are written atomically every
 `checkpoint_every` steps, at the end, and at the step boundary right after a preemption or
 timeout signal (benchmark/interrupt.py), and hold everything needed to continue exactly:
-weights (EMA included), optimiser, step, RNG states and the resolved config. Schedules are pure
-functions of the step, so the step is their whole state.
+weights (EMA included), optimiser, step, RNG states, the losses a resumed run reports and the
+resolved config. Schedules are pure functions of the step, so the step is their whole state.
+
+A periodic checkpoint due after step k is written once the loss of step k + 1 has been seen to
+be finite (with the RNG state from before that step), so a run that diverges keeps a
+checkpoint whose weights still train; a non-finite loss, or a non-finite weight when a
+checkpoint is due, stops the run with DivergenceError.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import torch
 
 from benchmark import checkpoint as ckpt
 from benchmark import interrupt
-from benchmark.data import DataError, DataSource, train_loader
+from benchmark.data import UNREADABLE_LOG, DataError, DataSource, train_loader
+from benchmark.faults import fault_point
 from benchmark.progress import progress_bar
 from benchmark.schedules import cosine, warmup_cosine
 from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
@@ -92,6 +98,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     so that an interrupted run can be reproduced exactly.
     """
     dataset = source.split("train")
+    dataset.log_skipped(checkpoint_dir.parent / UNREADABLE_LOG)
     schedule = Schedule.of(cfg, len(dataset))
     steps_to_run = int(cfg.epochs * schedule.steps_per_epoch)
     method.to(device)
@@ -103,6 +110,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     losses: list[float] = []
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / LAST
+    log_path = checkpoint_dir.parent / "train_log.jsonl"
     if last.exists():
         state = ckpt.load(last)
         ckpt.load_weights(method, state["method"]["weights"], f"checkpoint {last}")
@@ -110,13 +118,20 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
         step = state["step"]
         set_rng_state(state["rng"])
         first_loss, losses = state.get("first_loss"), list(state.get("recent_losses", []))
-    log_path = checkpoint_dir.parent / "train_log.jsonl"
+        truncate_log(log_path, step)
+    saved_step = step if last.exists() else None
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, rng: dict) -> None:
+        nonlocal saved_step
+        bad = next((name for name, t in method.state_dict().items()
+                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise DivergenceError(f"weight {bad} is not finite after step {at_step}; {_last_good(last, saved_step)}")
         ckpt.save(last, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(),
-                         "step": at_step, "total_steps": schedule.total_steps, "rng": rng_state(),
+                         "step": at_step, "total_steps": schedule.total_steps, "rng": rng,
                          "first_loss": first_loss, "recent_losses": losses[-schedule.steps_per_epoch:],
                          "config": config})
+        saved_step = at_step
 
     step_fn = step_function(method, bool(cfg.compile))
     restore_attention = use_attention(method, cfg.attention, device, bool(cfg.bf16))
@@ -131,11 +146,14 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                                   seed, epoch, start=batch_in_epoch, workers=workers,
                                   pin_memory=device.type == "cuda")
             for batch in loader:
+                rng = rng_state()
                 lr, wd = set_hyperparameters(opt, cfg, schedule, step)
                 loss = forward_loss(step_fn, to_device(batch, device), device, bool(cfg.bf16))
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"pretraining loss is {loss.item()} at step {step}; "
-                                          f"last good checkpoint: {last if last.exists() else 'none'}")
+                                          f"{_last_good(last, saved_step)}")
+                if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
+                    save(step, rng)
                 update(method, opt, loss, cfg.clip_grad, step / schedule.total_steps)
                 step += 1
                 losses.append(loss.item())
@@ -146,15 +164,16 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                     log.write(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr,
                                           "weight_decay": wd}) + "\n")
                     log.flush()
+                fault_point(f"step:{step}")
                 asked = interrupt.take()
-                if asked or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    save(step)
+                if asked:  # a preemption does not wait for the next loss
+                    save(step, rng_state())
                 if asked == interrupt.STOP:
                     raise interrupt.Interrupted(step, last)
                 if step >= stop_at:
                     break
     restore_attention()  # evaluation runs with the kernels a loaded checkpoint would get
-    save(step)
+    save(step, rng_state())
     elapsed = time.perf_counter() - started
     trained = step - start_step
     tail = losses[-max(1, schedule.steps_per_epoch):]
@@ -163,4 +182,30 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
             "first_loss": first_loss,
             "train_seconds": elapsed,
             "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
+            "unreadable_skipped": count_logged(checkpoint_dir.parent / UNREADABLE_LOG),
             "checkpoint": str(last)}
+
+
+def _last_good(last: Path, saved_step: int | None) -> str:
+    return f"last good checkpoint: {last} (step {saved_step})" if saved_step is not None else "no checkpoint written"
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (and a line torn by a crash): the resumed run writes them again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry["step"] <= step:
+            kept.append(line + "\n")
+    data = "".join(kept).encode()
+    ckpt.atomic_write(path, lambda f: f.write(data))
+
+
+def count_logged(path: Path) -> int:
+    """Distinct files in a skip log (a file may fail once per epoch and per worker)."""
+    return len(set(path.read_text().splitlines())) if path.exists() else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import platform
 import socket
 import subprocess
@@ -67,6 +68,17 @@ def make_record(*, run_id: str, run_dir: Path, task: str, config: dict, metrics:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "config": config,
     }
+
+
+def non_finite_metrics(metrics, prefix: str = "") -> list[str]:
+    """Dotted keys of every NaN or infinite number in a (nested) metrics dict or list."""
+    if isinstance(metrics, dict):
+        return [k for key, v in metrics.items() for k in non_finite_metrics(v, f"{prefix}{key}.")]
+    if isinstance(metrics, (list, tuple)):
+        return [k for i, v in enumerate(metrics) for k in non_finite_metrics(v, f"{prefix}{i}.")]
+    if isinstance(metrics, float) and not math.isfinite(metrics):
+        return [prefix.rstrip(".")]
+    return []
 
 
 def write_record(run_dir: Path, record: dict) -> Path:

@@ -20,7 +20,7 @@ from benchmark.config import ConfigError
 from benchmark.data import DataError, DataSource, resolve_data
 from benchmark.pretrain import LAST, pretrain
 from benchmark.progress import console
-from benchmark.records import make_record, now, write_record
+from benchmark.records import make_record, non_finite_metrics, now, write_record
 from methods import METHODS, build_method, method_from_state
 from methods.base import Method
 from tasks import TASKS, TaskContext, build_task
@@ -35,6 +35,7 @@ class Plan:
     cfg: DictConfig
     config: dict
     run_dir: Path
+    source: DataSource
     device: torch.device
     method: Method
     checkpoint_path: Path | None
@@ -104,7 +105,15 @@ def plan_run(cfg: DictConfig) -> Plan:
     for name in cfg.tasks:
         if name not in TASKS:
             raise ConfigError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))}, all)")
-    resolve_data(cfg.data, cfg.cache_dir, generate=False)
+    source = resolve_data(cfg.data, cfg.cache_dir, generate=False)
+    if cfg.data.kind == "folder":  # header scan: an unreadable image fails here, not mid-run
+        for split in ("train", "val"):
+            source.split(split)
+    if not cfg.checkpoint and cfg.pretrain.epochs > 0:
+        train_size = cfg.data.num_train if cfg.data.kind == "builtin" else len(source.split("train"))
+        if cfg.pretrain.batch_size > train_size:
+            raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} is larger than the training set "
+                              f"({train_size} images)")
     device = pick_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
@@ -140,7 +149,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         _check_resume(run_dir, config)
     elif cfg.resume and cfg.run_dir:
         raise ConfigError(f"resume=true but the run folder does not exist: {run_dir}")
-    return Plan(cfg, config, run_dir, device, method, checkpoint_path, encoder_key, tasks)
+    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks)
 
 
 def _create_run_dir(plan: Plan) -> None:
@@ -155,14 +164,19 @@ def _create_run_dir(plan: Plan) -> None:
         except FileExistsError:  # two runs started in the same second
             n += 1
             plan.run_dir = base.with_name(f"{base.name}-{n}")
-    OmegaConf.save(OmegaConf.create(plan.config), plan.run_dir / "config.yaml")
+    text = OmegaConf.to_yaml(OmegaConf.create(plan.config)).encode()
+    ckpt.atomic_write(plan.run_dir / "config.yaml", lambda f: f.write(text))
 
 
 def execute(plan: Plan) -> list[dict]:
     """Run the plan; returns the records written (a failed step writes a failed record, then raises)."""
     cfg = plan.cfg
     _create_run_dir(plan)
-    source: DataSource = resolve_data(cfg.data, cfg.cache_dir)
+    if cfg.resume:  # leftovers of writes a crash interrupted; this run is the folder's only writer
+        ckpt.remove_stale_temporaries(plan.run_dir)
+    if cfg.data.kind == "builtin":
+        resolve_data(cfg.data, cfg.cache_dir)  # generated on first use
+    source = plan.source
     records = []
 
     def record(task: str, metrics: dict, started: str, seconds: float, status: str = "ok",
@@ -180,6 +194,9 @@ def execute(plan: Plan) -> list[dict]:
         started, t0 = now(), time.perf_counter()
         try:
             metrics = fn()
+            bad = non_finite_metrics(metrics)
+            if bad:  # a NaN accuracy or loss would rank silently on a leaderboard
+                raise FloatingPointError(f"non-finite metrics: {', '.join(bad[:5])}")
         except Exception as exc:
             record(task, {}, started, time.perf_counter() - t0, status="failed", error=f"{type(exc).__name__}: {exc}")
             raise
@@ -191,7 +208,8 @@ def execute(plan: Plan) -> list[dict]:
                                              plan.run_dir / "checkpoints", plan.config, cfg.workers, cfg.progress))
     plan.method.to(plan.device).eval()
     ctx = TaskContext(source=source, device=plan.device, encoder_key=plan.encoder_key, seed=cfg.seed,
-                      run_dir=plan.run_dir, workers=cfg.workers, show_progress=cfg.progress)
+                      run_dir=plan.run_dir, workers=cfg.workers, show_progress=cfg.progress,
+                      token_cache_bytes=int(cfg.token_cache_gb * 2**30))
     for name in plan.task_names:
         console.print(f"[bold]task[/] {name}")
         task = build_task(name, plan.config["tasks"][name])

@@ -67,8 +67,12 @@ class Method(nn.Module, metaclass=ABCMeta):
     # --- evaluation -------------------------------------------------------------------------
     @abstractmethod
     def predict(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                action: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted latents at tgt_idx [B, Kt] from context tokens at ctx_idx [B, Kc]."""
+                action: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted latents at tgt_idx [B, Kt] from context tokens at ctx_idx [B, Kc].
+
+        `extra` [B, T, D]: tokens in the encoder's space added to the predictor's input with no
+        position (multitask predictor tuning's task tokens); the output is unchanged in shape.
+        """
 
     def sample_masks(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Context positions [B, Kc] and target blocks (a list of [B, Kt]) as in pretraining."""
@@ -84,15 +88,17 @@ class Method(nn.Module, metaclass=ABCMeta):
             raise ValueError(f"method {self.name} has no target encoder, so no latent targets")
         return normalize_targets(self.target_encoder(images))
 
-    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None,
+                     extra: torch.Tensor | None = None) -> torch.Tensor:
         """The world model run on a whole clean image: predictions [B, N, D'] at every position.
 
         `tokens` [B, N, D] are the encoder's patch tokens of the full image; the predictor gets
         all of them as context and a query at every position, with the null action unless one is
-        given. This is what predictor finetuning and dense tasks put their heads on.
+        given, plus the `extra` tokens (see `predict`). This is what predictor finetuning and
+        dense tasks put their heads on.
         """
         idx = torch.arange(tokens.size(1), device=tokens.device).expand(tokens.size(0), -1)
-        return self.predict(tokens, idx, idx, action)
+        return self.predict(tokens, idx, idx, action, extra)
 
     @abstractmethod
     def new_predictor(self) -> nn.Module:

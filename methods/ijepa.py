@@ -71,9 +71,9 @@ class IJEPA(Method):
     def new_predictor(self) -> Predictor:
         return build_predictor(self.encoder, self.model_cfg, self.method_cfg["predictor"])
 
-    def predict(self, context, ctx_idx, tgt_idx, action=None):
+    def predict(self, context, ctx_idx, tgt_idx, action=None, extra=None):
         # An unconditioned predictor (plain I-JEPA) ignores the action; IWM's uses it.
-        return self.predictor(context, ctx_idx, tgt_idx, action)
+        return self.predictor(context, ctx_idx, tgt_idx, action, extra)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         target = self.targets(batch["images"], batch["tgt_idx"])

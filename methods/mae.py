@@ -108,27 +108,35 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def features(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor | None = None,
-                 cls: torch.Tensor | None = None) -> torch.Tensor:
+                 cls: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         """decoder_norm outputs [B, Kc (+ Kt), width]: context positions, then query positions.
 
         context [B, Kc, D] are encoder patch tokens at ctx_idx [B, Kc]; cls [B, 1, D] is the
-        encoder's cls token (the official decoder always has it; its output is dropped here).
+        encoder's cls token (the official decoder always has it); extra [B, T, D] are tokens
+        without a position (task tokens). Outputs of cls and extra tokens are dropped.
         """
         pos = self.decoder_pos_embed[:, 1:].expand(context.size(0), -1, -1)
         parts = [self.decoder_embed(context) + gather_tokens(pos, ctx_idx)]
         if cls is not None:
             parts.insert(0, self.decoder_embed(cls) + self.decoder_pos_embed[:, :1])
+        if extra is not None:
+            parts.append(self.decoder_embed(extra))
         if tgt_idx is not None:
             parts.append(self.mask_token + gather_tokens(pos, tgt_idx))
         x = torch.cat(parts, dim=1)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_norm(x)[:, 0 if cls is None else 1:]
+        x = self.decoder_norm(x)
+        start = 0 if cls is None else 1
+        kept = x[:, start:start + context.size(1)]
+        if tgt_idx is None:
+            return kept
+        return torch.cat([kept, x[:, -tgt_idx.size(1):]], dim=1)
 
     def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                cls: torch.Tensor | None = None) -> torch.Tensor:
+                cls: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         """Pixel predictions [B, Kt, p*p*C] of the patches at tgt_idx."""
-        return self.decoder_pred(self.features(context, ctx_idx, tgt_idx, cls)[:, -tgt_idx.size(1):])
+        return self.decoder_pred(self.features(context, ctx_idx, tgt_idx, cls, extra)[:, -tgt_idx.size(1):])
 
 
 class MAE(Method):
@@ -180,11 +188,12 @@ class MAE(Method):
                              "(the official *_full.pth / mae_visualize_*.pth files include one)")
         return self.predictor
 
-    def predict(self, context, ctx_idx, tgt_idx, action=None):
+    def predict(self, context, ctx_idx, tgt_idx, action=None, extra=None):
         # MAE's world model takes no action: it only fills in what was removed.
-        return self._decoder()(context, ctx_idx, tgt_idx)
+        return self._decoder()(context, ctx_idx, tgt_idx, extra=extra)
 
-    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None,
+                     extra: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder features [B, N, width] of a whole clean image: nothing masked, no mask token.
 
         `tokens` are the patch tokens [B, N, D] the eval encoder gives, or [B, 1 + N, D] from
@@ -195,4 +204,4 @@ class MAE(Method):
         if tokens.size(1) == self.encoder.num_patches + 1:
             cls, tokens = tokens[:, :1], tokens[:, 1:]
         idx = torch.arange(tokens.size(1), device=tokens.device).expand(tokens.size(0), -1)
-        return self._decoder().features(tokens, idx, cls=cls)
+        return self._decoder().features(tokens, idx, cls=cls, extra=extra)

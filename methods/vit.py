@@ -155,6 +155,10 @@ class Predictor(nn.Module):
       to the predictor width by a 3-layer MLP;
     - sequence: each action scalar becomes one extra token through its own linear projection.
     A missing action means the null action (zeros): "change nothing".
+
+    `extra` [B, T, D] are tokens in the encoder's space appended to the context without a
+    position (e.g. the learned task tokens of multitask predictor tuning); they are embedded like
+    context tokens, so a caller never needs the predictor's width.
     """
 
     def __init__(self, num_patches: int, grid: int, embed_dim: int, predictor_dim: int = 384,
@@ -192,9 +196,11 @@ class Predictor(nn.Module):
         return self.mask_token + gather_tokens(pos, tgt_idx)
 
     def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                action: torch.Tensor | None = None) -> torch.Tensor:
+                action: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         pos = self.predictor_pos_embed.expand(context.size(0), -1, -1)
         parts = [self.predictor_embed(context) + gather_tokens(pos, ctx_idx)]
+        if extra is not None:
+            parts.append(self.predictor_embed(extra))
         queries = self.mask_tokens(tgt_idx)
         if self.conditioning != "none":
             if action is None:

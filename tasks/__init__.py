@@ -1,13 +1,24 @@
 """The task registry: every evaluation protocol, by the name used in `task=<name>`."""
 from __future__ import annotations
 
+from tasks.ade20k import ADE20kSegmentation
+from tasks.attentive import AttentiveProbe
 from tasks.base import Task, TaskContext
+from tasks.finetune import EncoderFinetune, EndToEnd, PredictorFinetune, RandomPredictorFinetune
 from tasks.linear import LinearProbe
 from tasks.mrr import WorldModelMRR
+from tasks.multitask import MultitaskPredictor
 
 TASKS: dict[str, type[Task]] = {
     "linear": LinearProbe,
+    "attentive": AttentiveProbe,
+    "encoder_ft": EncoderFinetune,
+    "predictor_ft": PredictorFinetune,
+    "predictor_ft_random": RandomPredictorFinetune,
+    "end_to_end": EndToEnd,
+    "multitask": MultitaskPredictor,
     "mrr": WorldModelMRR,
+    "ade20k": ADE20kSegmentation,
 }
 
 

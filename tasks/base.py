@@ -7,13 +7,15 @@ Tasks talk to the method only through `methods.base.Method`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
-from benchmark.data import DataSource, eval_loader
+from benchmark.data import DataSource, Transformed, eval_loader, eval_transform, stack_views
 from benchmark.pretrain import to_device
 from benchmark.progress import progress_bar
 from methods.base import Method
@@ -29,14 +31,82 @@ class TaskContext:
     workers: int = 0
     show_progress: bool = True
     batch_size: int = 128
+    # Frozen patch tokens of a split are kept in memory up to this size (float32), else streamed.
+    token_cache_bytes: int = 4 * 2**30
     _features: dict = field(default_factory=dict)
+    _tokens: dict = field(default_factory=dict)
+
+    def labels(self, split: str, column: str | None = None) -> tuple[torch.Tensor, int]:
+        """(label of every sample of the split in loader order, number of classes) for a label column.
+
+        Every label column lists the same files, so sample i is the same image in all of them and
+        one token cache serves every label set.
+        """
+        source = self.source if column is None else replace(self.source, label_column=column)
+        dataset = source.split(split)
+        return torch.tensor([label for _, label in dataset.samples]), len(dataset.classes)
+
+    def frozen_tokens(self, method: Method, split: str) -> torch.Tensor | None:
+        """Last-layer patch tokens [n, N, D] of the frozen eval encoder over a split, extracted once.
+
+        None when the split's tokens would not fit in `token_cache_bytes`: callers then stream
+        images through the encoder (`token_batches` does either).
+        """
+        key = (id(method), self.encoder_key, split)
+        if key not in self._tokens:
+            encoder = method.eval_encoder(self.encoder_key)
+            dataset = self.source.split(split)
+            size = self.source.image_size
+            with torch.no_grad():  # the shape of one image's tokens, whatever the encoder
+                per_image = encoder.to(self.device).eval()(torch.zeros(1, 3, size, size, device=self.device)).numel()
+            if len(dataset) * per_image * 4 > self.token_cache_bytes:
+                self._tokens[key] = None
+            else:
+                loader = eval_loader(dataset, size, self.batch_size, self.workers)
+                self._tokens[key] = torch.cat(list(self._encode(encoder, loader, f"tokens {split}")))
+        return self._tokens[key]
+
+    def token_batches(self, method: Method, split: str, order: torch.Tensor, batch_size: int
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(frozen tokens on self.device, sample indices) for consecutive chunks of `order`.
+
+        From the cache when the split fits in it, else the same deterministic eval views encoded
+        on the fly, so both paths give the same tokens.
+        """
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        cached = self.frozen_tokens(method, split)
+        if cached is not None:
+            for idx in chunks:
+                yield cached[idx].to(self.device), idx
+            return
+        dataset = Transformed(self.source.split(split), eval_transform(self.source.image_size))
+        loader = DataLoader(dataset, batch_sampler=[[(int(i), 0, 0) for i in idx] for idx in chunks],
+                            collate_fn=stack_views, num_workers=self.workers)
+        encoder = method.eval_encoder(self.encoder_key)
+        for idx, tokens in zip(chunks, self._encode(encoder, loader, None)):
+            yield tokens.to(self.device), idx
+
+    def _encode(self, encoder, loader, description: str | None) -> Iterator[torch.Tensor]:
+        was_training = encoder.training
+        encoder.to(self.device).eval()
+        with progress_bar(description or "", len(loader), enabled=self.show_progress and description is not None) as bar:
+            for batch in loader:
+                # Not around the yield: grad mode is global, the consumer may be training.
+                with torch.no_grad():
+                    tokens = encoder(to_device(batch["images"], self.device)).float().cpu()
+                yield tokens
+                bar.advance()
+        encoder.train(was_training)
 
     def pooled_features(self, method: Method, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Average-pooled last-layer tokens of the frozen eval encoder over a split, computed once.
 
-        Every frozen-feature probe of a run shares this extraction.
+        Every frozen-feature probe of a run shares this extraction (and the token cache's).
         """
         key = (id(method), self.encoder_key, split)
+        tokens = self.frozen_tokens(method, split)
+        if tokens is not None and key not in self._features:
+            self._features[key] = (tokens.mean(dim=1), self.labels(split)[0])
         if key not in self._features:
             encoder = method.eval_encoder(self.encoder_key).to(self.device).eval()
             loader = eval_loader(self.source.split(split), self.source.image_size, self.batch_size, self.workers)
@@ -55,7 +125,8 @@ class Task(ABC):
     name: ClassVar[str]
 
     def __init__(self, cfg: dict):
-        self.cfg = dict(cfg)
+        # Plain containers: list-valued settings arrive as OmegaConf lists from the runner.
+        self.cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
     def applies_to(self, method: Method) -> bool:
         return True

@@ -1,0 +1,407 @@
+"""Finetuning adapters on a pretrained method, and the training loop they share.
+
+Each adapter is a point in one grid: is the encoder trained, is the world model (the method's
+predictor, through `method.predict_full`) between encoder and head, and is that predictor the
+pretrained one or a fresh one of the same architecture:
+
+    task                 encoder   predictor          head on
+    attentive            frozen    -                  encoder tokens (tasks/attentive.py)
+    encoder_ft           trained   -                  encoder tokens
+    predictor_ft         frozen    pretrained, tuned  predictor outputs
+    predictor_ft_random  frozen    fresh, tuned       predictor outputs
+    end_to_end           trained   pretrained, tuned  predictor outputs
+
+Training never touches the method a run holds: the adapter works on a copy in which every
+module it trains is duplicated and every frozen one is shared. A frozen encoder's tokens come
+from the run's token cache (tasks/base.py) when they fit in memory; a trained encoder sees
+augmented images. Recipe (MAE finetuning): AdamW, warmup + cosine per step, layer-wise lr decay
+over the encoder's blocks, drop-path, label smoothing, mixup/cutmix; top-1 on the val split after
+the last epoch (nothing is selected on val).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import replace
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Subset
+from timm.layers import DropPath
+from timm.models.vision_transformer import Block
+
+from benchmark.config import ConfigError
+from benchmark.data import crop_transform, derive_seed, eval_loader, train_loader, stack_views
+from benchmark.pretrain import to_device
+from benchmark.progress import progress_bar
+from benchmark.schedules import warmup_cosine
+from methods.base import Method
+from tasks.base import Task, TaskContext
+from tasks.heads import HEADS, build_head
+from tasks.mixing import mix, soft_cross_entropy, soft_targets
+
+Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+# --- recipe pieces (pure) ------------------------------------------------------------------------
+def block_layers(module: nn.Module) -> dict[str, int]:
+    """Layer id of each parameter for layer-wise lr decay: 0 before the first transformer block
+    (patch and position embeddings), i + 1 inside block i, depth + 1 after the last (final norm).
+
+    Blocks are found by type and parameters by registration order, so any timm-block encoder
+    (ours, MAE's) is numbered without knowing its attribute names.
+    """
+    block_of = {}
+    for i, block in enumerate(m for m in module.modules() if isinstance(m, Block)):
+        for p in block.parameters():
+            block_of[id(p)] = i + 1
+    depth = max(block_of.values(), default=0)
+    layers, seen_block = {}, False
+    for name, p in module.named_parameters():
+        if id(p) in block_of:
+            seen_block = True
+            layers[name] = block_of[id(p)]
+        else:
+            layers[name] = depth + 1 if seen_block else 0
+    return layers
+
+
+def param_groups(module: nn.Module, lr_scale: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """AdamW groups of a module's parameters: no decay on biases and 1-D parameters; with
+    `layer_decay`, layer l of a depth-L stack gets lr scale layer_decay ** (L + 1 - l)."""
+    layers = block_layers(module) if layer_decay is not None else {}
+    top = max(layers.values(), default=0)
+    groups: dict[tuple, dict] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:  # fixed position tables
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        scale = lr_scale * (layer_decay ** (top - layers[name]) if layer_decay is not None else 1.0)
+        key = (scale, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def set_drop_path(module: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 to `rate` over the module's transformer blocks."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    rates = torch.linspace(0, rate, len(blocks)).tolist() if blocks else []
+    for block, r in zip(blocks, rates):
+        block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+        block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+
+
+def working_copy(method: Method, trained: list[nn.Module]) -> Method:
+    """A copy of the method in which the `trained` modules are duplicated and everything else
+    among encoder / target encoder / predictor is shared with the original (frozen, never copied)."""
+    shared = [m for m in (method.encoder, method.target_encoder, method.predictor)
+              if m is not None and all(m is not t for t in trained)]
+    memo = {}
+    for m in shared:
+        memo[id(m)] = m
+        for t in (*m.parameters(), *m.buffers()):
+            memo[id(t)] = t
+    return copy.deepcopy(method, memo)
+
+
+def fresh_predictor(method: Method, seed: int) -> nn.Module:
+    """The random-predictor control: `method.new_predictor()` under a fixed seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return method.new_predictor()
+
+
+def count_parameters(groups: list[dict]) -> int:
+    return sum(p.numel() for g in groups for p in g["params"])
+
+
+# --- the model being tuned -------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """[trained encoder] -> [world model on the whole clean image] -> head.
+
+    Without an encoder the inputs are already the frozen encoder's tokens. Modules listed in
+    `frozen` (the ones shared with the run's method) stay in eval mode whatever mode the
+    classifier is put in.
+    """
+
+    def __init__(self, head: nn.Module, encoder: nn.Module | None = None, world_model: Method | None = None,
+                 frozen: tuple[nn.Module, ...] = ()):
+        super().__init__()
+        self.head, self.encoder, self.world_model = head, encoder, world_model
+        self.frozen = frozen
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        if self.encoder is not None:
+            x = self.encoder(x)
+        if self.world_model is not None:
+            x = self.world_model.predict_full(x, extra=extra)
+        return self.head(x)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+def set_lr(opt: torch.optim.Optimizer, cfg: dict, step: int, total: int, warmup: int) -> float:
+    lr = warmup_cosine(step, total, warmup, 0.0, cfg["lr"], cfg["min_lr"])
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
+
+
+def as_grid(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Tokens [B, N, D] on a square patch grid as [B, D, h, w] (so cutmix swaps patches), and back."""
+    if x.dim() == 4:
+        return x, lambda y: y
+    side = math.isqrt(x.size(1))
+    if side * side != x.size(1):
+        return x.transpose(1, 2).unsqueeze(-1), lambda y: y.squeeze(-1).transpose(1, 2)
+    grid = x.transpose(1, 2).reshape(x.size(0), x.size(2), side, side)
+    return grid, lambda y: y.flatten(2).transpose(1, 2)
+
+
+def train_classifier(model: Classifier, groups: list[dict], train_batches: Batches, steps_per_epoch: int,
+                     num_classes: int, cfg: dict, seed: int, device: torch.device, label: str,
+                     show_progress: bool = False) -> dict:
+    """Train the parameters in `groups` for cfg['epochs'] epochs; returns loss statistics."""
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg["betas"]))
+    total = cfg["epochs"] * steps_per_epoch
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    gen = torch.Generator().manual_seed(derive_seed(seed, 1))
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
+    params = [p for g in groups for p in g["params"]]
+    model.to(device).train()
+    step, losses = 0, []
+    with progress_bar(label, total, enabled=show_progress) as bar:
+        for epoch in range(cfg["epochs"]):
+            for x, y in train_batches(epoch):
+                set_lr(opt, cfg, step, total, warmup)
+                grid, back = as_grid(x)
+                grid, targets = mix(grid, soft_targets(y, num_classes, cfg["label_smoothing"]), cfg["mixup"],
+                                    cfg["cutmix"], cfg["mix_prob"], cfg["switch_prob"], gen)
+                with torch.autocast(**autocast):
+                    loss = soft_cross_entropy(model(back(grid)), targets.to(device))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{label}: loss is {loss.item()} at step {step} (lower the lr?)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg["clip_grad"]:
+                    torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
+                opt.step()
+                step += 1
+                losses.append(loss.item())
+                bar.advance(loss=losses[-1])
+    model.eval()
+    tail = losses[-max(1, steps_per_epoch):]
+    return {"steps": step, "first_loss": losses[0] if losses else None,
+            "final_loss": sum(tail) / len(tail) if tail else None}
+
+
+def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             bf16: bool) -> tuple[float, int]:
+    """(top-1 in percent, number of samples) over the batches."""
+    correct = seen = 0
+    model.eval()
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        for x, y in batches:
+            correct += (model(x).argmax(dim=-1).cpu() == y.cpu()).sum().item()
+            seen += len(y)
+    return 100.0 * correct / max(1, seen), seen
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+def train_pool(n: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices of the training samples used: all, or a seeded subset of `limit` (sorted)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def frozen_inputs(method: Method, ctx: TaskContext, split: str, labels: torch.Tensor, batch_size: int,
+                  seed: int | None, pool: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Frozen-encoder tokens and labels of the samples in `pool` (default all); shuffled per `seed`
+    (train, full batches only) or in order (val)."""
+    pool = torch.arange(len(labels)) if pool is None else pool
+    n = len(pool)
+    if seed is None:
+        order = pool
+    else:
+        order = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n - n % batch_size]]
+    for tokens, idx in ctx.token_batches(method, split, order, batch_size):
+        yield tokens, labels[idx].to(ctx.device)
+
+
+def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None, pool: torch.Tensor
+                 ) -> tuple[Batches, int, Callable]:
+    """Augmented training images (RandomResizedCrop + flip) of the samples in `pool`, their steps
+    per epoch, and val images, labelled by `column` (default: the data's label)."""
+    source = ctx.source if column is None else replace(ctx.source, label_column=column)
+    dataset = Subset(source.split("train"), pool.tolist())
+    transform = crop_transform(source.image_size, cfg["crop_scale"], flip=cfg["flip"])
+
+    def train(epoch: int):
+        loader = train_loader(dataset, transform, stack_views, cfg["batch_size"], seed, epoch, workers=ctx.workers)
+        for batch in loader:
+            batch = to_device(batch, ctx.device)
+            yield batch["images"], batch["labels"]
+
+    def val():
+        loader = eval_loader(source.split("val"), source.image_size, cfg["batch_size"], ctx.workers)
+        for batch in loader:
+            batch = to_device(batch, ctx.device)
+            yield batch["images"], batch["labels"]
+
+    return train, len(dataset) // cfg["batch_size"], val
+
+
+# --- the adapters --------------------------------------------------------------------------------------
+NUMBERS = {"epochs": (1, True), "batch_size": (1, True), "warmup_epochs": (0, False), "lr": (0, False),
+           "min_lr": (0, False), "weight_decay": (0, False), "drop_path": (0, False), "label_smoothing": (0, False),
+           "mixup": (0, False), "cutmix": (0, False), "mix_prob": (0, False), "switch_prob": (0, False),
+           "clip_grad": (0, False), "head_heads": (1, True), "train_samples": (1, True)}
+
+
+NULLABLE = {"train_samples"}
+
+
+def check_recipe(name: str, cfg: dict) -> None:
+    """Types and ranges of a finetuning section; ConfigError names the key."""
+    for key, (low, integer) in NUMBERS.items():
+        if key not in cfg or (key in NULLABLE and cfg[key] is None):
+            continue
+        value = cfg[key]
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+            raise ConfigError(f"tasks.{name}.{key} must be {'an integer' if integer else 'a number'} >= {low}, "
+                              f"got {value!r}")
+    for key in ("label_smoothing", "mix_prob", "switch_prob", "drop_path"):
+        if key in cfg and cfg[key] > 1:
+            raise ConfigError(f"tasks.{name}.{key} must be in [0, 1], got {cfg[key]}")
+    if cfg.get("layer_decay") is not None and not 0 < cfg["layer_decay"] <= 1:
+        raise ConfigError(f"tasks.{name}.layer_decay must be in (0, 1] or null, got {cfg['layer_decay']}")
+    if cfg.get("head", "attentive") not in HEADS:
+        raise ConfigError(f"tasks.{name}.head must be one of {', '.join(HEADS)}, got {cfg['head']!r}")
+
+
+class Finetune(Task):
+    """Shared by the finetuning adapters; subclasses say what is trained."""
+    train_encoder = False
+    use_predictor = False
+    random_predictor = False
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        check_recipe(self.name, self.cfg)
+
+    def applies_to(self, method: Method) -> bool:
+        return method.predictor is not None or not self.use_predictor
+
+    def build(self, method: Method, ctx: TaskContext, num_classes: int, seed: int
+              ) -> tuple[Classifier, list[dict], Method]:
+        """The classifier, its optimiser groups, and the working copy of the method it uses."""
+        cfg = self.cfg
+        original = method.eval_encoder(ctx.encoder_key)
+        tune_predictor = self.use_predictor and not self.random_predictor
+        work = working_copy(method, [m for m, on in ((original, self.train_encoder),
+                                                     (method.predictor, tune_predictor)) if on])
+        encoder = work.eval_encoder(ctx.encoder_key)
+        if self.random_predictor:
+            work.predictor = fresh_predictor(method, derive_seed(seed, 2))
+        size = ctx.source.image_size
+        with torch.no_grad():  # width of what the head sees, whatever the method
+            probe = encoder.to(ctx.device).eval()(torch.zeros(1, 3, size, size, device=ctx.device))
+            if self.use_predictor:
+                work.predictor.to(ctx.device).eval()
+                probe = work.predict_full(probe)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, 3))
+            head = build_head(cfg["head"], probe.size(-1), num_classes, cfg["head_heads"])
+        groups = param_groups(head, 1.0, cfg["weight_decay"], None)
+        if self.use_predictor:
+            set_drop_path(work.predictor, cfg["drop_path"])
+            groups += param_groups(work.predictor, cfg["predictor_lr_scale"], cfg["weight_decay"], None)
+        if self.train_encoder:
+            # A target encoder is frozen as a whole: unfreeze what its online twin trains.
+            trains = {name: p.requires_grad for name, p in method.encoder.named_parameters()}
+            for name, p in encoder.named_parameters():
+                p.requires_grad_(trains.get(name, True))
+            set_drop_path(encoder, cfg["drop_path"])
+            groups += param_groups(encoder, 1.0, cfg["weight_decay"], cfg["layer_decay"])
+        frozen = tuple(m for m in (work.encoder, work.target_encoder, work.predictor) if m is not None
+                       and not (m is encoder and self.train_encoder) and not (m is work.predictor and self.use_predictor))
+        model = Classifier(head, encoder if self.train_encoder else None,
+                           work if self.use_predictor else None, frozen)
+        return model, groups, work
+
+    def run(self, method: Method, ctx: TaskContext) -> dict:
+        return self.tune(method, ctx)[0]
+
+    def tune(self, method: Method, ctx: TaskContext, column: str | None = None) -> tuple[dict, Classifier]:
+        """Train and evaluate on a label column (default: the data's); returns the metrics and the
+        trained classifier (tests inspect it)."""
+        cfg, seed = self.cfg, derive_seed(ctx.seed, sum(map(ord, self.name)))
+        y_train, num_classes = ctx.labels("train", column)
+        y_val, _ = ctx.labels("val", column)
+        model, groups, _ = self.build(method, ctx, num_classes, seed)
+        bs = cfg["batch_size"]
+        # Seeded by the run only: every task of a run (and multitask's comparison) uses one subset.
+        pool = train_pool(len(y_train), cfg.get("train_samples"), derive_seed(ctx.seed, 4))
+        if self.train_encoder:
+            train_batches, steps, val_batches = image_inputs(ctx, cfg, seed, column, pool)
+        else:
+            def train_batches(epoch: int):
+                return frozen_inputs(method, ctx, "train", y_train, bs, derive_seed(seed, epoch), pool)
+
+            def val_batches():
+                return frozen_inputs(method, ctx, "val", y_val, bs, None)
+            steps = len(pool) // bs
+        if steps == 0:
+            raise ValueError(f"tasks.{self.name}.batch_size={bs} is larger than the training set ({len(pool)})")
+        started = time.perf_counter()
+        stats = train_classifier(model, groups, train_batches, steps, num_classes, cfg, seed, ctx.device,
+                                 self.name, ctx.show_progress)
+        train_seconds = time.perf_counter() - started
+        top1, seen = evaluate(model, val_batches(), ctx.device, bool(cfg["bf16"]))
+        metrics = {"top1": top1, "chance_top1": 100.0 / num_classes, "num_classes": num_classes,
+                   "trainable_params": count_parameters(groups), "train_seconds": train_seconds,
+                   "epochs": cfg["epochs"], "lr": cfg["lr"], **stats, "train_samples": steps * bs,
+                   "val_samples": seen, "encoder": "trained" if self.train_encoder else "frozen",
+                   "inputs": "images" if self.train_encoder else "cached tokens"
+                   if ctx.frozen_tokens(method, "train") is not None else "tokens encoded per batch"}
+        if self.use_predictor:
+            metrics["predictor"] = "random" if self.random_predictor else "pretrained"
+            metrics["predictor_lr"] = cfg["lr"] * cfg["predictor_lr_scale"]
+        return metrics, model
+
+
+class EncoderFinetune(Finetune):
+    """Encoder finetuning: encoder + head trained (MAE recipe: layer decay, drop-path, mixup)."""
+    name = "encoder_ft"
+    train_encoder = True
+
+
+class PredictorFinetune(Finetune):
+    """Predictor finetuning: frozen encoder, pretrained predictor + attentive head trained."""
+    name = "predictor_ft"
+    use_predictor = True
+
+
+class RandomPredictorFinetune(Finetune):
+    """Predictor finetuning control: frozen encoder, freshly initialised predictor + head."""
+    name = "predictor_ft_random"
+    use_predictor = True
+    random_predictor = True
+
+
+class EndToEnd(Finetune):
+    """End-to-end finetuning: encoder + pretrained predictor + attentive head trained."""
+    name = "end_to_end"
+    train_encoder = True
+    use_predictor = True

@@ -1,0 +1,218 @@
+"""The ADE20k reader, the mmseg training pipeline and sliding-window inference.
+
+Folder layout (ADE20k's own, also written by the built-in generator):
+    ADEChallengeData2016/images/{training,validation}/<name>.jpg
+    ADEChallengeData2016/annotations/{training,validation}/<name>.png
+Label 0 means "other/ignore"; reduce_zero_label maps it to 255 (ignored) and shifts every other
+class down by one, so ADE20k's 150 classes become 0..149 (the built-in data's 9 become 0..8).
+The training pipeline is the one of mmseg's ADE20k configs: random rescale by a ratio in
+[0.5, 2.0] of the base scale, random crop (redrawn while one class covers more than
+cat_max_ratio of it), horizontal flip, photometric distortion, padding to the crop size.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from benchmark.data import IMAGENET_MEAN, IMAGENET_STD, DataError, to_rgb
+from tasks.segmentation.metrics import IGNORE_INDEX
+
+ADE_DIR = "ADEChallengeData2016"
+SPLITS = {"train": "training", "val": "validation"}
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """0 -> ignore (255), k -> k - 1."""
+    out = label.astype(np.int64) - 1
+    out[label == 0] = IGNORE_INDEX
+    return out
+
+
+class ADE20k(Dataset):
+    """Image and label-map pairs of one split; labels reduced to 0..C-1 with 255 = ignore."""
+
+    def __init__(self, root: str | Path, split: str, reduce_zero: bool = True):
+        base = Path(root) / ADE_DIR if (Path(root) / ADE_DIR).is_dir() else Path(root)
+        images, labels = base / "images" / SPLITS[split], base / "annotations" / SPLITS[split]
+        for folder in (images, labels):
+            if not folder.is_dir():
+                raise DataError(f"segmentation folder not found: {folder} (expected {ADE_DIR}/images|annotations/"
+                                f"training|validation under {root})")
+        label_files = {p.stem: p for p in labels.glob("*.png")}
+        self.samples = [(p, label_files.get(p.stem)) for p in sorted(images.iterdir())
+                        if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        if not self.samples:
+            raise DataError(f"no images in {images}")
+        unlabelled = [p.name for p, lab in self.samples if lab is None]
+        if unlabelled:
+            raise DataError(f"{len(unlabelled)} images in {images} have no annotation png in {labels}, "
+                            f"e.g. {unlabelled[0]}")
+        self.reduce_zero = reduce_zero
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        image_path, label_path = self.samples[index]
+        with Image.open(image_path) as img:
+            image = to_rgb(img)
+        with Image.open(label_path) as lab:
+            label = np.array(lab)
+        if label.ndim != 2 or label.shape != (image.height, image.width):
+            raise DataError(f"annotation {label_path} has shape {label.shape}, image is {image.height}x{image.width}")
+        label = reduce_zero_label(label) if self.reduce_zero else label.astype(np.int64)
+        return image, label
+
+
+@dataclass
+class Pipeline:
+    """Sizes of the mmseg pipeline: scale (long, short) is the base rescale target (2048, 512)."""
+    scale: tuple[int, int]
+    crop: int
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip: float = 0.5
+    photometric: bool = True
+
+
+def rescale_size(h: int, w: int, scale: tuple[int, int], ratio: float = 1.0) -> tuple[int, int]:
+    """mmcv's keep-ratio rescale: the largest size fitting (long, short) * ratio."""
+    long_side, short_side = max(scale) * ratio, min(scale) * ratio
+    factor = min(long_side / max(h, w), short_side / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def photometric_distortion(img: np.ndarray, rng: random.Random) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion on a float HWC array in 0..255, each step with p 0.5."""
+    if rng.random() < 0.5:
+        img = img + rng.uniform(-32, 32)
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        img = img * rng.uniform(0.5, 1.5)
+    img = np.clip(img, 0, 255)
+    do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
+    if do_sat or do_hue:
+        h, s, v = _rgb_to_hsv(img / 255.0)
+        if do_sat:
+            s = np.clip(s * rng.uniform(0.5, 1.5), 0, 1)
+        if do_hue:
+            h = (h + rng.uniform(-18, 18) / 180.0) % 1.0
+        img = _hsv_to_rgb(h, s, v) * 255.0
+    if not contrast_first and rng.random() < 0.5:
+        img = img * rng.uniform(0.5, 1.5)
+    return np.clip(img, 0, 255)
+
+
+def _rgb_to_hsv(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    mx, mn = a.max(-1), a.min(-1)
+    d = mx - mn
+    safe = np.where(d > 0, d, 1)
+    h = np.where(mx == r, (g - b) / safe % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
+    h = np.where(d > 0, h, 0)
+    s = np.where(mx > 0, d / np.where(mx > 0, mx, 1), 0)
+    return h, s, mx
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    i = np.floor(h * 6).astype(np.int64) % 6
+    f = h * 6 - np.floor(h * 6)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = np.zeros(h.shape + (3,))
+    for k, (r, g, b) in enumerate(choices):
+        sel = i == k
+        out[sel] = np.stack([r[sel], g[sel], b[sel]], -1)
+    return out
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HWC 0..255 -> normalised CHW float (ImageNet statistics, as mmseg's data preprocessor)."""
+    mean = np.array(IMAGENET_MEAN) * 255.0
+    std = np.array(IMAGENET_STD) * 255.0
+    return torch.from_numpy(((img - mean) / std).transpose(2, 0, 1).copy()).float()
+
+
+def train_sample(image: Image.Image, label: np.ndarray, p: Pipeline, rng: random.Random
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented crop: image [3, crop, crop] normalised, label [crop, crop] (255 = ignore)."""
+    h, w = rescale_size(image.height, image.width, p.scale, rng.uniform(*p.ratio_range))
+    img = np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float64)
+    lab = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST), dtype=np.int64)
+    ch, cw = min(p.crop, h), min(p.crop, w)
+    for _ in range(10):
+        y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        window = lab[y:y + ch, x:x + cw]
+        _, counts = np.unique(window[window != IGNORE_INDEX], return_counts=True)
+        if p.cat_max_ratio >= 1 or (len(counts) > 1 and counts.max() / counts.sum() < p.cat_max_ratio):
+            break
+    img, lab = img[y:y + ch, x:x + cw], lab[y:y + ch, x:x + cw]
+    if rng.random() < p.flip:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    if p.photometric:
+        img = photometric_distortion(img, rng)
+    # Padded after normalising (value 0), as mmseg's data preprocessor does; padding is ignored.
+    tensor = F.pad(to_tensor(img), (0, p.crop - cw, 0, p.crop - ch))
+    padded_lab = np.full((p.crop, p.crop), IGNORE_INDEX, dtype=np.int64)
+    padded_lab[:ch, :cw] = lab
+    return tensor, torch.from_numpy(padded_lab)
+
+
+def eval_image(image: Image.Image, scale: tuple[int, int]) -> torch.Tensor:
+    """The test-time rescale (keep ratio to `scale`), normalised [3, H', W']."""
+    h, w = rescale_size(image.height, image.width, scale)
+    return to_tensor(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float64))
+
+
+class TrainCrops(Dataset):
+    """Keys (index, sample_seed, batch_seed) -> (image, label); each sample's randomness from its seed."""
+
+    def __init__(self, base: ADE20k, pipeline: Pipeline):
+        self.base, self.pipeline = base, pipeline
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        index, sample_seed, _ = key
+        image, label = self.base[index]
+        return train_sample(image, label, self.pipeline, random.Random(sample_seed))
+
+
+def stack_pairs(items) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*items)
+    return torch.stack(images), torch.stack(labels)
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg's sliding grid along one axis: last window flush with the border."""
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride, size - crop), 0) for i in range(n)})
+
+
+def slide_inference(logits_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, num_classes: int,
+                    crop: int, stride: int) -> torch.Tensor:
+    """Logits [B, C, H, W] averaged over crop x crop windows every `stride` pixels.
+
+    Windows smaller than the crop (images smaller than it) are zero-padded to the crop size and
+    their logits cut back, so the model always sees its training input size.
+    """
+    b, _, h, w = image.shape
+    total = image.new_zeros(b, num_classes, h, w)
+    count = image.new_zeros(1, 1, h, w)
+    for y in window_starts(h, crop, stride):
+        for x in window_starts(w, crop, stride):
+            window = image[:, :, y:y + crop, x:x + crop]
+            wh, ww = window.shape[-2:]
+            window = F.pad(window, (0, crop - ww, 0, crop - wh))
+            total[:, :, y:y + wh, x:x + ww] += logits_fn(window)[:, :, :wh, :ww].float()
+            count[:, :, y:y + wh, x:x + ww] += 1
+    return total / count

@@ -1,0 +1,295 @@
+"""Bad configuration, bad data and bad checkpoints: each is refused before any compute with one
+line naming the problem and exit code 2, and nothing is written; odd but valid images work.
+
+The runs go through `benchmark.cli.main` in this process (the code `bench` runs, without paying
+for a fresh interpreter per case); tests/test_cli.py covers the same path through a subprocess.
+"""
+import builtins
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from benchmark import checkpoint as ckpt
+from benchmark.cli import main
+from benchmark.config import load_config
+from benchmark.data import DataError, ImageFolder, check_label_png, crop_transform, eval_transform
+from benchmark.records import non_finite_metrics
+from methods import build_method
+from test_crash_safety import FAST
+
+MODEL = [o for o in FAST if not o.startswith(("data.num_", "pretrain.checkpoint_every"))]
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch, tmp_path_factory):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    return tmp_path
+
+
+def refused(capsys, here, args, message):
+    code = main(["run", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (here / "results").exists() and not (here / "run").exists(), "nothing may be written"
+
+
+# --- configuration ------------------------------------------------------------------------------
+CONFIG = {
+    "negative lr": (["pretrain.lr=-0.1"], "pretrain.lr must be > 0, got -0.1"),
+    "negative epochs": (["pretrain.epochs=-1"], "pretrain.epochs must be >= 0"),
+    "number as text": (["pretrain.clip_grad=abc"], "pretrain.clip_grad must be a number, got 'abc'"),
+    "float batch": (["pretrain.batch_size=8.5"], "pretrain.batch_size must be an integer"),
+    "batch above the data": (["pretrain.batch_size=64"], "pretrain.batch_size=64 is larger than the training set (32 images)"),
+    "context scale reversed": (["method.mask.context_scale=[0.9,0.5]"], "method.mask.context_scale must satisfy"),
+    "no target blocks": (["method.mask.num_targets=0"], "method.mask.num_targets must be > 0"),
+    "predictor width 0": (["method.predictor.width=0"], "method.predictor.width must be > 0"),
+    "unknown model preset": (["model=vit_giant"], "unknown model 'vit_giant'"),
+    "unknown schedule preset": (["pretrain=fast"], "unknown pretrain 'fast'"),
+    "unknown launcher": (["launcher=k8s"], "unknown launcher 'k8s'"),
+    "added key": (["+pretrain.foo=1"], "adds or deletes a key"),
+    "typo in nested key": (["tasks.linear.epoch=2"], "unknown config key 'tasks.linear.epoch'"),
+    "size not a patch multiple": (["data.image_size=30"], "data.image_size=30 is not a multiple of model.patch_size=4"),
+    "heads do not divide width": (["model.num_heads=5"], "model.embed_dim=48 is not divisible by model.num_heads=5"),
+    "unknown encoder key": (["checkpoint_key=decoder"], "checkpoint_key must be target_encoder, encoder or null"),
+    "unknown device": (["device=tpu"], "device must be auto, cpu or cuda[:N], got 'tpu'"),
+    "task epochs 0": (["tasks.linear.epochs=0"], "tasks.linear.epochs must be > 0"),
+    "negative seed": (["seed=-1"], "seed must be >= 0"),
+    "unknown label set": (["data.label=texture"], "data.label must be one of"),
+    "resume of nothing": (["run_dir=run", "resume=true"], "resume=true but the run folder does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG))
+def test_bad_configuration(capsys, here, case):
+    args, message = CONFIG[case]
+    refused(capsys, here, [*FAST, *args], message)
+
+
+# --- data folders -----------------------------------------------------------------------------
+def image(path, mode="RGB", size=(40, 36), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+def folder(root, per_class=4):
+    """A valid ImageFolder dataset: two classes, train and val."""
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            for i in range(per_class):
+                image(root / split / name / f"{i}.png", seed=100 * c + i)
+    return root
+
+
+def _empty(root):
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+
+
+def _no_images(root):
+    folder(root)
+    for p in (root / "val").rglob("*.png"):
+        p.rename(p.with_suffix(".txt"))
+
+
+def _plus(rel, write):
+    """A valid dataset plus one bad file at `rel`."""
+    def make(root):
+        folder(root)
+        write(root / rel)
+    return make
+
+
+def _cut_to_20_bytes(path):
+    image(path)
+    path.write_bytes(path.read_bytes()[:20])
+
+
+DATA = {
+    "missing folder": (lambda root: None, "data folder not found: {root}/train"),
+    "no class subfolders": (_empty, "data folder has no class subfolders: {root}/train"),
+    "no images": (_no_images, "data folder holds no images"),
+    "text file named .jpg": (_plus("val/dog/x.jpg", lambda p: p.write_text("hello")),
+                             "unreadable image {root}/val/dog/x.jpg: UnidentifiedImageError"),
+    "empty file": (_plus("train/dog/e.png", lambda p: p.write_bytes(b"")), "unreadable image {root}/train/dog/e.png"),
+    "truncated header": (_plus("train/cat/t.png", _cut_to_20_bytes), "unreadable image {root}/train/cat/t.png: OSError"),
+    "LAB TIFF": (_plus("train/cat/lab.tif", lambda p: image(p, "LAB")),
+                 "unreadable image {root}/train/cat/lab.tif: unsupported image mode 'LAB'"),
+    "missing labels file": (folder, "labels file not found: {root}/labels.csv"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA))
+def test_bad_data_folder(capsys, here, case):
+    make, message = DATA[case]
+    root = here / "data"
+    make(root)
+    extra = ["data.labels_csv=labels.csv", "data.label_column=kind"] if case == "missing labels file" else []
+    refused(capsys, here, [*MODEL, "data=folder", f"data.root={root}", *extra], message.format(root=root))
+
+
+def test_odd_images_are_converted_to_rgb_and_small_ones_upsampled(tmp_path):
+    root = tmp_path / "odd"
+    image(root / "a" / "gray.png", "L")
+    image(root / "a" / "gray_alpha.png", "LA")
+    image(root / "a" / "palette.png", "P")
+    image(root / "a" / "bilevel.png", "1")
+    image(root / "a" / "cmyk.jpg", "CMYK")
+    image(root / "a" / "alpha.png", "RGBA")
+    image(root / "a" / "tiny.png", size=(3, 2))  # smaller than any crop
+    deep = np.full((12, 10), 65535, dtype=np.uint16)
+    deep[:, :5] = 0
+    Image.fromarray(deep).save(root / "a" / "deep16.png")
+    Image.fromarray(np.linspace(-3, 5, 120, dtype=np.float32).reshape(12, 10)).save(root / "a" / "float.tif")
+    ds = ImageFolder(root)
+    assert len(ds) == 9 and ds.skipped == []
+    names = [p.name for p, _ in ds.samples]
+    crop, center = crop_transform(32, (0.3, 1.0)), eval_transform(32)
+    for i in range(len(ds)):
+        img, _ = ds[i]
+        assert img.mode == "RGB", names[i]
+        for view in (crop(img), center(img)):
+            assert view.shape == (3, 32, 32) and torch.isfinite(view).all(), names[i]
+    deep_rgb = np.asarray(ds[names.index("deep16.png")][0])
+    assert deep_rgb[0, 0].tolist() == [0, 0, 0] and deep_rgb[0, -1].tolist() == [255, 255, 255]  # rescaled, not clipped
+    cmyk = np.asarray(ds[names.index("cmyk.jpg")][0])
+    assert cmyk.shape == (36, 40, 3)
+
+
+def _truncate_body(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])  # header intact, pixels cut off
+
+
+def test_a_file_that_fails_to_decode_is_named_or_skipped_and_logged(tmp_path):
+    root = folder(tmp_path / "d")
+    _truncate_body(root / "train" / "dog" / "1.png")
+    strict = ImageFolder(root / "train")  # the header is fine: found when decoded
+    index = [p.name for p, _ in strict.samples].index("1.png", 4)
+    with pytest.raises(DataError, match=f"cannot decode image {root}/train/dog/1.png: OSError: image file is truncated"):
+        strict[index]
+    lenient = ImageFolder(root / "train", skip_unreadable=True)
+    lenient.log_skipped(tmp_path / "unreadable.txt")
+    img, label = lenient[index]
+    assert label == lenient.samples[index + 1][1] and img.size == (40, 36)  # the next file stands in
+    assert (tmp_path / "unreadable.txt").read_text() == f"{root}/train/dog/1.png\n"
+
+
+def test_skip_unreadable_run_counts_the_skipped_files(capsys, here):
+    root = folder(here / "data")
+    (root / "train" / "cat" / "junk.jpg").write_text("not an image")
+    _truncate_body(root / "train" / "dog" / "2.png")
+    args = [*MODEL, "data=folder", f"data.root={root}", "pretrain.epochs=1", "run_dir=run"]
+    refused(capsys, here, args, f"unreadable image {root}/train/cat/junk.jpg")
+    assert main(["run", *args, "data.skip_unreadable=true"]) == 0, capsys.readouterr().err
+    record = json.loads((here / "run" / "records" / "pretrain.json").read_text())
+    assert record["status"] == "ok" and record["metrics"]["steps"] == 1
+    assert record["metrics"]["unreadable_skipped"] == 2
+    logged = set((here / "run" / "unreadable.txt").read_text().split())
+    assert logged == {f"{root}/train/cat/junk.jpg", f"{root}/train/dog/2.png"}
+
+
+def test_segmentation_label_values_are_checked_against_the_classes(tmp_path):
+    def label(name, values, mode="L"):
+        path = tmp_path / name
+        Image.fromarray(np.array(values, dtype=np.uint8)).convert(mode).save(path)
+        return path
+
+    good = label("good.png", [[0, 1], [150, 7]])
+    assert check_label_png(good, 150, size=(2, 2)).tolist() == [[0, 1], [150, 7]]
+    with pytest.raises(DataError, match=r"label .*high.png holds values 151, 200 outside 1..150"):
+        check_label_png(label("high.png", [[0, 151], [200, 3]]), 150)
+    assert check_label_png(label("ignore.png", [[255, 1], [2, 3]]), 150, ignore_values=(0, 255)).max() == 255
+    with pytest.raises(DataError, match="outside 1..150"):
+        check_label_png(tmp_path / "ignore.png", 150)
+    with pytest.raises(DataError, match="has mode RGB: a label must be one channel"):
+        check_label_png(label("rgb.png", [[1, 2], [3, 4]], "RGB"), 150)
+    with pytest.raises(DataError, match="is 2x2 but its image is 4x4"):
+        check_label_png(good, 150, size=(4, 4))
+    (tmp_path / "junk.png").write_text("no")
+    with pytest.raises(DataError, match="unreadable label .*junk.png"):
+        check_label_png(tmp_path / "junk.png", 150)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def bench_checkpoint(path, extra=()):
+    """A checkpoint in the layout `bench run` writes, of an untrained method."""
+    cfg = OmegaConf.to_container(load_config([*FAST, *extra]), resolve=True)
+    method = build_method(cfg["method"]["name"], cfg["model"], cfg["method"], cfg["data"]["image_size"])
+    ckpt.save(path, {"method": method.checkpoint_state(), "step": 0})
+    return path
+
+
+class Exploit:
+    """Unpickling this runs code: the attack a weights-only load must stop."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
+
+
+def _truncated(path):
+    bench_checkpoint(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _bit_flip(path):
+    bench_checkpoint(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the tensor data: torch.load alone would not notice
+    path.write_bytes(bytes(data))
+
+
+def _nan(path):
+    bench_checkpoint(path)
+    state = torch.load(path, weights_only=True)
+    state["method"]["weights"]["encoder.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+
+
+CHECKPOINTS = {
+    "truncated": (_truncated, "is truncated: its zip directory"),
+    "one flipped bit": (_bit_flip, "is corrupt"),
+    "NaN weight": (_nan, "holds NaN or inf in 1 tensors: encoder.blocks.0.attn.qkv.weight"),
+    "unknown layout": (lambda p: torch.save({"net": {"w": torch.zeros(2)}}, p), "unknown checkpoint layout"),
+    "another method": (lambda p: bench_checkpoint(p, ["method=iwm"]), "holds method 'iwm' but method=ijepa"),
+    "another architecture": (lambda p: bench_checkpoint(p, ["model.depth=2"]), "does not match model=vit_micro: depth=2"),
+    "not a file": (lambda p: p.mkdir(), "checkpoint not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTS))
+def test_bad_checkpoint(capsys, here, case):
+    make, message = CHECKPOINTS[case]
+    path = here / "in.pt"
+    make(path)
+    refused(capsys, here, [*FAST, f"checkpoint={path}", "checkpoint_key=encoder"], message)
+
+
+def test_a_crafted_pickle_is_refused_without_running_its_code(capsys, here):
+    marker = here / "pwned"
+    path = here / "evil.pt"
+    torch.save({"method": Exploit(marker)}, path)
+    torch.load(path, weights_only=False)  # the file is a real exploit: a plain load runs it
+    assert marker.read_text() == "code ran"
+    marker.unlink()
+    refused(capsys, here, [*FAST, f"checkpoint={path}"], f"cannot read checkpoint {path}: loading it would run pickled code")
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load(path)
+    assert not marker.exists()
+
+
+def test_non_finite_metrics_are_found_at_any_depth():
+    metrics = {"top1": 91.0, "loss": float("nan"), "grid": [{"lr": 0.1, "val": float("inf")}], "n": 3, "name": "x"}
+    assert non_finite_metrics(metrics) == ["loss", "grid.0.val"]
+    assert non_finite_metrics({"top1": 50.0, "grid": [{"lr": 0.1}]}) == []

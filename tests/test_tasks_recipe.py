@@ -1,0 +1,72 @@
+"""The finetuning recipe's maths against hand-computed cases."""
+import pytest
+import torch
+
+from methods.vit import VisionTransformer
+from tasks.finetune import block_layers, param_groups, set_drop_path, train_pool
+from tasks.heads import AttentiveClassifier
+from tasks.mixing import mix, soft_cross_entropy, soft_targets
+
+
+def test_layer_ids_and_layer_decay_scales():
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
+    layers = block_layers(vit)
+    assert layers["patch_embed.proj.weight"] == 0 and layers["pos_embed"] == 0
+    assert layers["blocks.0.attn.qkv.weight"] == 1 and layers["blocks.2.mlp.fc2.bias"] == 3
+    assert layers["norm.weight"] == 4
+    groups = param_groups(vit, 2.0, 0.05, 0.5)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert scale[id(vit.patch_embed.proj.weight)] == (2.0 * 0.5 ** 4, 0.05)
+    assert scale[id(vit.blocks[0].attn.qkv.weight)] == (2.0 * 0.5 ** 3, 0.05)
+    assert scale[id(vit.blocks[2].attn.qkv.bias)] == (2.0 * 0.5, 0.0)  # no decay on biases
+    assert scale[id(vit.norm.weight)] == (2.0, 0.0)
+    assert id(vit.pos_embed) not in scale  # fixed sin-cos table
+
+
+def test_drop_path_rises_linearly_over_blocks():
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
+    set_drop_path(vit, 0.2)
+    assert isinstance(vit.blocks[0].drop_path1, torch.nn.Identity)
+    assert [b.drop_path1.drop_prob for b in vit.blocks[1:]] == pytest.approx([0.1, 0.2])
+
+
+def test_soft_targets_and_cross_entropy():
+    t = soft_targets(torch.tensor([2, 0]), 4, 0.2)
+    assert t[0].tolist() == pytest.approx([0.05, 0.05, 0.85, 0.05]) and t.sum(1).tolist() == pytest.approx([1, 1])
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    assert soft_cross_entropy(logits, t[:1]).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+
+
+def test_mixup_is_a_convex_pair_and_cutmix_weights_follow_the_pasted_area():
+    x = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])
+    y = torch.eye(2)
+    gen = torch.Generator().manual_seed(0)
+    mixed, targets = mix(x, y, 0.8, 0.0, 1.0, 0.5, gen)
+    lam = 1 - mixed[0].mean().item()  # image 0 = lam * zeros + (1 - lam) * ones
+    assert targets[0].tolist() == pytest.approx([lam, 1 - lam]) and mixed[1].mean().item() == pytest.approx(lam)
+    for seed in range(5):
+        cut, targets = mix(x, y, 0.0, 1.0, 1.0, 0.5, torch.Generator().manual_seed(seed))
+        pasted = cut[0].mean().item()  # share of image 0 now taken from image 1
+        assert set(cut.unique().tolist()) <= {0.0, 1.0}
+        assert targets[0].tolist() == pytest.approx([1 - pasted, pasted])
+    same, targets = mix(x, y, 0.8, 1.0, 0.0, 0.5, gen)  # mix_prob 0
+    assert torch.equal(same, x) and torch.equal(targets, y)
+
+
+def test_attentive_classifier_pools_tokens_through_one_learned_query():
+    torch.manual_seed(0)
+    head = AttentiveClassifier(16, 5, num_heads=4)
+    tokens = torch.randn(3, 7, 16)
+    out = head(tokens)
+    assert out.shape == (3, 5)
+    # Permuting the tokens leaves a (position-free) attention pool unchanged.
+    assert torch.allclose(head(tokens[:, torch.randperm(7)]), out, atol=1e-5)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        AttentiveClassifier(10, 5, num_heads=4)
+
+
+def test_train_pool_is_a_seeded_sorted_subset_or_everything():
+    assert torch.equal(train_pool(5, None, 0), torch.arange(5)) and torch.equal(train_pool(5, 9, 0), torch.arange(5))
+    a, b = train_pool(100, 10, 3), train_pool(100, 10, 3)
+    assert torch.equal(a, b) and len(a.unique()) == 10 and torch.equal(a, a.sort().values)
+    assert not torch.equal(a, train_pool(100, 10, 4))
