@@ -6,15 +6,17 @@ import pytest
 from conftest import TINY, TINY_MODEL
 
 ADAPTERS = ["attentive", "predictor_ft", "predictor_ft_random", "encoder_ft", "end_to_end", "multitask"]
-SHORT = [f"tasks.{t}.{k}={v}" for t in ADAPTERS for k, v in (("epochs", 1), ("batch_size", 16))]
+SHORT = [f"tasks.{t}.{k}={v}" for t in ADAPTERS for k, v in (("epochs", 1), ("batch_size", 16))] + [
+    "tasks.mrr.bank_size=16", "tasks.mrr.num_images=8", "tasks.ade20k.iters=10", "tasks.ade20k.backend=native"]
 
 
 @pytest.mark.slow
 def test_task_all_runs_every_adapter_and_prints_the_paper_table(bench, tmp_path):
     proc = bench("run", "method=iwm", "task=all", "run_dir=results/all", *TINY, *SHORT, check=0)
     records = {t: json.loads((tmp_path / f"results/all/records/{t}.json").read_text())
-               for t in ["linear", *ADAPTERS]}
+               for t in ["linear", *ADAPTERS, "mrr", "ade20k"]}
     assert all(r["status"] == "ok" for r in records.values())
+    assert 0 < records["mrr"]["metrics"]["mrr"] <= 1 and 0 <= records["ade20k"]["metrics"]["miou"] <= 100
     for task in ADAPTERS:
         m = records[task]["metrics"]
         assert 0 <= m["top1"] <= 100 and m["trainable_params"] > 0 and m["train_seconds"] > 0
