@@ -167,6 +167,18 @@ def as_grid(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], tor
     return grid, lambda y: y.flatten(2).transpose(1, 2)
 
 
+def update(loss: torch.Tensor, opt: torch.optim.Optimizer, params: list, clip_grad: float, label: str,
+           step: int) -> None:
+    """One optimiser step on a finite loss (a non-finite one stops the task, naming the step)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{label}: loss is {loss.item()} at step {step} (lower the lr?)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    opt.step()
+
+
 def train_classifier(model: Classifier, groups: list[dict], train_batches: Batches, steps_per_epoch: int,
                      num_classes: int, cfg: dict, seed: int, device: torch.device, label: str,
                      show_progress: bool = False) -> dict:
@@ -188,13 +200,7 @@ def train_classifier(model: Classifier, groups: list[dict], train_batches: Batch
                                     cfg["cutmix"], cfg["mix_prob"], cfg["switch_prob"], gen)
                 with torch.autocast(**autocast):
                     loss = soft_cross_entropy(model(back(grid)), targets.to(device))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{label}: loss is {loss.item()} at step {step} (lower the lr?)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg["clip_grad"]:
-                    torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-                opt.step()
+                update(loss, opt, params, cfg["clip_grad"], label, step)
                 step += 1
                 losses.append(loss.item())
                 bar.advance(loss=losses[-1])

@@ -21,7 +21,7 @@ from benchmark.progress import progress_bar
 from methods.base import Method
 from tasks.base import Task, TaskContext
 from tasks.finetune import (PredictorFinetune, as_grid, check_recipe, count_parameters, evaluate, frozen_inputs,
-                            param_groups, set_drop_path, set_lr, train_pool, working_copy)
+                            param_groups, set_drop_path, set_lr, train_pool, update, working_copy)
 from tasks.heads import build_head
 from tasks.mixing import mix, soft_cross_entropy, soft_targets
 
@@ -135,13 +135,7 @@ class MultitaskPredictor(Task):
                         out = model.features(torch.cat(xs), task).split(bs)
                         loss = sum(soft_cross_entropy(head(o), s.to(ctx.device))
                                    for head, o, s in zip(model.heads, out, targets)) / len(sets)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"multitask: loss is {loss.item()} at step {step} (lower the lr?)")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg["clip_grad"]:
-                        torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-                    opt.step()
+                    update(loss, opt, params, cfg["clip_grad"], "multitask", step)
                     step += 1
                     bar.advance(loss=loss.item())
         seconds = time.perf_counter() - started
