@@ -26,7 +26,7 @@ def bench(tmp_path, cache_dir):
     def run(*args, check=None):
         env = dict(os.environ, BENCH_CACHE=str(cache_dir))
         proc = subprocess.run([sys.executable, "-m", "benchmark.cli", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=1500)
         if check is not None:
             assert proc.returncode == check, proc.stdout + proc.stderr
         return proc
