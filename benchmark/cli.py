@@ -95,6 +95,8 @@ def cmd_run(overrides: list[str]) -> int:
         return _fail(f"interrupted; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
     except Exception as exc:
         return _fail(f"run failed: {type(exc).__name__}: {exc} (records in {plan.run_dir / 'records'})", EXIT_FAILED)
+    if not records:  # a non-zero rank of a data-parallel run: rank 0 reports
+        return EXIT_OK
     print_tables(records)
     out.print(f"run folder: {plan.run_dir}", highlight=False, soft_wrap=True)
     return EXIT_OK
@@ -120,7 +122,7 @@ def _submit(overrides: list[str], plan) -> int:
     if not launcher.get("wait"):
         return EXIT_OK
     try:
-        records = job.result()
+        records = job.results()[0]  # rank 0's records (a data-parallel job has one result per task)
     except Exception as exc:
         return _fail(f"job {job.job_id} failed: {' '.join(str(exc).split())[-400:]}", EXIT_FAILED)
     print_tables(records)

@@ -252,12 +252,20 @@ def derive_seed(*parts: int) -> int:
 
 
 class SeededBatches(Sampler):
-    """Batches of (index, sample_seed, batch_seed) for one epoch, starting at batch `start`."""
+    """Batches of (index, sample_seed, batch_seed) for one epoch, starting at batch `start`.
+
+    With `world_size` > 1 each rank gets its contiguous 1/world_size of every batch: the samples,
+    and their seeds, are the ones a single process would see at those positions, so the union
+    over ranks is the single-process batch; the batch seed (masks) is drawn per rank.
+    """
 
     def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 shuffle: bool = True, drop_last: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not split over {world_size} processes")
         self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
         self.start, self.shuffle, self.drop_last = start, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         full = self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
@@ -269,10 +277,13 @@ class SeededBatches(Sampler):
             order = torch.randperm(self.size, generator=gen).tolist()
         else:
             order = list(range(self.size))
+        share = self.batch_size // self.world_size
         for b in range(self.start, self.start + len(self)):
             batch_seed = derive_seed(self.seed, self.epoch, b)
-            chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield [(i, derive_seed(batch_seed, j), batch_seed) for j, i in enumerate(chunk)]
+            shard_seed = batch_seed if self.world_size == 1 else derive_seed(batch_seed, self.rank)
+            first = b * self.batch_size + self.rank * share
+            chunk = order[first:min(first + share, (b + 1) * self.batch_size)]
+            yield [(i, derive_seed(batch_seed, self.rank * share + j), shard_seed) for j, i in enumerate(chunk)]
 
 
 class Transformed(Dataset):
@@ -294,8 +305,10 @@ class Transformed(Dataset):
 
 
 def train_loader(dataset: Dataset, transform: Callable, collate: Callable, batch_size: int, seed: int,
-                 epoch: int, start: int = 0, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    batches = SeededBatches(len(dataset), batch_size, seed, epoch, start)
+                 epoch: int, start: int = 0, workers: int = 0, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's share of each of the epoch's batches (batch_size is the global batch)."""
+    batches = SeededBatches(len(dataset), batch_size, seed, epoch, start, rank=rank, world_size=world_size)
     # Workers build views and masks while the step runs; pinned pages make the copy to a GPU async.
     return DataLoader(Transformed(dataset, transform), batch_sampler=batches, collate_fn=collate,
                       num_workers=workers, persistent_workers=False, pin_memory=pin_memory)

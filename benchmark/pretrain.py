@@ -16,6 +16,7 @@ checkpoint is due, stops the run with DivergenceError.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from benchmark import checkpoint as ckpt
-from benchmark import interrupt
+from benchmark import distributed, interrupt
 from benchmark.data import UNREADABLE_LOG, DataError, DataSource, train_loader
 from benchmark.faults import fault_point
 from benchmark.progress import progress_bar
@@ -95,10 +96,15 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     """Train `method` on the train split of `source`; resumes from checkpoint_dir/last.pt if present.
 
     max_steps stops early (after writing a checkpoint) without changing the schedules; it exists
-    so that an interrupted run can be reproduced exactly.
+    so that an interrupted run can be reproduced exactly. In a data-parallel world (several
+    processes, benchmark/distributed.py) every rank calls this; only rank 0 writes files.
     """
+    world = distributed.current()
+    if cfg.batch_size % world.size:
+        raise DataError(f"pretrain.batch_size={cfg.batch_size} does not split over {world.size} processes")
     dataset = source.split("train")
-    dataset.log_skipped(checkpoint_dir.parent / UNREADABLE_LOG)
+    if world.is_main:
+        dataset.log_skipped(checkpoint_dir.parent / UNREADABLE_LOG)
     schedule = Schedule.of(cfg, len(dataset))
     steps_to_run = int(cfg.epochs * schedule.steps_per_epoch)
     method.to(device)
@@ -108,7 +114,8 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     # uninterrupted one would.
     first_loss: float | None = None
     losses: list[float] = []
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / LAST
     log_path = checkpoint_dir.parent / "train_log.jsonl"
     if last.exists():
@@ -118,7 +125,8 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
         step = state["step"]
         set_rng_state(state["rng"])
         first_loss, losses = state.get("first_loss"), list(state.get("recent_losses", []))
-        truncate_log(log_path, step)
+        if world.is_main:
+            truncate_log(log_path, step)
     saved_step = step if last.exists() else None
 
     def save(at_step: int, rng: dict) -> None:
@@ -127,36 +135,41 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                     if t.is_floating_point() and not torch.isfinite(t).all()), None)
         if bad is not None:
             raise DivergenceError(f"weight {bad} is not finite after step {at_step}; {_last_good(last, saved_step)}")
+        saved_step = at_step
+        if not world.is_main:
+            return
         ckpt.save(last, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(),
                          "step": at_step, "total_steps": schedule.total_steps, "rng": rng,
                          "first_loss": first_loss, "recent_losses": losses[-schedule.steps_per_epoch:],
                          "config": config})
-        saved_step = at_step
 
-    step_fn = step_function(method, bool(cfg.compile))
+    step_fn = step_function(method, bool(cfg.compile), device)
     restore_attention = use_attention(method, cfg.attention, device, bool(cfg.bf16))
     method.train()
     started, start_step = time.perf_counter(), step
     stop_at = steps_to_run if max_steps is None else min(steps_to_run, max_steps)
-    with progress_bar("pretrain", stop_at, step, enabled=show_progress) as bar, open(log_path, "a") as log, \
-            interrupt.served_by_loop():
+    log_to = log_path if world.is_main else os.devnull
+    with progress_bar("pretrain", stop_at, step, enabled=show_progress and world.is_main) as bar, \
+            open(log_to, "a") as log, interrupt.served_by_loop():
         while step < stop_at:
             epoch, batch_in_epoch = divmod(step, schedule.steps_per_epoch)
             loader = train_loader(dataset, method.train_transform(), method.collate, cfg.batch_size,
                                   seed, epoch, start=batch_in_epoch, workers=workers,
-                                  pin_memory=device.type == "cuda")
+                                  pin_memory=device.type == "cuda", rank=world.rank, world_size=world.size)
             for batch in loader:
                 rng = rng_state()
                 lr, wd = set_hyperparameters(opt, cfg, schedule, step)
                 loss = forward_loss(step_fn, to_device(batch, device), device, bool(cfg.bf16))
-                if not torch.isfinite(loss):
-                    raise DivergenceError(f"pretraining loss is {loss.item()} at step {step}; "
+                # The mean over ranks: what is logged, and non-finite on every rank if on one.
+                mean_loss = distributed.mean(loss)
+                if not torch.isfinite(mean_loss):
+                    raise DivergenceError(f"pretraining loss is {mean_loss.item()} at step {step}; "
                                           f"{_last_good(last, saved_step)}")
                 if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
                     save(step, rng)
                 update(method, opt, loss, cfg.clip_grad, step / schedule.total_steps)
                 step += 1
-                losses.append(loss.item())
+                losses.append(mean_loss.item())
                 if first_loss is None:
                     first_loss = losses[-1]
                 bar.advance(loss=losses[-1])
@@ -165,7 +178,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                                           "weight_decay": wd}) + "\n")
                     log.flush()
                 fault_point(f"step:{step}")
-                asked = interrupt.take()
+                asked = agreed_request(interrupt.take())
                 if asked:  # a preemption does not wait for the next loss
                     save(step, rng_state())
                 if asked == interrupt.STOP:
@@ -173,6 +186,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                 if step >= stop_at:
                     break
     restore_attention()  # evaluation runs with the kernels a loaded checkpoint would get
+    distributed.check_in_sync(method)
     save(step, rng_state())
     elapsed = time.perf_counter() - started
     trained = step - start_step
@@ -184,6 +198,14 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
             "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
             "unreadable_skipped": count_logged(checkpoint_dir.parent / UNREADABLE_LOG),
             "checkpoint": str(last)}
+
+
+_REQUESTS = (None, interrupt.CHECKPOINT, interrupt.STOP)  # in increasing urgency
+
+
+def agreed_request(asked: str | None) -> str | None:
+    """The most urgent request over all ranks, so every rank saves or stops at the same step."""
+    return _REQUESTS[distributed.any_rank(_REQUESTS.index(asked))]
 
 
 def _last_good(last: Path, saved_step: int | None) -> str:

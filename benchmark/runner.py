@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark import checkpoint as ckpt
-from benchmark import official
+from benchmark import distributed, official
 from benchmark.config import ConfigError
 from benchmark.data import DataError, DataSource, resolve_data
 from benchmark.pretrain import LAST, pretrain
@@ -114,6 +114,10 @@ def plan_run(cfg: DictConfig) -> Plan:
         if cfg.pretrain.batch_size > train_size:
             raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} is larger than the training set "
                               f"({train_size} images)")
+        ranks = distributed.planned_size()
+        if cfg.pretrain.batch_size % ranks:
+            raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} does not split over {ranks} "
+                              f"processes (it is the global batch)")
     device = pick_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
@@ -169,8 +173,24 @@ def _create_run_dir(plan: Plan) -> None:
 
 
 def execute(plan: Plan) -> list[dict]:
-    """Run the plan; returns the records written (a failed step writes a failed record, then raises)."""
+    """Run the plan; returns the records written (a failed step writes a failed record, then raises).
+
+    One rank of a data-parallel job (benchmark/distributed.py) pretrains with the others; rank 0
+    alone creates the run folder, writes records and runs the evaluation tasks.
+    """
     cfg = plan.cfg
+    world, plan.device = distributed.setup(plan.device)
+    if world.active:
+        # Every rank has planned (and checked the folder) before rank 0 creates it; a default
+        # folder name holds a timestamp, so rank 0's is the one.
+        plan.run_dir = distributed.broadcast(plan.run_dir)
+        if world.is_main:
+            _create_run_dir(plan)
+            if cfg.data.kind == "builtin":
+                resolve_data(cfg.data, cfg.cache_dir)  # generated once, for all ranks (shared disk)
+        distributed.barrier()
+        if not world.is_main:
+            return _pretrain_only(plan)
     _create_run_dir(plan)
     if cfg.resume:  # leftovers of writes a crash interrupted; this run is the folder's only writer
         ckpt.remove_stale_temporaries(plan.run_dir)
@@ -215,3 +235,11 @@ def execute(plan: Plan) -> list[dict]:
         task = build_task(name, plan.config["tasks"][name])
         guarded(name, lambda: task.run(plan.method, ctx))
     return records
+
+
+def _pretrain_only(plan: Plan) -> list[dict]:
+    """A non-zero rank's part of a run: pretraining (when there is any); nothing written."""
+    if plan.checkpoint_path is None:
+        pretrain(plan.method, plan.source, plan.cfg.pretrain, plan.cfg.seed, plan.device,
+                 plan.run_dir / "checkpoints", plan.config, plan.cfg.workers, False)
+    return []

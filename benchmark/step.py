@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from timm.models.vision_transformer import Block
 
+from benchmark import distributed
 from methods.base import Method
 
 
@@ -48,11 +49,13 @@ def use_attention(method: Method, kind: str, device: torch.device, bf16: bool) -
     return restore
 
 
-def step_function(method: Method, compile: bool) -> Callable[[dict], dict]:
-    """method.training_step, or its torch.compile graph (dynamic: mask sizes vary per batch)."""
+def step_function(method: Method, compile: bool, device: torch.device | None = None) -> Callable[[dict], dict]:
+    """method.training_step (under DDP when the process is one rank of several), or its
+    torch.compile graph (dynamic: mask sizes vary per batch)."""
+    step = distributed.data_parallel(method, device or torch.device("cpu"))
     if not compile:
-        return method.training_step
-    return torch.compile(method.training_step, dynamic=True)
+        return step
+    return torch.compile(step, dynamic=True)
 
 
 def forward_loss(step: Callable[[dict], dict], batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:

@@ -139,6 +139,21 @@ class MAEDecoder(nn.Module):
         return self.decoder_pred(self.features(context, ctx_idx, tgt_idx, cls, extra)[:, -tgt_idx.size(1):])
 
 
+class CropAndNoise:
+    """A training view and its masking noise, both drawn under the sample's own seed.
+
+    Per-sample noise (not per-batch) makes a sample's mask independent of how the batch is split
+    over data-parallel ranks, and the same on resume.
+    """
+
+    def __init__(self, crop, num_patches: int):
+        self.crop, self.num_patches = crop, num_patches
+
+    def __call__(self, image) -> dict:
+        view = self.crop(image)
+        return {"image": view, "noise": torch.rand(self.num_patches)}
+
+
 class MAE(Method):
     """MAE (arXiv 2111.06377): random masking, visible-only encoder, pixel-reconstruction decoder."""
     name = "mae"
@@ -164,13 +179,13 @@ class MAE(Method):
                           self.model_cfg.get("mlp_ratio", 4.0), self.encoder.patch_size)
 
     def train_transform(self):
-        return crop_transform(self.image_size, self.method_cfg["crop_scale"], flip=self.method_cfg["flip"])
+        return CropAndNoise(crop_transform(self.image_size, self.method_cfg["crop_scale"], flip=self.method_cfg["flip"]),
+                            self.encoder.num_patches)
 
     def collate(self, items: list) -> dict:
-        views, labels, seeds = zip(*items)
-        # The masking noise comes from the batch seed: the same batch gets the same masks on resume.
-        noise = torch.rand(len(items), self.encoder.num_patches, generator=torch.Generator().manual_seed(seeds[0]))
-        return {"images": torch.stack(views), "labels": torch.tensor(labels), "noise": noise}
+        views, labels, _ = zip(*items)
+        return {"images": torch.stack([v["image"] for v in views]), "labels": torch.tensor(labels),
+                "noise": torch.stack([v["noise"] for v in views])}
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["images"]

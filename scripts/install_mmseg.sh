@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 PY="$VENV/bin/python"
 [[ -x "$PY" ]] || { echo "install_mmseg: no python at $PY (run ./install.sh first)" >&2; exit 2; }
+PY="$(cd "$(dirname "$PY")" && pwd)/python"  # absolute: the build runs in another folder
 MMCV_VERSION=2.1.0
 TORCH_TAG=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 CUDA_OPS=${FORCE_CUDA:-0}

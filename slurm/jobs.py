@@ -15,16 +15,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import submitit
 
-from benchmark import interrupt
+from benchmark import distributed, interrupt
 from benchmark.config import load_config
 from benchmark.runner import execute, plan_run
 
 PRETRAIN = "pretrain"
+REQUEUE_GRACE_S = 300
 
 
 def record_path(run_dir: str | Path, task: str) -> Path:
@@ -75,7 +77,11 @@ class SweepJob(submitit.helpers.Checkpointable):
                 return execute(plan)
             except interrupt.Interrupted as stopped:
                 print(f"preempted: {stopped}; requeueing", flush=True)
-                requeue()
+                requeue()  # on rank 0: requeues the whole job and exits this process
+                if not distributed.current().is_main:
+                    # Another rank of a data-parallel job: exiting with an error could end the job
+                    # before rank 0's requeue lands; the requeue stops this process instead.
+                    time.sleep(REQUEUE_GRACE_S)
                 raise
 
 

@@ -21,12 +21,18 @@ def run_job(overrides: list[str]) -> list[dict]:
     return execute(plan_run(load_config(overrides)))
 
 
-def executor_for(launcher: dict, log_dir: Path) -> submitit.AutoExecutor:
+def executor_for(launcher: dict, log_dir: Path, single_task: bool = False) -> submitit.AutoExecutor:
+    """An executor with the launcher preset's resources; single_task: one process on one node
+    (with at most one GPU), what an evaluation job needs whatever pretraining was given."""
     cluster = {"slurm": "slurm", "submitit_local": "local"}[launcher["name"]]
     executor = submitit.AutoExecutor(folder=str(log_dir), cluster=cluster)
+    gpus, nodes, tasks = launcher["gpus_per_node"], launcher.get("nodes", 1), launcher.get("tasks_per_node", 1)
+    if single_task:
+        gpus, nodes, tasks = min(gpus, 1), 1, 1
     params = {"timeout_min": launcher["timeout_min"], "cpus_per_task": launcher["cpus_per_task"],
-              "gpus_per_node": launcher["gpus_per_node"], "name": launcher["job_name"]}
+              "gpus_per_node": gpus, "tasks_per_node": tasks, "name": launcher["job_name"]}
     if cluster == "slurm":
+        params["nodes"] = nodes
         params.update({f"slurm_{k}": v for k, v in launcher.items()
                        if k in ("partition", "account", "qos", "constraint", "mem_gb") and v is not None})
         if launcher.get("additional_parameters"):

@@ -375,7 +375,7 @@ def _submit_slurm(sweep: Sweep, manifest: dict, cell: Cell, decision: Decision, 
         after = job.job_id
         on_event(f"submitted {cell.name}/{PRETRAIN}: job {job.job_id}")
     if decision.tasks:
-        executor = executor_for(sweep.launcher, logs)
+        executor = executor_for(sweep.launcher, logs, single_task=True)
         if after is not None:
             extra = dict(sweep.launcher.get("additional_parameters") or {})
             extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})

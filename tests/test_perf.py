@@ -68,27 +68,20 @@ def test_head_grid_in_one_pass_equals_heads_one_at_a_time():
 
 
 def test_head_grid_follows_torch_sgd():
-    """One head of the batched grid = nn.Linear + torch.optim.SGD(momentum 0.9) with the cosine lr."""
-    from benchmark.schedules import cosine
+    """One head of the batched grid = nn.Linear + torch.optim.SGD(momentum 0.9) with the cosine lr
+    (perf.sgd_head, also the benchmark's conventional baseline)."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 3, (64,), generator=gen)
-    (_, _, head), = train_heads(x, y, 3, [0.5], [1e-2], epochs=2, batch_size=16, seed=4)
-    ref = torch.nn.Linear(8, 3)
-    torch.nn.init.zeros_(ref.weight)
-    torch.nn.init.zeros_(ref.bias)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
-    order_gen, step = torch.Generator().manual_seed(4), 0
-    for _ in range(2):
-        order = torch.randperm(64, generator=order_gen)
-        for i in range(4):
-            idx = order[i * 16:(i + 1) * 16]
-            opt.param_groups[0]["lr"] = cosine(step, 8, 0.5, 0.0)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
-            opt.step()
-            step += 1
+    grid = train_heads(x, y, 3, [0.5, 0.05], [1e-2], epochs=2, batch_size=16, seed=4)
+    for lr, wd, head in grid:
+        ref = perf.sgd_head(x, y, 3, lr, wd, epochs=2, batch_size=16, seed=4)
+        assert ref.weight.abs().max() > 1e-3
+        torch.testing.assert_close(head.weight, ref.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(head.bias, ref.bias, rtol=0, atol=1e-6)
+    # A last batch smaller than the others (64 = 3 x 20 + 4) is handled like torch does.
+    (_, _, head), = train_heads(x, y, 3, [0.5], [0.0], epochs=2, batch_size=20, seed=4)
+    ref = perf.sgd_head(x, y, 3, 0.5, 0.0, epochs=2, batch_size=20, seed=4)
     torch.testing.assert_close(head.weight, ref.weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(head.bias, ref.bias, rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

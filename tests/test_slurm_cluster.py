@@ -138,3 +138,25 @@ def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
     twin_losses = [json.loads(line)["loss"] for line in
                    (twin / "ijepa_seed3.pretrain" / "train_log.jsonl").read_text().splitlines()]
     assert losses == twin_losses  # every step logged once, with the twin's loss
+
+
+def test_a_two_task_job_pretrains_data_parallel_like_one_process(bench, tmp_path):
+    """launcher.tasks_per_node=2: submitit starts two ranks, which meet through the job environment
+    (gloo) and train MAE on halves of every batch; the result follows the one-process run."""
+    common = ["model=vit_micro", "model.depth=2", "method=mae", "pretrain=mae_cpu", "method.predictor.depth=1",
+              "method.predictor.width=48", "data.num_train=64", "data.num_val=48", "pretrain.epochs=1",
+              "pretrain.batch_size=8", "pretrain.log_every=1", "task=linear", "tasks.linear.epochs=1",
+              "progress=false"]
+    bench("run", *common, f"run_dir={tmp_path / 'one'}", check=0)
+    proc = bench("run", *common, LAUNCHER, "launcher.tasks_per_node=2", "launcher.wait=true",
+                 f"run_dir={tmp_path / 'two'}", check=0)
+    job_id = proc.stdout.split("submitted job ")[1].split()[0]
+    tasks = subprocess.run(["sacct", "-n", "-P", "-o", "NTasks", "-j", f"{job_id}.0"],
+                           capture_output=True, text=True).stdout.split()
+    assert tasks and tasks[0] == "2", tasks  # the job step really ran two tasks
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(losses[0]) == 8
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    rec = json.loads((tmp_path / "two" / "records" / "linear.json").read_text())
+    assert rec["status"] == "ok"
