@@ -13,7 +13,11 @@ Layout written under `root`:
     ADEChallengeData2016/images/{training,validation}/<id>.jpg
     ADEChallengeData2016/annotations/{training,validation}/<id>.png
                                                           0 = ignore, 1 = background,
-                                                          2 + k = shape class k (SHAPES order)
+                                                          2 + k = colour class k (COLOURS order)
+
+The segmentation classes are the colour classes, like the default classification label: CPU-sized
+models do not learn the shape classes (see README), and a segmentation task where every model
+predicts background everywhere would compare nothing.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
 # Colour classes are hue bins centred on these hues (degrees).
 COLOURS = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
@@ -148,7 +152,7 @@ def render(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, I
         angle = rng.uniform(0, 2 * math.pi)
         below = (image.copy(), labels.copy())
         draws = [ImageDraw.Draw(image), ImageDraw.Draw(labels)]
-        fills = [_shape_colour(rng, list(COLOURS)[colour_id]), 1 + 1 + kind_id]
+        fills = [_shape_colour(rng, list(COLOURS)[colour_id]), 1 + 1 + colour_id]
         _draw_shape(draws, fills, kind, cx, cy, r, angle)
         hole = _hole(kind, cx, cy, r, angle, big)
         if hole is not None:
@@ -204,7 +208,7 @@ def generate(root: str | Path, num_train: int, num_val: int, image_size: int, se
             writer.writerows(rows)
         meta = dict(generator_version=GENERATOR_VERSION, num_train=num_train, num_val=num_val,
                     image_size=image_size, seed=seed, shapes=list(SHAPES), colours=list(COLOURS),
-                    segmentation_classes=["background", *SHAPES], ignore_index=0)
+                    segmentation_classes=["background", *COLOURS], ignore_index=0)
         (tmp / DONE_FILE).write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, root)

@@ -59,7 +59,7 @@ def test_reduce_zero_label_and_the_reader_on_the_generated_folder(tmp_path):
     raw = np.array(synthetic.render(0, "train", 0, 64)[1])
     assert np.array_equal(label, np.where(raw == 0, 255, raw.astype(np.int64) - 1))
     values = set(np.unique(np.concatenate([train[i][1].ravel() for i in range(6)])).tolist())
-    assert 0 in values and values <= set(range(9)) | {255} and len(values - {0, 255}) >= 1
+    assert 0 in values and values <= set(range(7)) | {255} and len(values - {0, 255}) >= 1
     with pytest.raises(DataError, match="segmentation folder not found"):
         ADE20k(tmp_path / "nowhere", "train")
 
@@ -200,7 +200,7 @@ def test_bench_run_ade20k_writes_miou_and_a_picture(bench, tmp_path, backend):
     record = json.loads((tmp_path / "run" / "records" / "ade20k.json").read_text())
     m = record["metrics"]
     assert record["status"] == "ok" and m["backend"] == backend and m["mode"] == "end_to_end"
-    assert 0 <= m["miou"] <= 100 and len(m["per_class_iou"]) == 9 and m["val_images"] == 48
+    assert 0 <= m["miou"] <= 100 and len(m["per_class_iou"]) == 7 and m["val_images"] == 48
     assert (tmp_path / "run" / "ade20k_end_to_end_upernet.png").is_file()
     assert "miou" in proc.stdout
 

@@ -35,14 +35,18 @@ def test_generated_folder_has_classification_and_segmentation_layouts(shapes):
         labels = sorted((ade / "annotations" / split).glob("*.png"))
         assert [p.stem for p in images] == [p.stem for p in labels] and images
     label = np.array(Image.open(labels[0]))
-    assert label.shape == (32, 32) and label.min() >= 1 and label.max() <= 1 + len(synthetic.SHAPES)
+    assert label.shape == (32, 32) and label.min() >= 1 and label.max() <= 1 + len(synthetic.COLOURS)
 
 
-def test_segmentation_label_marks_the_main_shape():
+def test_segmentation_label_marks_the_shapes_by_colour_class():
     for i in range(10):
-        _, labels, shape, _ = synthetic.render(0, "val", i, 64)
-        counts = np.bincount(np.array(labels).ravel(), minlength=2 + len(synthetic.SHAPES))
-        assert counts[2 + shape] > 0.03 * 64 * 64, "the class shapes should cover a visible part of the image"
+        image, labels, _, colour = synthetic.render(0, "val", i, 64)
+        labels = np.array(labels)
+        counts = np.bincount(labels.ravel(), minlength=2 + len(synthetic.COLOURS))
+        assert counts[2 + colour] > 0.03 * 64 * 64, "the class shapes should cover a visible part of the image"
+        # Pixels labelled with the colour class are far more saturated than the background ones.
+        hsv = np.array(image.convert("HSV")).astype(float)
+        assert hsv[labels == 2 + colour, 1].mean() > hsv[labels == 1, 1].mean() + 60
 
 
 def test_generation_reuses_a_complete_copy(shapes):

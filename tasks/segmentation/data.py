@@ -4,7 +4,7 @@ Folder layout (ADE20k's own, also written by the built-in generator):
     ADEChallengeData2016/images/{training,validation}/<name>.jpg
     ADEChallengeData2016/annotations/{training,validation}/<name>.png
 Label 0 means "other/ignore"; reduce_zero_label maps it to 255 (ignored) and shifts every other
-class down by one, so ADE20k's 150 classes become 0..149 (the built-in data's 9 become 0..8).
+class down by one, so ADE20k's 150 classes become 0..149 (the built-in data's 7 become 0..6).
 The training pipeline is the one of mmseg's ADE20k configs: random rescale by a ratio in
 [0.5, 2.0] of the base scale, random crop (redrawn while one class covers more than
 cat_max_ratio of it), horizontal flip, photometric distortion, padding to the crop size.
