@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,14 +312,28 @@ def train_loader(dataset: Dataset, transform: Callable, collate: Callable, batch
     batches = SeededBatches(len(dataset), batch_size, seed, epoch, start, rank=rank, world_size=world_size)
     # Workers build views and masks while the step runs; pinned pages make the copy to a GPU async.
     return DataLoader(Transformed(dataset, transform), batch_sampler=batches, collate_fn=collate,
-                      num_workers=workers, persistent_workers=False, pin_memory=pin_memory)
+                      num_workers=workers, persistent_workers=False, pin_memory=pin_memory,
+                      worker_init_fn=ignore_job_signals if workers else None)
+
+
+def ignore_job_signals(_worker_id: int) -> None:
+    """In a loader worker: outlive SIGTERM and the SLURM preemption/timeout signals.
+
+    SLURM signals every process of a job, loader workers included; a worker killed that way
+    fails the main process's next batch before it can write its preemption checkpoint. The main
+    process handles these signals (slurm/jobs.py); a worker ends with its main process anyway
+    (torch's loader watches it), and Ctrl-C (SIGINT) still stops everything.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def eval_loader(dataset: Dataset, image_size: int, batch_size: int, workers: int = 0) -> DataLoader:
     """Deterministic resize + centre crop, in order, every sample kept."""
     batches = SeededBatches(len(dataset), batch_size, 0, 0, shuffle=False, drop_last=False)
     return DataLoader(Transformed(dataset, eval_transform(image_size)), batch_sampler=batches,
-                      collate_fn=stack_views, num_workers=workers)
+                      collate_fn=stack_views, num_workers=workers,
+                      worker_init_fn=ignore_job_signals if workers else None)
 
 
 def stack_views(items: Sequence) -> dict:

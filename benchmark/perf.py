@@ -221,21 +221,25 @@ def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
     plain = [(lr, wd, sgd_head(x, y, classes, lr, wd, *args)) for lr, wd, _ in grid]
     plain_seconds = time.perf_counter() - start
 
-    def compare(others):
+    def compare(ours, others):
+        """Per head: max |weight/bias difference| and whether train top-1 agrees."""
+        diffs, same = [], []
         with torch.no_grad():
-            diff = max(max((a.weight - b.weight).abs().max().item(), (a.bias - b.bias).abs().max().item())
-                       for (_, _, a), (_, _, b) in zip(grid, others))
-            same = all(accuracy(a(x), y) == accuracy(b(x), y) for (_, _, a), (_, _, b) in zip(grid, others))
-        return diff, same
+            for (_, _, a), (_, _, b) in zip(ours, others):
+                diffs.append(max((a.weight - b.weight).abs().max().item(), (a.bias - b.bias).abs().max().item()))
+                same.append(accuracy(a(x), y) == accuracy(b(x), y))
+        return {"max_weight_diff": diffs, "same_train_top1": same}
 
-    diff, same_top1 = compare(alone)
-    plain_diff, plain_same = compare(plain)
+    # The two baselines against each other show how far float rounding alone carries two correct
+    # implementations apart (large-lr heads on separable features amplify it).
     return {"samples": len(x), "feature_dim": int(x.size(1)), "heads": len(grid), "epochs": int(lin.epochs),
+            "lrs": [lr for lr, _, _ in grid], "weight_decays": [wd for _, wd, _ in grid],
             "features_first_seconds": first, "features_cached_seconds": second,
             "grid_seconds": grid_seconds, "one_at_a_time_seconds": alone_seconds,
-            "speedup": alone_seconds / grid_seconds, "max_weight_diff": diff, "same_train_top1": same_top1,
-            "torch_sgd_seconds": plain_seconds, "speedup_vs_torch_sgd": plain_seconds / grid_seconds,
-            "torch_sgd_max_weight_diff": plain_diff, "torch_sgd_same_train_top1": plain_same}
+            "speedup": alone_seconds / grid_seconds, "torch_sgd_seconds": plain_seconds,
+            "speedup_vs_torch_sgd": plain_seconds / grid_seconds,
+            "grid_vs_one_at_a_time": compare(grid, alone), "grid_vs_torch_sgd": compare(grid, plain),
+            "one_at_a_time_vs_torch_sgd": compare(alone, plain)}
 
 
 def sgd_head(x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, wd: float, epochs: int,
@@ -416,14 +420,20 @@ def tables(result: dict):
         t.caption = (f"pooled features: {probe['features_first_seconds']:.2f} s extracted, "
                      f"{probe['features_cached_seconds']:.4f} s from the cache for every later probe")
         for col in ("grid, one pass", "baseline: the same heads one at a time", "baseline s", "speed-up",
-                    "max |w diff|", "same top-1"):
+                    "heads with |w diff| < 1e-4", "heads with equal top-1", "worst |w diff| (lr)"):
             t.add_column(col, justify="right")
-        for name, key, speedup, diff, same in (
-                ("same code, one head per call", "one_at_a_time_seconds", "speedup", "max_weight_diff",
-                 "same_train_top1"),
-                ("nn.Linear + torch.optim.SGD", "torch_sgd_seconds", "speedup_vs_torch_sgd",
-                 "torch_sgd_max_weight_diff", "torch_sgd_same_train_top1")):
+
+        def agreement(cmp):
+            diffs, same = cmp["max_weight_diff"], cmp["same_train_top1"]
+            worst = max(range(len(diffs)), key=diffs.__getitem__)
+            return (f"{sum(d < 1e-4 for d in diffs)}/{len(diffs)}", f"{sum(same)}/{len(same)}",
+                    f"{diffs[worst]:.1e} ({probe['lrs'][worst]:g})")
+
+        for name, key, speedup, cmp in (
+                ("same code, one head per call", "one_at_a_time_seconds", "speedup", "grid_vs_one_at_a_time"),
+                ("nn.Linear + torch.optim.SGD", "torch_sgd_seconds", "speedup_vs_torch_sgd", "grid_vs_torch_sgd")):
             t.add_row(f"{probe['grid_seconds']:.2f} s", name, f"{probe[key]:.2f} s", f"{probe[speedup]:.1f}x",
-                      f"{probe[diff]:.1e}", str(probe[same]))
+                      *agreement(probe[cmp]))
+        t.add_row("", "(the two baselines against each other)", "", "", *agreement(probe["one_at_a_time_vs_torch_sgd"]))
         out.append(t)
     return out
