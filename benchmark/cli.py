@@ -130,7 +130,7 @@ def _submit(overrides: list[str], plan) -> int:
 
 
 def cmd_list() -> int:
-    from benchmark.config import CONF_DIR, group_options
+    from benchmark.config import group_dir, group_options
     from methods import METHODS
     from tasks import TASKS
 
@@ -143,7 +143,7 @@ def cmd_list() -> int:
         table.add_row("task (registry)", name, (TASKS[name].__doc__ or "").strip().splitlines()[0])
     for group in ("method", "task", "data", "model", "pretrain", "launcher"):
         for name in group_options(group):
-            table.add_row(group, name, _about(CONF_DIR / group / f"{name}.yaml"))
+            table.add_row(group, name, _about(group_dir(group) / f"{name}.yaml"))
     out.print(table)
     return EXIT_OK
 

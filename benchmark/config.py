@@ -11,7 +11,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).parent / "conf"
+# Config groups kept beside the code they configure: the launcher presets live in slurm/conf.
+GROUP_DIRS = {"launcher": Path(__file__).parent.parent / "slurm" / "conf" / "launcher"}
 GROUPS = ("method", "model", "data", "pretrain", "task", "launcher")
+SEARCH_PATH = f"hydra.searchpath=[file://{GROUP_DIRS['launcher'].parent}]"
 
 # MAE's linear scaling rule, lr = base_lr * batch / 256, so a preset's lr follows its batch size.
 OmegaConf.register_new_resolver("linear_scaled_lr", lambda base, batch: base * batch / 256, replace=True)
@@ -21,8 +24,12 @@ class ConfigError(ValueError):
     """A command line or config that cannot describe a run."""
 
 
+def group_dir(group: str) -> Path:
+    return GROUP_DIRS.get(group, CONF_DIR / group)
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return sorted(p.stem for p in group_dir(group).glob("*.yaml"))
 
 
 def _check_overrides(overrides: list[str]) -> None:
@@ -40,7 +47,7 @@ def _unknown_key_message(key: str, overrides: list[str]) -> str:
     parent, _, leaf = key.rpartition(".")
     groups = [o for o in overrides if o.partition("=")[0] in GROUPS]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        base = compose("config", overrides=groups)
+        base = compose("config", overrides=[*groups, SEARCH_PATH])
     node = OmegaConf.select(base, parent) if parent else base
     known = list(node.keys()) if OmegaConf.is_dict(node) else []
     close = difflib.get_close_matches(leaf, known, n=1)
@@ -62,7 +69,7 @@ def load_config(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            cfg = compose("config", overrides=[*overrides, SEARCH_PATH], return_hydra_config=True)
     except Exception as exc:  # Hydra raises several unrelated types for bad overrides
         missing = re.match(r"Could not override '([^']+)'", _one_line(exc))
         if missing:

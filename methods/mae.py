@@ -19,7 +19,7 @@ from benchmark.data import crop_transform
 from methods.base import Method
 from methods.losses import masked_pixel_loss, normalize_patches, patchify
 from methods.masks import random_masking
-from methods.vit import LayerNorm, PatchEmbed, gather_tokens, make_blocks, sincos_2d
+from methods.vit import LayerNorm, PatchEmbed, gather_tokens, make_blocks, set_geometry, sincos_2d
 
 
 def sincos_with_cls(dim: int, grid: int) -> torch.Tensor:
@@ -54,12 +54,7 @@ class MAEEncoder(nn.Module):
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, in_chans: int = 3):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid = img_size // patch_size
-        self.num_patches = self.grid * self.grid
-        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        set_geometry(self, img_size, patch_size, embed_dim, depth, num_heads)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_with_cls(embed_dim, self.grid), requires_grad=False)

@@ -105,6 +105,17 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def set_geometry(encoder: nn.Module, img_size: int, patch_size: int, embed_dim: int, depth: int,
+                 num_heads: int) -> None:
+    """The size attributes every ViT encoder here carries (tasks and checkpoint code read them)."""
+    if img_size % patch_size:
+        raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
+    encoder.img_size, encoder.patch_size = img_size, patch_size
+    encoder.grid = img_size // patch_size
+    encoder.num_patches = encoder.grid * encoder.grid
+    encoder.embed_dim, encoder.depth, encoder.num_heads = embed_dim, depth, num_heads
+
+
 class VisionTransformer(nn.Module):
     """Patch tokens in, patch tokens out (no cls token: the JEPA encoder).
 
@@ -116,12 +127,7 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid = img_size // patch_size
-        self.num_patches = self.grid * self.grid
-        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        set_geometry(self, img_size, patch_size, embed_dim, depth, num_heads)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, self.grid).unsqueeze(0),
                                       requires_grad=False)
