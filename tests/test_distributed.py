@@ -107,3 +107,20 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, cache_d
     assert proc.returncode != 0
     assert "pretrain.batch_size=9 does not split over 2 processes" in proc.stdout + proc.stderr
     assert shutil.which(str(TORCHRUN))
+
+
+@pytest.mark.slow
+def test_a_two_task_submitit_local_job_is_one_data_parallel_run(bench, tmp_path):
+    """launcher=submitit_local launcher.tasks_per_node=2: two processes that meet through submitit's
+    job environment; rank 0 returns the records, rank 1 trains beside it and returns none."""
+    import pickle
+
+    proc = bench("run", *RUN, "method=mae", "pretrain=mae_cpu", "pretrain.log_every=1", "launcher=submitit_local",
+                 "launcher.tasks_per_node=2", f"run_dir={tmp_path / 'run'}", check=0)
+    assert "linear" in proc.stdout
+    results = sorted((tmp_path / ".submitit" / "run").glob("*_result.pkl"))
+    assert [p.name.split("_")[1] for p in results] == ["0", "1"]
+    outcomes = [pickle.loads(p.read_bytes()) for p in results]
+    assert [o[0] for o in outcomes] == ["success", "success"]
+    assert [len(o[1]) for o in outcomes] == [2, 0]  # pretrain + linear records, from rank 0 only
+    assert len(log_losses(tmp_path / "run")) == 8  # 64 images / global batch 8: each step logged once
