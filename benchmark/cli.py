@@ -52,18 +52,20 @@ def summary_table(records: list[dict]) -> Table:
 
 
 def results_table(records: list[dict]) -> Table | None:
-    """The paper's shape: rows method, columns tasks, headline metric (top-1 %) in each cell."""
+    """The paper's shape: rows method, columns tasks, headline metric in each cell."""
     from benchmark.tables import paper_table
 
     frame = paper_table(records)
     if frame.empty:
         return None
-    table = Table(title="results (top-1 %, val split)")
+    metrics = frame.attrs["metrics"]
+    table = Table(title="results (top-1 %, val split; mIoU % for segmentation, MRR for mrr)")
     table.add_column("method", no_wrap=True)
     for task in frame.columns:
-        table.add_column(task, justify="right", no_wrap=True)
+        table.add_column(task if metrics[task] in ("top1", "mrr") else f"{task} mIoU", justify="right", no_wrap=True)
     for method, row in frame.iterrows():
-        table.add_row(method, *("" if value != value else f"{value:.1f}" for value in row))
+        table.add_row(method, *("" if value != value else f"{value:.3f}" if metrics[task] == "mrr" else f"{value:.1f}"
+                                for task, value in row.items()))
     return table
 
 

@@ -28,6 +28,9 @@ def test_task_all_runs_every_adapter_and_prints_the_paper_table(bench, tmp_path)
     for task in ["linear", *ADAPTERS]:
         assert task[:6] in table
         assert f"{records[task]['metrics']['top1']:.1f}" in row
+    # MRR and segmentation mIoU get their own columns, in their own units.
+    assert "ade20k mIoU" in table and f"{records['ade20k']['metrics']['miou']:.1f}" in row
+    assert f"{records['mrr']['metrics']['mrr']:.3f}" in row
 
 
 @pytest.mark.parametrize("args, message", [
