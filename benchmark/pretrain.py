@@ -99,9 +99,7 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     so that an interrupted run can be reproduced exactly. In a data-parallel world (several
     processes, benchmark/distributed.py) every rank calls this; only rank 0 writes files.
     """
-    world = distributed.current()
-    if cfg.batch_size % world.size:
-        raise DataError(f"pretrain.batch_size={cfg.batch_size} does not split over {world.size} processes")
+    world = distributed.current()  # plan_run has checked that the batch splits over its ranks
     dataset = source.split("train")
     if world.is_main:
         dataset.log_skipped(checkpoint_dir.parent / UNREADABLE_LOG)
