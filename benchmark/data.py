@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -311,13 +312,20 @@ def train_loader(dataset: Dataset, transform: Callable, collate: Callable, batch
     """This rank's share of each of the epoch's batches (batch_size is the global batch)."""
     batches = SeededBatches(len(dataset), batch_size, seed, epoch, start, rank=rank, world_size=world_size)
     # Workers build views and masks while the step runs; pinned pages make the copy to a GPU async.
-    return DataLoader(Transformed(dataset, transform), batch_sampler=batches, collate_fn=collate,
-                      num_workers=workers, persistent_workers=False, pin_memory=pin_memory,
-                      worker_init_fn=ignore_job_signals if workers else None)
+    return make_loader(Transformed(dataset, transform), batches, collate, workers, pin_memory)
 
 
-def ignore_job_signals(_worker_id: int) -> None:
-    """In a loader worker: outlive SIGTERM and the SLURM preemption/timeout signals.
+# How much lower a loader worker's scheduling priority is than the training process's (nice
+# increment). With no spare core (2 cores, 2 torch threads) a worker at equal priority preempts
+# the step's OpenMP threads, which then wait on each other at every barrier: measured on the MAE
+# reference step, bf16 0.20 s/step with the worker at equal priority, 0.148 + 0.008 s waiting
+# for data at +10 (README, Performance). With spare cores the priority changes nothing.
+WORKER_NICENESS = 10
+
+
+def init_loader_worker(_worker_id: int) -> None:
+    """Every DataLoader worker: lower priority than the training process, and outlive SIGTERM
+    and the SLURM preemption/timeout signals.
 
     SLURM signals every process of a job, loader workers included; a worker killed that way
     fails the main process's next batch before it can write its preemption checkpoint. The main
@@ -326,14 +334,20 @@ def ignore_job_signals(_worker_id: int) -> None:
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    os.nice(WORKER_NICENESS)
+
+
+def make_loader(dataset: Dataset, batch_sampler, collate: Callable, workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """The one DataLoader construction every loop uses (workers set up by init_loader_worker)."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
+                      pin_memory=pin_memory, worker_init_fn=init_loader_worker if workers else None)
 
 
 def eval_loader(dataset: Dataset, image_size: int, batch_size: int, workers: int = 0) -> DataLoader:
     """Deterministic resize + centre crop, in order, every sample kept."""
     batches = SeededBatches(len(dataset), batch_size, 0, 0, shuffle=False, drop_last=False)
-    return DataLoader(Transformed(dataset, eval_transform(image_size)), batch_sampler=batches,
-                      collate_fn=stack_views, num_workers=workers,
-                      worker_init_fn=ignore_job_signals if workers else None)
+    return make_loader(Transformed(dataset, eval_transform(image_size)), batches, stack_views, workers)
 
 
 def stack_views(items: Sequence) -> dict:

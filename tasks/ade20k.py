@@ -18,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from benchmark.config import ConfigError
-from benchmark.data import DataError, SeededBatches
+from benchmark.data import DataError, SeededBatches, make_loader
 from benchmark.progress import progress_bar
 from tasks.base import Task, TaskContext
 from tasks.segmentation import mmseg_backend
@@ -127,7 +126,7 @@ class ADE20kSegmentation(Task):
         with progress_bar("ade20k train", c["iters"], enabled=ctx.show_progress) as bar:
             for epoch in range(math.ceil(c["iters"] / per_epoch)):
                 batches = SeededBatches(len(train), c["batch_size"], ctx.seed, epoch)
-                loader = DataLoader(crops, batch_sampler=batches, collate_fn=stack_pairs, num_workers=ctx.workers)
+                loader = make_loader(crops, batches, stack_pairs, ctx.workers)
                 for images, labels in loader:
                     it = len(losses)
                     if it >= c["iters"]:

@@ -13,9 +13,8 @@ from typing import ClassVar, Iterator
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
-from benchmark.data import DataSource, Transformed, eval_loader, eval_transform, stack_views
+from benchmark.data import DataSource, Transformed, eval_loader, eval_transform, make_loader, stack_views
 from benchmark.pretrain import to_device
 from benchmark.progress import progress_bar
 from methods.base import Method
@@ -80,8 +79,7 @@ class TaskContext:
                 yield cached[idx].to(self.device), idx
             return
         dataset = Transformed(self.source.split(split), eval_transform(self.source.image_size))
-        loader = DataLoader(dataset, batch_sampler=[[(int(i), 0, 0) for i in idx] for idx in chunks],
-                            collate_fn=stack_views, num_workers=self.workers)
+        loader = make_loader(dataset, [[(int(i), 0, 0) for i in idx] for idx in chunks], stack_views, self.workers)
         encoder = method.eval_encoder(self.encoder_key)
         for idx, tokens in zip(chunks, self._encode(encoder, loader, None)):
             yield tokens.to(self.device), idx

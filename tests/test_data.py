@@ -1,4 +1,6 @@
 import csv
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -6,7 +8,8 @@ import torch
 from PIL import Image
 
 from benchmark import synthetic
-from benchmark.data import DataError, ImageFolder, SeededBatches, crop_transform, train_loader
+from benchmark.data import (WORKER_NICENESS, DataError, ImageFolder, SeededBatches, crop_transform, eval_loader,
+                            train_loader)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,32 @@ def test_batches_do_not_depend_on_workers_and_resume_mid_epoch(shapes):
     assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))
     other_epoch = list(train_loader(ds, transform, collate, 4, seed=1, epoch=3, workers=0))
     assert not torch.equal(full[0], other_epoch[0])
+
+
+def _worker_state(_image):
+    """What a loader worker sees of its own process: pid, niceness, SIGTERM handler."""
+    return torch.tensor([os.getpid(), os.getpriority(os.PRIO_PROCESS, 0),
+                         int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)])
+
+
+def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(shapes, monkeypatch):
+    ds = ImageFolder(shapes / "train")
+    parent_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    expected = min(19, parent_nice + WORKER_NICENESS)
+
+    def collate(items):
+        return torch.stack([v for v, _, _ in items])
+
+    monkeypatch.setattr("benchmark.data.eval_transform", lambda size: _worker_state)
+    for loader in (train_loader(ds, _worker_state, collate, 4, seed=0, epoch=0, workers=1),
+                   eval_loader(ds, 32, 4, workers=1)):
+        batch = next(iter(loader))
+        states = batch if isinstance(batch, torch.Tensor) else batch["images"]
+        pid, nice, ignores_term = states[0].tolist()
+        assert pid != os.getpid() and nice == expected and ignores_term == 1
+    # The training process itself keeps its priority and its handlers.
+    assert os.getpriority(os.PRIO_PROCESS, 0) == parent_nice
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
 
 
 def test_seeded_batches_cover_the_epoch_once():
