@@ -62,7 +62,7 @@ def results_table(records: list[dict]) -> Table | None:
     table = Table(title="results (top-1 %, val split; mIoU % for segmentation, MRR for mrr)")
     table.add_column("method", no_wrap=True)
     for task in frame.columns:
-        table.add_column(task if metrics[task] in ("top1", "mrr") else f"{task} mIoU", justify="right", no_wrap=True)
+        table.add_column(f"{task} mIoU" if metrics[task] == "miou" else task, justify="right", no_wrap=True)
     for method, row in frame.iterrows():
         table.add_row(method, *("" if value != value else f"{value:.3f}" if metrics[task] == "mrr" else f"{value:.1f}"
                                 for task, value in row.items()))
