@@ -1,6 +1,6 @@
 """MAE (arXiv 2111.06377): reconstruct the pixels of randomly removed patches.
 
-The encoder sees the visible patches only (position embeddings added before masking, the cls
+The encoder sees the visible patches only (each with its position embedding, the cls
 token after); the decoder gets the encoded tokens plus one shared mask token per removed
 position, fixed sin-cos positions, and predicts each removed patch's pixels. Loss: per-patch MSE
 over removed patches, on normalised pixels with norm_pix_loss. Parameter names are the official
@@ -19,7 +19,7 @@ from benchmark.data import crop_transform
 from methods.base import Method
 from methods.losses import masked_pixel_loss, normalize_patches, patchify
 from methods.masks import random_masking
-from methods.vit import LayerNorm, PatchEmbed, gather_tokens, make_blocks, set_geometry, sincos_2d
+from methods.vit import LayerNorm, PatchEmbed, blocks_on_tail, gather_tokens, make_blocks, set_geometry, sincos_2d
 
 
 def sincos_with_cls(dim: int, grid: int) -> torch.Tensor:
@@ -64,9 +64,11 @@ class MAEEncoder(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward_with_cls(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.patch_embed(images) + self.pos_embed[:, 1:]
-        if keep is not None:
-            x = gather_tokens(x, keep)
+        pos = self.pos_embed[:, 1:]
+        if keep is None:
+            x = self.patch_embed(images) + pos
+        else:
+            x = self.patch_embed(images, keep) + gather_tokens(pos.expand(images.size(0), -1, -1), keep)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.size(0), -1, -1)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
@@ -102,14 +104,9 @@ class MAEDecoder(nn.Module):
         self.apply(init_mae_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def features(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor | None = None,
-                 cls: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """decoder_norm outputs [B, Kc (+ Kt), width]: context positions, then query positions.
-
-        context [B, Kc, D] are encoder patch tokens at ctx_idx [B, Kc]; cls [B, 1, D] is the
-        encoder's cls token (the official decoder always has it); extra [B, T, D] are tokens
-        without a position (task tokens). Outputs of cls and extra tokens are dropped.
-        """
+    def tokens(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor | None,
+               cls: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's input sequence: [cls,] context, [extra,] [mask tokens at tgt_idx]."""
         pos = self.decoder_pos_embed[:, 1:].expand(context.size(0), -1, -1)
         parts = [self.decoder_embed(context) + gather_tokens(pos, ctx_idx)]
         if cls is not None:
@@ -118,7 +115,17 @@ class MAEDecoder(nn.Module):
             parts.append(self.decoder_embed(extra))
         if tgt_idx is not None:
             parts.append(self.mask_token + gather_tokens(pos, tgt_idx))
-        x = torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)
+
+    def features(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor | None = None,
+                 cls: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """decoder_norm outputs [B, Kc (+ Kt), width]: context positions, then query positions.
+
+        context [B, Kc, D] are encoder patch tokens at ctx_idx [B, Kc]; cls [B, 1, D] is the
+        encoder's cls token (the official decoder always has it); extra [B, T, D] are tokens
+        without a position (task tokens). Outputs of cls and extra tokens are dropped.
+        """
+        x = self.tokens(context, ctx_idx, tgt_idx, cls, extra)
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)
@@ -130,8 +137,13 @@ class MAEDecoder(nn.Module):
 
     def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
                 cls: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixel predictions [B, Kt, p*p*C] of the patches at tgt_idx."""
-        return self.decoder_pred(self.features(context, ctx_idx, tgt_idx, cls, extra)[:, -tgt_idx.size(1):])
+        """Pixel predictions [B, Kt, p*p*C] of the patches at tgt_idx.
+
+        Only the query tokens reach the output, so the last block computes only theirs (as the
+        JEPA predictor does): `decoder_pred(features(...)[:, -Kt:])` with less work.
+        """
+        x = blocks_on_tail(self.decoder_blocks, self.tokens(context, ctx_idx, tgt_idx, cls, extra), tgt_idx.size(1))
+        return self.decoder_pred(self.decoder_norm(x))
 
 
 class CropAndNoise:

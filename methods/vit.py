@@ -96,13 +96,35 @@ def block_on_tail(block: Block, x: torch.Tensor, n: int) -> torch.Tensor:
     return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
+def blocks_on_tail(blocks: nn.ModuleList, x: torch.Tensor, n: int) -> torch.Tensor:
+    """`blocks(x)[:, -n:]`, the last block computing only those n tokens (see block_on_tail)."""
+    if not len(blocks):
+        return x[:, -n:]
+    for block in blocks[:-1]:
+        x = block(x)
+    return block_on_tail(blocks[-1], x, n)
+
+
 class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches to tokens [B, N, dim], row-major (a stride-p convolution).
+
+    `forward(images, keep=idx)` embeds only the patches at positions idx [B, K]: each is one row
+    of the convolution written as a matrix product, so a masked view (MAE keeps 25 %, an I-JEPA
+    context ~30-45 %) pays only for the patches it keeps. Same weights, same result.
+    """
+
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            return self.proj(x).flatten(2).transpose(1, 2)
+        b, c, h, w = x.shape
+        p = self.proj.kernel_size[0]
+        # Patches flattened (channel, row, column), the order of the convolution's weight.
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        return F.linear(gather_tokens(patches, keep), self.proj.weight.flatten(1), self.proj.bias)
 
 
 def set_geometry(encoder: nn.Module, img_size: int, patch_size: int, embed_dim: int, depth: int,
@@ -120,7 +142,7 @@ class VisionTransformer(nn.Module):
     """Patch tokens in, patch tokens out (no cls token: the JEPA encoder).
 
     `forward(images, keep=idx)` encodes only the patches at positions idx [B, K] (the context of a
-    masked view); position embeddings are added before the patches are dropped.
+    masked view), each with its own position embedding.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
@@ -137,9 +159,10 @@ class VisionTransformer(nn.Module):
         rescale_residual_branches(self.blocks)
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.patch_embed(images) + self.pos_embed
-        if keep is not None:
-            x = gather_tokens(x, keep)
+        if keep is None:
+            x = self.patch_embed(images) + self.pos_embed
+        else:
+            x = self.patch_embed(images, keep) + gather_tokens(self.pos_embed.expand(images.size(0), -1, -1), keep)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -218,9 +241,5 @@ class Predictor(nn.Module):
             else:
                 parts.append(torch.stack([proj(action[:, i:i + 1]) for i, proj in enumerate(self.action_proj)], 1))
         x = torch.cat([*parts, queries], dim=1)
-        n = queries.size(1)
-        *body, last = [*self.predictor_blocks] or [None]
-        for block in body:
-            x = block(x)
-        x = x[:, -n:] if last is None else block_on_tail(last, x, n)
+        x = blocks_on_tail(self.predictor_blocks, x, queries.size(1))
         return self.predictor_proj(self.predictor_norm(x))

@@ -13,7 +13,8 @@ from benchmark.config import load_config
 from benchmark.data import DataSource
 from benchmark.pretrain import pretrain
 from methods import build_method
-from methods.vit import Predictor, gather_tokens
+from methods.mae import MAEDecoder
+from methods.vit import PatchEmbed, Predictor, gather_tokens
 from tasks.linear import train_heads
 
 # A case small enough to time in seconds: 32 px, 4 px patches, a 2-block encoder.
@@ -49,6 +50,43 @@ def test_predictor_last_block_on_mask_tokens_only_equals_full_sequence():
         assert fast.shape == (3, 9, 32)
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-4, atol=1e-6)
+
+
+
+def test_mae_decoder_last_block_on_queries_only_equals_full_sequence():
+    torch.manual_seed(0)
+    for depth, with_cls, with_extra in ((0, True, False), (1, True, False), (3, False, True)):
+        dec = MAEDecoder(grid=8, embed_dim=32, width=24, depth=depth, num_heads=4, mlp_ratio=4.0, patch_size=4)
+        ctx = torch.randn(2, 16, 32, requires_grad=True)
+        cls = torch.randn(2, 1, 32) if with_cls else None
+        extra = torch.randn(2, 3, 32) if with_extra else None
+        ctx_idx, tgt_idx = torch.randperm(64)[:16].expand(2, -1), torch.randperm(64)[:48].expand(2, -1)
+        fast = dec(ctx, ctx_idx, tgt_idx, cls=cls, extra=extra)
+        (grad_fast,) = torch.autograd.grad(fast.square().sum(), ctx)
+        # The plain computation: decoder_pred of the query positions of the full features.
+        plain = dec.decoder_pred(dec.features(ctx, ctx_idx, tgt_idx, cls=cls, extra=extra)[:, -48:])
+        (grad_plain,) = torch.autograd.grad(plain.square().sum(), ctx)
+        assert fast.shape == (2, 48, 4 * 4 * 3)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-4, atol=1e-6)
+
+
+def test_patch_embedding_of_kept_patches_equals_the_convolution_then_gather():
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=4, in_chans=3, dim=24)
+    images = torch.randn(3, 3, 32, 24)
+    keep = torch.stack([torch.randperm(48)[:13] for _ in range(3)])
+    fast = embed(images, keep)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), embed.proj.weight)
+    plain = gather_tokens(embed(images), keep)
+    (g_plain,) = torch.autograd.grad(plain.square().sum(), embed.proj.weight)
+    assert fast.shape == (3, 13, 24)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+    # Position 2 * 6 + 5 of a 32 x 24 image in 4 px patches is row 2, column 5: pixels [8:12, 20:24].
+    one = embed(images, torch.full((3, 1), 2 * 6 + 5))[1, 0]
+    by_hand = (embed.proj.weight * images[1, :, 8:12, 20:24]).sum((1, 2, 3)) + embed.proj.bias
+    torch.testing.assert_close(one, by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_head_grid_in_one_pass_equals_heads_one_at_a_time():
@@ -122,8 +160,10 @@ def test_timed_step_reports_every_measure(tmp_path, monkeypatch):
     assert overrides[:1] == ["method=ijepa"] and overrides[-3:] == perf.VARIANTS["eager"]
     assert "pretrain.bf16=False" in overrides and overrides.index("model=vit_micro") > overrides.index("model=vit_tiny")
     out = perf.time_training_step(overrides, steps=2, warmup=1, device="cpu", threads=None)
-    assert len(out["seconds"]) == len(out["waits"]) == len(out["losses"]) == len(out["flops"]) == 2
-    assert all(s > 0 for s in out["seconds"]) and all(l > 0 for l in out["losses"])
+    # Two timed steps alone on built batches, two in the loop fed by the workers; a loss for each.
+    assert len(out["seconds"]) == len(out["loop_seconds"]) == len(out["waits"]) == len(out["flops"]) == 2
+    assert len(out["losses"]) == 4
+    assert all(s > 0 for s in out["seconds"] + out["loop_seconds"]) and all(l > 0 for l in out["losses"])
     # FLOPs of a 2-block 32x32 ViT step: at least the target encoder's matmuls over 64 tokens x 4 images.
     cfg = load_config(overrides)
     d, tokens = cfg.model.embed_dim, 4 * 64
@@ -143,9 +183,9 @@ def test_numerics_check_and_summary():
     assert not cases[3]["equal_numerics"] and "equal_numerics" not in cases[0]
 
     row = perf.summarise({"method": "ijepa", "precision": "fp32", "gpu": False, "batch_size": 8,
-                          "seconds": [1.0, 2.0, 1.5], "waits": [0.0, 0.01, 0.0], "flops": [100e9, 200e9, 150e9],
+                          "seconds": [1.0, 2.0, 1.5], "loop_seconds": [1.2, 2.2, 1.7], "waits": [0.0, 0.01, 0.0], "flops": [100e9, 200e9, 150e9],
                           "data_seconds_per_batch": 0.1}, {"fp32": 200.0, "bf16": 400.0}, peak_tflops=1.0)
-    assert row["s_per_step"] == 1.5 and row["images_per_s"] == pytest.approx(8 / 1.5)
+    assert row["s_per_step"] == 1.5 and row["loop_s_per_step"] == 1.7 and row["images_per_s"] == pytest.approx(8 / 1.5)
     assert row["gflops"] == pytest.approx(100.0) and row["ceiling_fraction"] == pytest.approx(0.5)
     assert row["mfu"] == pytest.approx(0.1) and row["speedup_vs_reference"] == pytest.approx(1.62 / 1.5)
     assert not row["waits_for_data"]
