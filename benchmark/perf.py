@@ -386,6 +386,8 @@ def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str
         runs = case.pop("runs")
         case.update({k: runs[0][k] for k in ("losses", "flops", "batch_size", "workers", "threads")})
         case["seconds"] = [s for run in runs for s in run["seconds"]]
+        # The machine's speed drifts over minutes (shared hosts): each round's median shows how much.
+        case["round_medians_s"] = [statistics.median(run["seconds"]) for run in runs]
         case["loop_seconds"] = [s for run in runs for s in run["loop_seconds"]]
         case["waits"] = [w for run in runs for w in run["waits"]]
         case["data_seconds_per_batch"] = statistics.median(run["data_seconds_per_batch"] for run in runs)
@@ -415,10 +417,11 @@ def tables(result: dict):
     c = result["ceiling_gflops"]
     title = (f"training step on {result['device']}, {result['threads']} threads, median of "
              f"{result['steps']} x {result['rounds']} steps after {result['warmup']} warm-up (s/step: the step alone on "
-             f"built batches; loop s/step: fed by the default loader workers); matmul ceiling "
+             f"built batches, rounds: the lowest and highest median of one round; loop s/step: fed by the default "
+             f"loader workers); matmul ceiling "
              f"{c['fp32']:.0f} GFLOP/s fp32, {c['bf16']:.0f} bf16")
     step = Table(title=title)
-    columns = ["method", "precision", "variant", "s/step", "img/s", "reference", "speed-up", "GFLOP/step",
+    columns = ["method", "precision", "variant", "s/step", "rounds", "img/s", "reference", "speed-up", "GFLOP/step",
                "GFLOP/s", "of ceiling", "peak MiB", "data s/batch", "loop s/step", "wait s", "losses vs eager"]
     for col in columns:
         step.add_column(col, justify="left" if col in ("method", "precision", "variant") else "right")
@@ -426,7 +429,9 @@ def tables(result: dict):
         ref = case.get("reference_s_per_step")
         check = ("" if case["variant"] == "eager" else
                  f"{'equal' if case['equal_numerics'] else 'DIFFER'} ({case['loss_rel_diff_vs_eager']:.1e})")
+        lo, hi = min(case["round_medians_s"]), max(case["round_medians_s"])
         step.add_row(case["method"], case["precision"], case["variant"], f"{case['s_per_step']:.3f}",
+                     f"{lo:.3f}-{hi:.3f}" if len(case["round_medians_s"]) > 1 else "-",
                      f"{case['images_per_s']:.1f}", f"{ref:.2f}" if ref else "-",
                      f"{case['speedup_vs_reference']:.2f}x" if ref else "-", f"{case['gflop_per_step']:.1f}",
                      f"{case['gflops']:.0f}", f"{100 * case['ceiling_fraction']:.0f}%",

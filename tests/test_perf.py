@@ -3,6 +3,7 @@
 Speed itself is never asserted: it depends on the machine and its load.
 """
 import json
+import statistics
 
 import pytest
 import torch
@@ -218,3 +219,23 @@ def test_compiled_step_trains_like_the_eager_step(source, tmp_path):
         losses[compiled] = [json.loads(line)["loss"] for line in open(run / "train_log.jsonl")]
     assert len(losses[True]) == 8
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_perf_cli_times_step_and_loop_over_interleaved_rounds(bench, tmp_path):
+    """The whole benchmark on a tiny MAE: every case and round in its own process, one JSON."""
+    tiny_mae = ["model=vit_micro", "model.depth=2", "model.patch_size=4", "data.image_size=32",
+                "method.predictor.depth=1", "method.predictor.width=48", "pretrain.batch_size=4"]
+    out = tmp_path / "perf.json"
+    proc = bench("perf", "--methods", "mae", "--precision", "fp32", "--steps", "2", "--warmup", "1", "--rounds", "2",
+                 "--threads", "1", "--no-probe", "--out", str(out), *tiny_mae, check=0)
+    assert "loop s/step" in proc.stdout and "rounds" in proc.stdout
+    result = json.loads(out.read_text())
+    eager, fast = result["cases"]
+    for case in (eager, fast):
+        assert len(case["seconds"]) == len(case["loop_seconds"]) == len(case["waits"]) == 4  # 2 steps x 2 rounds
+        assert len(case["round_medians_s"]) == 2 and case["gflop_per_step"] > 0
+        assert case["s_per_step"] == pytest.approx(statistics.median(case["seconds"]))
+        assert case["speedup_vs_reference"] == pytest.approx(0.21 / case["s_per_step"])
+    # Each round replays the same batches: same losses every round, and the fast path equals eager.
+    assert fast["losses_every_round"][0] == fast["losses_every_round"][1]
+    assert fast["equal_numerics"] and fast["loss_rel_diff_vs_eager"] < 1e-4
