@@ -80,9 +80,10 @@ def print_tables(records: list[dict]) -> None:
 
 def cmd_run(overrides: list[str]) -> int:
     # torch loads here, not at import time: `bench --help` and argument errors answer at once.
-    from benchmark.checkpoint import CheckpointError
-    from benchmark.config import ConfigError, load_config
-    from benchmark.data import DataError
+    from benchmark.core.errors import CheckpointError
+    from benchmark.config import load_config
+    from benchmark.core.errors import ConfigError
+    from benchmark.core.errors import DataError
     from benchmark.runner import execute, plan_run
 
     try:
@@ -151,7 +152,8 @@ def cmd_list() -> int:
 
 
 def cmd_config(overrides: list[str]) -> int:
-    from benchmark.config import ConfigError, load_config
+    from benchmark.config import load_config
+    from benchmark.core.errors import ConfigError
     from omegaconf import OmegaConf
 
     try:
@@ -166,8 +168,8 @@ def cmd_perf(args) -> int:
     import json
     from pathlib import Path
 
-    from benchmark.config import ConfigError
-    from benchmark.data import DataError
+    from benchmark.core.errors import ConfigError
+    from benchmark.core.errors import DataError
     from benchmark.perf import CPU_CASES, PRECISIONS, PerfError, run_benchmark, tables
 
     methods = args.methods.split(",")
@@ -205,7 +207,8 @@ def cmd_perf(args) -> int:
 def cmd_export(checkpoint: str, target: str, encoder_only: bool) -> int:
     from pathlib import Path
 
-    from benchmark.checkpoint import CheckpointError, load, save
+    from benchmark.core.checkpoint import load, save
+    from benchmark.core.errors import CheckpointError
     from benchmark.official import to_official
 
     path = Path(target)
@@ -221,9 +224,9 @@ def cmd_export(checkpoint: str, target: str, encoder_only: bool) -> int:
 
 
 def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
-    from benchmark.checkpoint import CheckpointError
-    from benchmark.config import ConfigError
-    from benchmark.data import DataError
+    from benchmark.core.errors import CheckpointError
+    from benchmark.core.errors import ConfigError
+    from benchmark.core.errors import DataError
     from slurm.sweep import load_sweep, submit_sweep, unit_states
 
     try:
@@ -255,7 +258,7 @@ def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
 
 
 def cmd_status(name: str) -> int:
-    from benchmark.config import ConfigError
+    from benchmark.core.errors import ConfigError
     from slurm.sweep import read_manifest, resolve_sweep_dir, status_table, unit_states
 
     try:

@@ -10,6 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from benchmark.core.errors import ConfigError
+
 CONF_DIR = Path(__file__).parent / "conf"
 # Config groups kept beside the code they configure: the launcher presets live in slurm/conf.
 GROUP_DIRS = {"launcher": Path(__file__).parent.parent / "slurm" / "conf" / "launcher"}
@@ -18,10 +20,6 @@ SEARCH_PATH = f"hydra.searchpath=[file://{GROUP_DIRS['launcher'].parent}]"
 
 # MAE's linear scaling rule, lr = base_lr * batch / 256, so a preset's lr follows its batch size.
 OmegaConf.register_new_resolver("linear_scaled_lr", lambda base, batch: base * batch / 256, replace=True)
-
-
-class ConfigError(ValueError):
-    """A command line or config that cannot describe a run."""
 
 
 def group_dir(group: str) -> Path:

@@ -7,9 +7,9 @@
   cls_token, pos_embed [1, 1 + N, D] (cls slot first), patch_embed, blocks, norm; the `_full` and
   `mae_visualize_` files add mask_token and decoder_{embed,pos_embed,blocks,norm,pred}.
 
-Reading is weights-only (benchmark.checkpoint.load) and strict: the architecture is read off the
+Reading is weights-only (benchmark.core.checkpoint.load) and strict: the architecture is read off the
 tensors and compared with the config first, then every tensor must match a parameter by name
-and shape (benchmark.checkpoint.load_weights names the ones that do not). Position tables are
+and shape (benchmark.core.checkpoint.load_weights names the ones that do not). Position tables are
 resampled bicubically on the patch grid when the file was trained at another resolution, as
 MAE's and timm's loaders do.
 """
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.checkpoint import CheckpointError, load_weights
+from benchmark.core.checkpoint import load_weights
+from benchmark.core.errors import CheckpointError
 from methods import build_method, method_from_state
 from methods.base import Method
 

@@ -94,7 +94,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def _method_and_data(cfg, device: torch.device):
-    from benchmark.data import resolve_data
+    from benchmark.core.data import resolve_data
     from methods import build_method
 
     dataset = resolve_data(cfg.data, cfg.cache_dir).split("train")
@@ -110,8 +110,9 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark.config import load_config
-    from benchmark.data import train_loader
-    from benchmark.pretrain import Schedule, set_hyperparameters, to_device
+    from benchmark.core.data import train_loader
+    from benchmark.core.layers import to_device
+    from benchmark.pretrain import Schedule, set_hyperparameters
     from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
 
     if threads:
@@ -206,7 +207,7 @@ def _child(kind: str, kwargs: dict) -> dict:
 def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
     """Shared feature cache (first vs second request) and the head grid in one pass vs one at a time."""
     from benchmark.config import load_config
-    from benchmark.data import resolve_data
+    from benchmark.core.data import resolve_data
     from tasks.base import TaskContext
     from tasks.linear import accuracy, train_heads
 
@@ -262,7 +263,7 @@ def sgd_head(x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, wd: floa
              batch_size: int, seed: int) -> torch.nn.Linear:
     """The usual way to train one probe head: nn.Linear, autograd, torch.optim.SGD (momentum 0.9),
     the same batches and cosine schedule as tasks.linear.train_heads. The second baseline."""
-    from benchmark.schedules import cosine
+    from benchmark.core.schedules import cosine
 
     head = torch.nn.Linear(x.size(1), classes)
     torch.nn.init.zeros_(head.weight)
@@ -360,7 +361,7 @@ def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str
                               "gpu": gpu_cases, "runs": []})
     # Every case must build before anything is timed; the data is generated once, here.
     from benchmark.config import load_config
-    from benchmark.data import resolve_data
+    from benchmark.core.data import resolve_data
     from methods import build_method
     for case in cases:
         cfg = load_config(case["overrides"])

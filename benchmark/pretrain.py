@@ -24,20 +24,19 @@ from typing import Any
 
 import torch
 
-from benchmark import checkpoint as ckpt
-from benchmark import distributed, interrupt
-from benchmark.data import UNREADABLE_LOG, DataError, DataSource, train_loader
-from benchmark.faults import fault_point
-from benchmark.progress import progress_bar
-from benchmark.schedules import cosine, warmup_cosine
+from benchmark.core import checkpoint as ckpt
+from benchmark.core import distributed, interrupt
+from benchmark.core.data import UNREADABLE_LOG, DataSource, train_loader
+from benchmark.core.errors import DataError, DivergenceError
+from benchmark.core.faults import fault_point
+from benchmark.core.layers import to_device
+from benchmark.core.progress import progress_bar
+from benchmark.core.seeding import rng_state, set_rng_state
+from benchmark.core.schedules import cosine, warmup_cosine
 from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
 from methods.base import Method
 
 LAST = "last.pt"
-
-
-class DivergenceError(RuntimeError):
-    """The training loss stopped being finite."""
 
 
 @dataclass
@@ -65,29 +64,6 @@ def set_hyperparameters(opt: torch.optim.Optimizer, cfg, schedule: Schedule, ste
         if group.get("apply_wd", True):
             group["weight_decay"] = wd
     return lr, wd
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.device,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmark.checkpoint import atomic_write
+from benchmark.core.checkpoint import atomic_write
 
 SCHEMA_VERSION = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark import checkpoint as ckpt
-from benchmark import distributed, official
-from benchmark.config import ConfigError
-from benchmark.data import DataError, DataSource, resolve_data
+from benchmark.core import checkpoint as ckpt
+from benchmark import official
+from benchmark.core import distributed
+from benchmark.core.errors import ConfigError
+from benchmark.core.data import DataSource, resolve_data
+from benchmark.core.errors import DataError
 from benchmark.pretrain import LAST, pretrain
-from benchmark.progress import console
+from benchmark.core.progress import console
 from benchmark.records import make_record, non_finite_metrics, now, write_record
 from methods import METHODS, build_method, method_from_state
 from methods.base import Method

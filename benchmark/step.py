@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from timm.models.vision_transformer import Block
 
-from benchmark import distributed
+from benchmark.core import distributed
 from methods.base import Method
 
 

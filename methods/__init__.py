@@ -1,7 +1,7 @@
 """The method registry: every pretraining method, by the name used in `method=<name>`."""
 from __future__ import annotations
 
-from benchmark.checkpoint import load_weights
+from benchmark.core.checkpoint import load_weights
 from methods.base import Method
 from methods.ijepa import IJEPA
 from methods.iwm import IWM

@@ -5,12 +5,13 @@ import copy
 
 import torch
 
-from benchmark.data import crop_transform
-from benchmark.schedules import linear
+from benchmark.core.data import crop_transform
+from benchmark.core.schedules import linear
 from methods.base import Method
 from methods.losses import ema_update, latent_regression
 from methods.masks import MaskConfig, MultiBlockMasker
-from methods.vit import Predictor, VisionTransformer, gather_tokens
+from benchmark.core.layers import gather_tokens
+from methods.vit import Predictor, VisionTransformer
 
 
 def build_encoder(model_cfg: dict, image_size: int) -> VisionTransformer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from methods.ijepa import IJEPA
-from methods.views import ACTION_DIM, PairedViews, ViewConfig
+from benchmark.core.views import ACTION_DIM, PairedViews, ViewConfig
 
 
 class IWM(IJEPA):

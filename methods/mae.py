@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from benchmark.data import crop_transform
+from benchmark.core.data import crop_transform
 from methods.base import Method
 from methods.losses import masked_pixel_loss, normalize_patches, patchify
 from methods.masks import random_masking
-from methods.vit import LayerNorm, PatchEmbed, blocks_on_tail, gather_tokens, make_blocks, set_geometry, sincos_2d
+from benchmark.core.layers import LayerNorm, gather_tokens
+from methods.vit import PatchEmbed, blocks_on_tail, make_blocks, set_geometry, sincos_2d
 
 
 def sincos_with_cls(dim: int, grid: int) -> torch.Tensor:

@@ -7,16 +7,13 @@ parameter names, so that released checkpoints load key for key.
 from __future__ import annotations
 
 import math
-from functools import partial
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
-
+from benchmark.core.layers import LayerNorm, gather_tokens, init_transformer_weights
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """[len(positions), dim] table: sin of every frequency, then cos of every frequency."""
@@ -38,26 +35,6 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))
     table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
     return torch.from_numpy(table).float()
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Tokens of x [B, N, D] at per-sample positions idx [B, K] -> [B, K, D]."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
-
-
-def init_transformer_weights(module: nn.Module) -> None:
-    """The official JEPA initialisation: truncated normal 0.02, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def rescale_residual_branches(blocks: nn.ModuleList) -> None:

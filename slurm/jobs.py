@@ -21,7 +21,7 @@ from pathlib import Path
 
 import submitit
 
-from benchmark import distributed, interrupt
+from benchmark.core import distributed, interrupt
 from benchmark.config import load_config
 from benchmark.runner import execute, plan_run
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmark.checkpoint import atomic_write
-from benchmark.config import CONF_DIR, GROUPS, ConfigError, load_config
+from benchmark.core.checkpoint import atomic_write
+from benchmark.config import CONF_DIR, GROUPS, load_config
+from benchmark.core.errors import ConfigError
 from benchmark.pretrain import LAST
 from benchmark.runner import plan_run
 from slurm.jobs import PRETRAIN, SweepJob, overrides_for, record_path

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmark.config import ConfigError
-from benchmark.data import DataError, SeededBatches, make_loader
-from benchmark.progress import progress_bar
+from benchmark.core.errors import ConfigError
+from benchmark.core.data import SeededBatches, make_loader
+from benchmark.core.errors import DataError
+from benchmark.core.progress import progress_bar
 from tasks.base import Task, TaskContext
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.data import ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs

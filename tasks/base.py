@@ -14,9 +14,9 @@ from typing import ClassVar, Iterator
 import torch
 from omegaconf import OmegaConf
 
-from benchmark.data import DataSource, Transformed, eval_loader, eval_transform, make_loader, stack_views
-from benchmark.pretrain import to_device
-from benchmark.progress import progress_bar
+from benchmark.core.data import DataSource, Transformed, eval_loader, eval_transform, make_loader, stack_views
+from benchmark.core.layers import to_device
+from benchmark.core.progress import progress_bar
 from methods.base import Method
 
 

@@ -32,11 +32,11 @@ from torch.utils.data import Subset
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 
-from benchmark.config import ConfigError
-from benchmark.data import crop_transform, derive_seed, eval_loader, train_loader, stack_views
-from benchmark.pretrain import to_device
-from benchmark.progress import progress_bar
-from benchmark.schedules import warmup_cosine
+from benchmark.core.errors import ConfigError
+from benchmark.core.data import crop_transform, derive_seed, eval_loader, train_loader, stack_views
+from benchmark.core.layers import to_device
+from benchmark.core.progress import progress_bar
+from benchmark.core.schedules import warmup_cosine
 from methods.base import Method
 from tasks.base import Task, TaskContext
 from tasks.heads import HEADS, build_head

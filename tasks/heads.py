@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from methods.vit import LayerNorm, init_transformer_weights
+from benchmark.core.layers import LayerNorm, init_transformer_weights
 
 HEADS = ("attentive", "pooled")
 

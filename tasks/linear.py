@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
-from benchmark.progress import progress_bar
-from benchmark.schedules import cosine
+from benchmark.core.progress import progress_bar
+from benchmark.core.schedules import cosine
 from tasks.base import Task, TaskContext
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from benchmark.data import derive_seed
-from benchmark.progress import progress_bar
-from methods.vit import gather_tokens
-from methods.views import PairedViews, Photometric, ViewConfig, action, apply_photometric, draw_jitter, draw_source
+from benchmark.core.data import derive_seed
+from benchmark.core.progress import progress_bar
+from benchmark.core.views import PairedViews, Photometric, ViewConfig, action, apply_photometric, draw_jitter, draw_source
 from tasks.base import Task, TaskContext
 
 GRID_FILE = "mrr_retrievals.png"

@@ -15,9 +15,9 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmark.config import ConfigError
-from benchmark.data import derive_seed
-from benchmark.progress import progress_bar
+from benchmark.core.errors import ConfigError
+from benchmark.core.data import derive_seed
+from benchmark.core.progress import progress_bar
 from methods.base import Method
 from tasks.base import Task, TaskContext
 from tasks.finetune import (PredictorFinetune, as_grid, check_recipe, count_parameters, evaluate, frozen_inputs,

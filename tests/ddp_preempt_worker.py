@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import benchmark.pretrain as pretrain_module
-from benchmark import distributed, interrupt
+from benchmark.core import distributed, interrupt
 from benchmark.config import load_config
 from benchmark.runner import execute, plan_run
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import synthetic
+from benchmark.core import synthetic
 from benchmark.config import load_config
-from benchmark.data import DataSource
+from benchmark.core.data import DataSource
 from methods import build_method
 from tasks.base import TaskContext
 

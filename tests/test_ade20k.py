@@ -6,9 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import synthetic
+from benchmark.core import synthetic
 from benchmark.config import load_config
-from benchmark.data import DataError
+from benchmark.core.errors import DataError
 from conftest import TINY, TINY_MODEL
 from methods import build_method
 from tasks.ade20k import ADE20kSegmentation, warmup_poly

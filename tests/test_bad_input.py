@@ -13,10 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from benchmark import checkpoint as ckpt
+from benchmark.core import checkpoint as ckpt
 from benchmark.cli import main
 from benchmark.config import load_config
-from benchmark.data import DataError, ImageFolder, check_label_png, crop_transform, eval_transform
+from benchmark.core.data import ImageFolder, check_label_png, crop_transform, eval_transform
+from benchmark.core.errors import DataError
 from benchmark.records import non_finite_metrics
 from methods import build_method
 from test_crash_safety import FAST

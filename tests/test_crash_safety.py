@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import checkpoint as ckpt
+from benchmark.core import checkpoint as ckpt
 
 # 32 training images of 32 px, batch 8: 4 steps per epoch, 8 in all; checkpoints after steps 3
 # and 6 (written once steps 4 and 7 have shown a finite loss) and at the end.
@@ -128,8 +128,9 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, cache):
     from omegaconf import OmegaConf
 
     from benchmark.config import load_config
-    from benchmark.data import resolve_data
-    from benchmark.pretrain import DivergenceError, pretrain
+    from benchmark.core.data import resolve_data
+    from benchmark.pretrain import pretrain
+    from benchmark.core.errors import DivergenceError
     from methods import build_method
 
     cfg = load_config([*FAST, "data.num_train=8", "pretrain.epochs=1"])

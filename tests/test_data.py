@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark import synthetic
-from benchmark.data import (WORKER_NICENESS, DataError, ImageFolder, SeededBatches, crop_transform, eval_loader,
+from benchmark.core import synthetic
+from benchmark.core.data import (WORKER_NICENESS, DataError, ImageFolder, SeededBatches, crop_transform, eval_loader,
                             train_loader)
 
 
@@ -109,7 +109,7 @@ def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(sh
     def collate(items):
         return torch.stack([v for v, _, _ in items])
 
-    monkeypatch.setattr("benchmark.data.eval_transform", lambda size: _worker_state)
+    monkeypatch.setattr("benchmark.core.data.eval_transform", lambda size: _worker_state)
     for loader in (train_loader(ds, _worker_state, collate, 4, seed=0, epoch=0, workers=1),
                    eval_loader(ds, 32, 4, workers=1)):
         batch = next(iter(loader))
@@ -129,7 +129,7 @@ def test_seeded_batches_cover_the_epoch_once():
 
 
 def test_label_sets_of_the_builtin_data(shapes):
-    from benchmark.data import DataSource
+    from benchmark.core.data import DataSource
 
     by_shape = DataSource("shapes", shapes, "train", "val", 32, shapes / "labels.csv", "shape").split("train")
     by_colour = DataSource("shapes", shapes, "train", "val", 32, shapes / "labels.csv", "colour").split("train")

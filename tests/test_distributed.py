@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.data import SeededBatches
+from benchmark.core.data import SeededBatches
 from conftest import ROOT, TINY
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")

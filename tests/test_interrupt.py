@@ -5,10 +5,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import checkpoint as ckpt
-from benchmark import interrupt, synthetic
+from benchmark.core import checkpoint as ckpt
+from benchmark.core import interrupt, synthetic
 from benchmark.config import load_config
-from benchmark.data import DataSource
+from benchmark.core.data import DataSource
 from benchmark.pretrain import pretrain
 from methods import build_method
 

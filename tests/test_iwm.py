@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from benchmark.config import load_config
 from conftest import TINY
 from methods import build_method
-from methods.views import ACTION_DIM
+from benchmark.core.views import ACTION_DIM
 
 
 def tiny_cfg(*overrides):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.schedules import cosine, linear, warmup_cosine
+from benchmark.core.schedules import cosine, linear, warmup_cosine
 from methods.losses import ema_update, latent_regression, normalize_targets
 from methods.vit import sincos_2d
 

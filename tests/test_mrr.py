@@ -6,13 +6,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from benchmark import synthetic
+from benchmark.core import synthetic
 from benchmark.config import load_config
-from benchmark.data import DataSource
+from benchmark.core.data import DataSource
 from conftest import TINY
 from methods import build_method
 from methods.iwm import IWM
-from methods.vit import gather_tokens
+from benchmark.core.layers import gather_tokens
 from tasks import TaskContext, build_task
 from tasks.mrr import block_distances, chance_mrr, rank_of_first
 

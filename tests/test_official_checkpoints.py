@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from benchmark import checkpoint as ckpt
+from benchmark.core import checkpoint as ckpt
 from benchmark.config import load_config
 from benchmark.official import method_from_official, to_official
 from conftest import TINY

@@ -9,13 +9,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import perf, synthetic
+from benchmark import perf
+from benchmark.core import synthetic
 from benchmark.config import load_config
-from benchmark.data import DataSource
+from benchmark.core.data import DataSource
 from benchmark.pretrain import pretrain
 from methods import build_method
 from methods.mae import MAEDecoder
-from methods.vit import PatchEmbed, Predictor, gather_tokens
+from benchmark.core.layers import gather_tokens
+from methods.vit import PatchEmbed, Predictor
 from tasks.linear import train_heads
 
 # A case small enough to time in seconds: 32 px, 4 px patches, a 2-block encoder.

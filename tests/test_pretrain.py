@@ -4,11 +4,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import checkpoint as ckpt
-from benchmark import synthetic
+from benchmark.core import checkpoint as ckpt
+from benchmark.core import synthetic
 from benchmark.config import load_config
-from benchmark.data import DataSource
-from benchmark.pretrain import DivergenceError, pretrain
+from benchmark.core.data import DataSource
+from benchmark.pretrain import pretrain
+from benchmark.core.errors import DivergenceError
 from methods import build_method, method_from_state
 
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from benchmark.config import ConfigError
+from benchmark.core.errors import ConfigError
 from slurm.jobs import overrides_for
 from slurm.sweep import (DONE, FAILED, NOT_SUBMITTED, PENDING, RUNNING, Cell, UnitState, decide, expand_grid,
                          format_value, load_sweep, split_overrides)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmark.data import derive_seed
+from benchmark.core.data import derive_seed
 from tasks import build_task
 from tasks.finetune import fresh_predictor
 from tasks_helpers import context, same, snapshot, tiny_config, tiny_data, tiny_method

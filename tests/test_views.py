@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.data import Transformed, to_rgb
-from methods.views import (ACTION_DIM, PairedViews, Photometric, ViewConfig, action, apply_photometric,
+from benchmark.core.data import Transformed, to_rgb
+from benchmark.core.views import (ACTION_DIM, PairedViews, Photometric, ViewConfig, action, apply_photometric,
                            draw_source)
 
 NONE = dict(jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0)

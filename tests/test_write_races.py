@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from benchmark import checkpoint as ckpt
+from benchmark.core import checkpoint as ckpt
 from benchmark.records import read_records, write_record
 
 WRITERS, RUNS, ROUNDS = 3, 4, 25
@@ -84,7 +84,7 @@ def test_the_race_does_catch_a_non_atomic_writer(tmp_path):
 FAILING_WRITES = """
 import errno, sys
 import torch
-from benchmark import checkpoint as ckpt
+from benchmark.core import checkpoint as ckpt
 from benchmark.records import write_record
 folder = sys.argv[1]
 failures = 0

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from benchmark.data import IMAGENET_MEAN, IMAGENET_STD, DataError, to_rgb
+from benchmark.core.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from benchmark.core.errors import DataError
 from tasks.segmentation.metrics import IGNORE_INDEX
 
 ADE_DIR = "ADEChallengeData2016"

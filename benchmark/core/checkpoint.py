@@ -10,13 +10,10 @@ from typing import Any
 
 import torch
 
-from benchmark.faults import fault_point
+from benchmark.core.errors import CheckpointError
+from benchmark.core.faults import fault_point
 
 TEMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit what it is loaded into."""
 
 
 def atomic_write(path: str | Path, write) -> None:

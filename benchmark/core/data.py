@@ -14,7 +14,6 @@ are not (a truncated download) fails when the loader decodes it, again naming th
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from benchmark import synthetic
+from benchmark.core import synthetic
+from benchmark.core.errors import DataError
+from benchmark.core.seeding import derive_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,10 +43,6 @@ SCAN_THREADS = 8
 UNREADABLE_LOG = "unreadable.txt"
 # What PIL raises for a file it cannot identify or decode.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """A dataset folder that cannot be used as configured."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -245,12 +242,6 @@ def check_label_png(path: str | Path, num_classes: int, ignore_values: Sequence[
         raise DataError(f"label {path} holds values {', '.join(map(str, bad[:5].tolist()))} outside 1..{num_classes} "
                         f"(ignore: {', '.join(map(str, ignore_values))})")
     return values
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; stable across processes and Python versions."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class SeededBatches(Sampler):
