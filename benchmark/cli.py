@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+METRIC_LABELS = {"miou": "mIoU"}
 
 out = Console()
 err = Console(stderr=True)
@@ -32,11 +33,11 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _headline(metrics: dict) -> str:
-    for key in ("top1", "mrr", "miou", "final_loss"):
-        if metrics.get(key) is not None:
-            return f"{key} {metrics[key]:.4g}"
-    return ""
+def _headline(record: dict) -> str:
+    from benchmark.records import headline
+
+    key, value = headline(record)
+    return "" if value is None else f"{key} {value:.4g}"
 
 
 def summary_table(records: list[dict]) -> Table:
@@ -47,13 +48,13 @@ def summary_table(records: list[dict]) -> Table:
     for r in records:
         m = r["metrics"]
         chance = next((f"{m[k]:.4g}" for k in ("chance_top1", "chance_mrr") if k in m), "")
-        table.add_row(r["task"], _headline(m), chance, f"{r['wall_seconds']:.1f}", r["status"])
+        table.add_row(r["task"], _headline(r), chance, f"{r['wall_seconds']:.1f}", r["status"])
     return table
 
 
 def results_table(records: list[dict]) -> Table | None:
     """The paper's shape: rows method, columns tasks, headline metric in each cell."""
-    from benchmark.tables import paper_table
+    from benchmark.leaderboard import paper_table
 
     frame = paper_table(records)
     if frame.empty:
@@ -62,7 +63,9 @@ def results_table(records: list[dict]) -> Table | None:
     table = Table(title="results (top-1 %, val split; mIoU % for segmentation, MRR for mrr)")
     table.add_column("method", no_wrap=True)
     for task in frame.columns:
-        table.add_column(f"{task} mIoU" if metrics[task] == "miou" else task, justify="right", no_wrap=True)
+        metric = metrics[task]
+        header = task if metric in ("top1", task) else f"{task} {METRIC_LABELS.get(metric, metric)}"
+        table.add_column(header, justify="right", no_wrap=True)
     for method, row in frame.iterrows():
         table.add_row(method, *("" if value != value else f"{value:.3f}" if metrics[task] == "mrr" else f"{value:.1f}"
                                 for task, value in row.items()))
@@ -90,6 +93,8 @@ def cmd_run(overrides: list[str]) -> int:
         plan = plan_run(load_config(overrides))
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    for task, why in plan.skipped.items():
+        out.print(f"skipping task {task}: does not apply ({why})", highlight=False, soft_wrap=True)
     if plan.cfg.launcher.name != "local":
         return _submit(overrides, plan)
     try:
@@ -235,6 +240,9 @@ def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
         return _fail(str(exc), EXIT_USAGE)
     out.print(f"sweep {sweep.name}: {len(sweep.cells)} cells x tasks {', '.join(sweep.tasks) or '-'} "
               f"({sweep.launcher['name']}) -> {sweep.sweep_dir}", highlight=False, soft_wrap=True)
+    for cell in sweep.cells:
+        for task, why in cell.skipped.items():
+            out.print(f"skip {cell.name}/{task}: does not apply ({why})", highlight=False, soft_wrap=True)
     submitted = []
 
     def event(line: str) -> None:

@@ -26,6 +26,13 @@ def group_dir(group: str) -> Path:
     return GROUP_DIRS.get(group, CONF_DIR / group)
 
 
+def is_task_set(option: str) -> bool:
+    """Whether a task= option selects a set of tasks (all, paper, none) rather than naming one:
+    a set skips the tasks that do not apply to the method, a named task that does not apply fails."""
+    path = group_dir("task") / f"{option}.yaml"
+    return path.is_file() and path.read_text().startswith("# @package _global_")
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in group_dir(group).glob("*.yaml"))
 
@@ -154,7 +161,8 @@ def validate(cfg: DictConfig) -> None:
              f"checkpoint_key must be target_encoder, encoder or null, got {cfg.checkpoint_key!r}")
     _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
              f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    _require(len(cfg.tasks) > 0, "no task selected: use task=<name> or task=all")
+    _require(len(cfg.tasks) > 0 or cfg.choices.task == "none",
+             "no task selected: use task=<name>, task=all, or task=none to pretrain only")
     for name, task_cfg in cfg.tasks.items():
         for key in ("epochs", "batch_size"):
             if key in task_cfg:

@@ -14,22 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.records import read_records
+from tasks import TASKS
+from benchmark.records import LOWER_IS_BETTER, headline, headline_metric, read_records  # noqa: F401 (API)
 
-# The one number a task is ranked by; any task not named here reports classification top-1.
-HEADLINE = {"mrr": "mrr", "ade20k": "miou", "pretrain": "final_loss"}
-DEFAULT_HEADLINE = "top1"
-LOWER_IS_BETTER = {"final_loss"}
 ROW_KEYS = ["method", "preset", "model", "data"]
-
-
-def headline_metric(task: str) -> str:
-    return HEADLINE.get(task, DEFAULT_HEADLINE)
-
-
-def headline(record: dict) -> tuple[str, float | None]:
-    metric = headline_metric(record["task"])
-    return metric, record.get("metrics", {}).get(metric)
 
 
 def _config_value(config: dict, dotted: str):
@@ -71,7 +59,7 @@ def load_frame(folders: list[str | Path], methods: list[str] | None = None, task
         finished = _date(r["finished"])
         if start and finished < start or end and finished > end:
             continue
-        metrics = r["metrics"] if all_metrics else {headline_metric(r["task"]): r["metrics"].get(headline_metric(r["task"]))}
+        metrics = r["metrics"] if all_metrics else dict([headline(r)])
         extra = {key: str(_config_value(r.get("config", {}), key)) for key in by or []}
         for metric, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value is None:
@@ -81,6 +69,24 @@ def load_frame(folders: list[str | Path], methods: list[str] | None = None, task
                          "finished": r["finished"], "run_dir": r.get("run_dir")})
     columns = ROW_KEYS + list(by or []) + ["task", "metric", "value", "seed", "run_id", "finished", "run_dir"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def paper_table(records: list[dict]) -> pd.DataFrame:
+    """The paper's shape for one run or a few: rows method preset, columns tasks in the order they
+    ran, cells the mean headline over the records given (seeds).
+
+    `table.attrs["metrics"]` maps each task column to its headline metric.
+    """
+    rows = [{"method": r["preset"], "task": r["task"], "metric": metric, "value": value}
+            for r in records if r["status"] == "ok" and r["task"] in TASKS
+            for metric, value in [headline(r)] if value is not None]
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    order = list(dict.fromkeys(frame["task"]))
+    table = frame.pivot_table(index="method", columns="task", values="value", aggfunc="mean")[order]
+    table.attrs["metrics"] = dict(zip(frame["task"], frame["metric"]))
+    return table
 
 
 @dataclass

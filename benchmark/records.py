@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from benchmark.core.checkpoint import atomic_write
+from tasks import TASKS
 
 SCHEMA_VERSION = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +69,23 @@ def make_record(*, run_id: str, run_dir: Path, task: str, config: dict, metrics:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "config": config,
     }
+
+
+# Pretraining's record is ranked by its loss; every task by the headline it declares.
+PRETRAIN_HEADLINE = "final_loss"
+LOWER_IS_BETTER = {"final_loss"}
+
+
+def headline_metric(task: str) -> str:
+    """The one metric a task's records are ranked and tabulated by."""
+    return TASKS[task].headline if task in TASKS else PRETRAIN_HEADLINE
+
+
+def headline(record: dict) -> tuple[str, float | None]:
+    """(metric, value) of a record's headline; the value is None when the record lacks it."""
+    metric = headline_metric(record["task"])
+    value = record.get("metrics", {}).get(metric)
+    return metric, float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def non_finite_metrics(metrics, prefix: str = "") -> list[str]:

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.core import checkpoint as ckpt
 from benchmark import official
+from benchmark.config import is_task_set
+from benchmark.core import checkpoint as ckpt
 from benchmark.core import distributed
-from benchmark.core.errors import ConfigError
 from benchmark.core.data import DataSource, resolve_data
-from benchmark.core.errors import DataError
-from benchmark.pretrain import LAST, pretrain
+from benchmark.core.errors import CheckpointError, ConfigError, DataError
 from benchmark.core.progress import console
+from benchmark.pretrain import LAST, pretrain
 from benchmark.records import make_record, non_finite_metrics, now, write_record
 from methods import METHODS, build_method, method_from_state
 from methods.base import Method
@@ -44,6 +44,8 @@ class Plan:
     # The encoder tasks evaluate: checkpoint_key, or the method's default when it is null.
     encoder_key: str
     task_names: list[str]
+    # Tasks of a task set (task=all) that do not apply to the method -> why.
+    skipped: dict[str, str]
 
 
 def pick_device(name: str) -> torch.device:
@@ -90,13 +92,13 @@ def _load_checkpoint_method(cfg: DictConfig, path: Path) -> Method:
         return official.method_from_official(state, path, cfg)
     method_state = state["method"]
     if method_state["method"] != cfg.method.name:
-        raise ckpt.CheckpointError(f"{path} holds method {method_state['method']!r} but method={cfg.method.name}")
+        raise CheckpointError(f"{path} holds method {method_state['method']!r} but method={cfg.method.name}")
     differ = [f"{k}={method_state['model_cfg'].get(k)} (config {cfg.model.get(k)})" for k in ARCHITECTURE_KEYS
               if method_state["model_cfg"].get(k) != cfg.model.get(k)]
     if method_state["image_size"] != cfg.data.image_size:
         differ.append(f"image_size={method_state['image_size']} (config data.image_size={cfg.data.image_size})")
     if differ:
-        raise ckpt.CheckpointError(f"{path} does not match model={cfg.choices.model}: {', '.join(differ)}")
+        raise CheckpointError(f"{path} does not match model={cfg.choices.model}: {', '.join(differ)}")
     return method_from_state(method_state)
 
 
@@ -130,17 +132,30 @@ def plan_run(cfg: DictConfig) -> Plan:
         else:
             method = build_method(cfg.method.name, config["model"], config["method"], cfg.data.image_size)
     except (ValueError, KeyError) as exc:
-        if isinstance(exc, (ckpt.CheckpointError, DataError)):
+        if isinstance(exc, (CheckpointError, DataError)):
             raise
         raise ConfigError(f"cannot build method {cfg.method.name}: {exc}") from None
-    tasks = []
+    tasks, skipped = [], {}
+    named = not is_task_set(cfg.choices.task)
     for name in cfg.tasks:
         try:
             task = build_task(name, OmegaConf.to_container(cfg.tasks[name], resolve=True))
         except (ValueError, KeyError) as exc:
             raise ConfigError(f"tasks.{name}: {exc}") from None
-        if task.applies_to(method):
-            tasks.append(name)
+        verdict = task.applies_to(method)
+        if not verdict:
+            if named:
+                raise ConfigError(f"task {name} does not apply: {verdict.reason}")
+            skipped[name] = verdict.reason
+            continue
+        try:
+            task.check(method)
+        except ValueError as exc:
+            raise ConfigError(str(exc) if isinstance(exc, ConfigError) else f"tasks.{name}: {exc}") from None
+        tasks.append(name)
+    if not tasks and not (cfg.pretrain.epochs > 0 and not cfg.checkpoint):
+        raise ConfigError("nothing to run: no task applies and there is no pretraining "
+                          f"(task={cfg.choices.task}, checkpoint={cfg.checkpoint}, pretrain.epochs={cfg.pretrain.epochs})")
     encoder_key = cfg.checkpoint_key or method.default_encoder_key
     if encoder_key == "target_encoder" and method.target_encoder is None:
         raise ConfigError(f"method {cfg.method.name} has no target encoder: use checkpoint_key=encoder")
@@ -155,7 +170,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         _check_resume(run_dir, config)
     elif cfg.resume and cfg.run_dir:
         raise ConfigError(f"resume=true but the run folder does not exist: {run_dir}")
-    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks)
+    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped)
 
 
 def _create_run_dir(plan: Plan) -> None:

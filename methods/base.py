@@ -1,32 +1,57 @@
-"""The contract every pretraining method fulfils, so tasks and the trainer never name a method.
+"""The contract every pretraining method fulfils, so the trainer and the tasks never name a method.
 
-A method is an nn.Module holding its networks and knowing how to:
+A method is an nn.Module holding its networks (`encoder`, optional `target_encoder` and
+`predictor`) and declaring what it can do (`capabilities`). It knows how to:
 - build its training views and batches (`train_transform`, `collate`),
 - compute its loss on a batch (`training_step`) and update what is not trained by gradient
   (`after_step`, e.g. the EMA target encoder),
-- call its predictor (`predict` on given positions, `predict_full` on a whole clean image),
-  build a fresh one (`new_predictor`, the random-predictor control), and hand out the encoder
-  an evaluation should use (`eval_encoder(key)`, patch tokens [B, N, D] out).
-Checkpoints hold the method's name and architecture next to its weights, so `Method.load`
+- hand out the encoder an evaluation uses (`eval_encoder(key)`: images -> patch tokens
+  [B, N, D]), its geometry (`patch_size`, `grid`, `depth`, `token_dim`) and dense multi-level
+  feature maps for segmentation (`dense_features`),
+- call its predictor (`predict` on given positions, `predict_full` on a whole clean image) and
+  replace it by a freshly initialised one (`reset_predictor`, the random-predictor control),
+- read and write its official release layout, if it has one (`official_layout`).
+Checkpoints hold the method's name and architecture next to its weights, so the registry
 rebuilds the right class without the config that trained it.
 """
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
+from benchmark.core.optim import param_groups
+from benchmark.core.seeding import seeded
 from methods.losses import normalize_targets
 
 ENCODER_KEYS = ("target_encoder", "encoder")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method offers the tasks; a task that needs more does not apply (and says why)."""
+    predictor: bool  # a world model: predict / predict_full / reset_predictor
+    target_encoder: bool  # an EMA target encoder whose (normalised) latents the predictor regresses
+    conditioned: bool  # the predictor takes an action (what was done to the image)
+
+    def missing(self, **needed: bool) -> str | None:
+        """Why these capabilities are not enough (None when they are), e.g. missing(predictor=True)."""
+        lacking = [name.replace("_", " ") for name, want in needed.items() if want and not getattr(self, name)]
+        return f"it has no {' and no '.join(lacking)}" if lacking else None
 
 
 class Method(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str]
     # The encoder tasks evaluate when the user names none (checkpoint_key=null).
     default_encoder_key: ClassVar[str] = "target_encoder"
+    # The released checkpoint layout this method reads and writes (see `official_matches`), if any.
+    official_layout: ClassVar[str | None] = None
+    # How error messages describe a file in that layout.
+    official_about: ClassVar[str] = ""
     encoder: nn.Module
     target_encoder: nn.Module | None
     predictor: nn.Module | None
@@ -37,6 +62,36 @@ class Method(nn.Module, metaclass=ABCMeta):
         self.model_cfg, self.method_cfg, self.image_size = dict(model_cfg), dict(method_cfg), image_size
         self.target_encoder = None
         self.predictor = None
+
+    # --- what the method offers --------------------------------------------------------------
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """Declared per instance: an encoder-only checkpoint, for one, has no predictor."""
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    @property
+    def grid(self) -> int:
+        """Patches per side at the pretraining resolution (the predictor's position table)."""
+        return self.encoder.grid
+
+    @property
+    def depth(self) -> int:
+        """Blocks of the encoder (`dense_features` numbers them 1..depth)."""
+        return self.encoder.depth
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the eval encoder's tokens."""
+        return self.encoder.embed_dim
+
+    @property
+    def world_model_dim(self) -> int:
+        """Width of `predict_full`'s outputs."""
+        return self.token_dim
 
     # --- data -----------------------------------------------------------------------------
     @abstractmethod
@@ -56,15 +111,25 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Called after each optimiser step with progress in [0, 1] (EMA updates etc.)."""
 
     def param_groups(self) -> list[dict]:
-        """AdamW groups: weight decay on matrices only, never on biases or 1-D parameters."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:  # frozen: fixed position tables, the EMA target encoder
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+        """Pretraining AdamW groups: decay on matrices and tokens, never on biases or 1-D
+        parameters, as the official I-JEPA and MAE pretraining code groups them."""
+        return param_groups(self, weight_decay=0.0, tokens=False)
 
     # --- evaluation -------------------------------------------------------------------------
+    def eval_encoder(self, key: str = "target_encoder") -> nn.Module:
+        """The encoder tasks evaluate: images [B, 3, H, W] -> patch tokens [B, N, token_dim]."""
+        if key not in ENCODER_KEYS:
+            raise ValueError(f"unknown encoder key {key!r} (choose {' or '.join(ENCODER_KEYS)})")
+        if key == "target_encoder" and self.target_encoder is None:
+            raise ValueError(f"method {self.name} has no target encoder: use checkpoint_key=encoder")
+        return self.target_encoder if key == "target_encoder" else self.encoder
+
+    @abstractmethod
+    def dense_features(self, images: torch.Tensor, key: str, blocks: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Feature maps [B, token_dim, h, w] after each listed encoder block (1-based, in order)
+        and the normed last layer, for images of any size that is a multiple of the patch size
+        (position tables are resampled to the image's grid)."""
+
     @abstractmethod
     def predict(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
                 action: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +140,10 @@ class Method(nn.Module, metaclass=ABCMeta):
         """
 
     def sample_masks(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Context positions [B, Kc] and target blocks (a list of [B, Kt]) as in pretraining."""
+        """Context positions [B, Kc] and target blocks (a list of [B, Kt]) as in pretraining.
+
+        Needed by the world-model MRR, which applies to methods with a target encoder.
+        """
         raise ValueError(f"method {self.name} does not draw context/target blocks")
 
     def encode_context(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -90,7 +158,7 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None,
                      extra: torch.Tensor | None = None) -> torch.Tensor:
-        """The world model run on a whole clean image: predictions [B, N, D'] at every position.
+        """The world model run on a whole clean image: predictions [B, N, world_model_dim].
 
         `tokens` [B, N, D] are the encoder's patch tokens of the full image; the predictor gets
         all of them as context and a query at every position, with the null action unless one is
@@ -102,16 +170,33 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def new_predictor(self) -> nn.Module:
-        """A freshly initialised predictor of the same architecture (the random-predictor control)."""
+        """A freshly initialised predictor of the same architecture (from torch's global RNG)."""
 
-    def eval_encoder(self, key: str = "target_encoder") -> nn.Module:
-        if key not in ENCODER_KEYS:
-            raise ValueError(f"unknown encoder key {key!r} (choose {' or '.join(ENCODER_KEYS)})")
-        if key == "target_encoder" and self.target_encoder is None:
-            raise ValueError(f"method {self.name} has no target encoder: use checkpoint_key=encoder")
-        return self.target_encoder if key == "target_encoder" else self.encoder
+    def reset_predictor(self, seed: int) -> nn.Module:
+        """Replace the predictor by a fresh one drawn under `seed` (the random-predictor control)."""
+        with seeded(seed):
+            self.predictor = self.new_predictor()
+        return self.predictor
 
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
         return {"method": self.name, "model_cfg": self.model_cfg, "method_cfg": self.method_cfg,
                 "image_size": self.image_size, "weights": self.state_dict()}
+
+    @classmethod
+    def official_matches(cls, state: dict) -> bool:
+        """Whether a loaded file is in this method's official release layout."""
+        return False
+
+    @classmethod
+    def official_architecture(cls, state: dict, path: Path) -> dict[str, object]:
+        """Dotted config keys -> values read off an official file's tensors (compared with the config)."""
+        raise ValueError(f"method {cls.name} has no official checkpoint layout")
+
+    def load_official(self, state: dict, path: Path) -> None:
+        """Load an official file's weights into this method, strictly (position tables resampled)."""
+        raise ValueError(f"method {self.name} has no official checkpoint layout")
+
+    def to_official(self, checkpoint: dict, encoder_only: bool = False) -> dict:
+        """A checkpoint written by `bench run` (this method's weights) in the official release layout."""
+        raise ValueError(f"method {self.name} has no official checkpoint layout")

@@ -9,18 +9,30 @@ ones, so released files load key for key.
 Through the method contract the decoder is MAE's predictor ("world model"): `predict` returns
 pixel predictions at the query positions, `predict_full` the decoder features (after
 decoder_norm) of a whole clean image with nothing masked.
+
+Also the official MAE release layout, read and written here: `mae_pretrain_vit_*.pth` is
+{'model': encoder state dict} (cls_token, pos_embed [1, 1 + N, D] with the cls slot first,
+patch_embed, blocks, norm); the `_full` and `mae_visualize_` files add mask_token and
+decoder_{embed,pos_embed,blocks,norm,pred}.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from benchmark.core.checkpoint import load_weights, strip_prefix
 from benchmark.core.data import crop_transform
-from methods.base import Method
+from benchmark.core.errors import CheckpointError
+from methods.base import Capabilities, Method
 from methods.losses import masked_pixel_loss, normalize_patches, patchify
 from methods.masks import random_masking
 from benchmark.core.layers import LayerNorm, gather_tokens
-from methods.vit import PatchEmbed, blocks_on_tail, make_blocks, set_geometry, sincos_2d
+from methods.vit import (PatchEmbed, blocks_on_tail, count_blocks, encoder_levels, make_blocks, resample_pos_embed,
+                         set_geometry, sincos_2d, tensor_shape, vit_architecture)
+
+DECODER_PREFIXES = ("mask_token", "decoder_")
 
 
 def sincos_with_cls(dim: int, grid: int) -> torch.Tensor:
@@ -167,6 +179,8 @@ class MAE(Method):
     name = "mae"
     # No EMA target encoder: tasks evaluate the encoder unless told otherwise.
     default_encoder_key = "encoder"
+    official_layout = "mae"
+    official_about = "an MAE checkpoint ({'model': ...})"
 
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
         super().__init__(model_cfg, method_cfg, image_size)
@@ -177,6 +191,19 @@ class MAE(Method):
         # Fails early on a ratio that keeps nothing or removes nothing at this grid.
         random_masking(torch.zeros(1, self.encoder.num_patches), self.mask_ratio)
         self.predictor = self.new_predictor()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # The decoder is a world model that takes no action; an encoder-only file has none.
+        return Capabilities(predictor=self.predictor is not None, target_encoder=False, conditioned=False)
+
+    @property
+    def world_model_dim(self) -> int:
+        return self.method_cfg["predictor"]["width"]
+
+    def dense_features(self, images, key, blocks):
+        encoder = self.eval_encoder(key)
+        return encoder_levels(encoder, images, blocks, cls_token=encoder.cls_token)
 
     def new_predictor(self) -> MAEDecoder:
         p = self.method_cfg["predictor"]
@@ -228,3 +255,45 @@ class MAE(Method):
             cls, tokens = tokens[:, :1], tokens[:, 1:]
         idx = torch.arange(tokens.size(1), device=tokens.device).expand(tokens.size(0), -1)
         return self._decoder().features(tokens, idx, cls=cls, extra=extra)
+
+    # --- the official release layout -------------------------------------------------------------
+    @classmethod
+    def official_matches(cls, state: dict) -> bool:
+        return isinstance(state.get("model"), dict)
+
+    @staticmethod
+    def _official_split(state: dict) -> tuple[dict, dict]:
+        weights = strip_prefix(state["model"])
+        decoder = {k: v for k, v in weights.items() if k.startswith(DECODER_PREFIXES)}
+        return {k: v for k, v in weights.items() if k not in decoder}, decoder
+
+    @classmethod
+    def official_architecture(cls, state: dict, path: Path) -> dict[str, object]:
+        encoder, decoder = cls._official_split(state)
+        found = vit_architecture(encoder, 1, f"{path} 'model'")
+        if decoder:
+            found["method.predictor.width"] = tensor_shape(decoder, "decoder_embed.weight", f"{path} 'model'")[0]
+            found["method.predictor.depth"] = count_blocks(decoder, "decoder_blocks.")
+        return found
+
+    def load_official(self, state: dict, path: Path) -> None:
+        encoder, decoder = self._official_split(state)
+        if isinstance(encoder.get("pos_embed"), torch.Tensor):
+            encoder["pos_embed"] = resample_pos_embed(encoder["pos_embed"], self.grid, self.grid, 1)
+        load_weights(self.encoder, encoder, f"{path} encoder")
+        if decoder:
+            if isinstance(decoder.get("decoder_pos_embed"), torch.Tensor):
+                decoder["decoder_pos_embed"] = resample_pos_embed(decoder["decoder_pos_embed"], self.grid, self.grid, 1)
+            load_weights(self.predictor, decoder, f"{path} decoder")
+        else:
+            # An encoder-only release: no decoder rather than a random one passed off as pretrained.
+            self.predictor = None
+
+    def to_official(self, checkpoint: dict, encoder_only: bool = False) -> dict:
+        """{'model': encoder + decoder} (the `_full` layout), or the encoder alone."""
+        weights = {k: v.clone() for k, v in self.encoder.state_dict().items()}
+        if not encoder_only:
+            if self.predictor is None:
+                raise CheckpointError("this MAE has no decoder to export: use --encoder-only")
+            weights.update({k: v.clone() for k, v in self.predictor.state_dict().items()})
+        return {"model": weights}

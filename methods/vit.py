@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from benchmark.core.layers import LayerNorm, gather_tokens, init_transformer_weights
+from benchmark.core.errors import CheckpointError
+from benchmark.core.layers import LayerNorm, gather_tokens, init_transformer_weights, tokens_to_map
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """[len(positions), dim] table: sin of every frequency, then cos of every frequency."""
@@ -136,10 +137,8 @@ class VisionTransformer(nn.Module):
         rescale_residual_branches(self.blocks)
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        # The whole image through the convolution, then the kept tokens. PatchEmbed(images, keep)
-        # (MAE's path) would skip the dropped patches, but here it saves ~0.5 % of a JEPA step
-        # (the predictor dominates) and rounds differently from the convolution, which alone moves
-        # single-seed results on the built-in data by several points (README, Performance).
+        # The whole image through the convolution, then the kept tokens: the kept-patch path
+        # (MAE's) would save little here and round differently (see docs/performance.md).
         x = self.patch_embed(images) + self.pos_embed
         if keep is not None:
             x = gather_tokens(x, keep)
@@ -223,3 +222,67 @@ class Predictor(nn.Module):
         x = torch.cat([*parts, queries], dim=1)
         x = blocks_on_tail(self.predictor_blocks, x, queries.size(1))
         return self.predictor_proj(self.predictor_norm(x))
+
+
+# --- dense features and position tables at another resolution ---------------------------------
+def resample_pos_embed(pos: torch.Tensor, h: int, w: int, prefix_tokens: int = 0) -> torch.Tensor:
+    """[1, prefix + g*g, D] -> [1, prefix + h*w, D]: bicubic on the square patch grid, prefix
+    rows (a cls slot) kept as they are; unchanged when the grid already is h x w."""
+    head, table = pos[:, :prefix_tokens], pos[:, prefix_tokens:]
+    old = math.isqrt(table.size(1))
+    if (old, old) == (h, w):
+        return pos
+    img = table.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=(h, w), mode="bicubic", align_corners=False)
+    table = img.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos.dtype)
+    return torch.cat([head, table], dim=1)
+
+
+def encoder_levels(encoder: nn.Module, images: torch.Tensor, blocks: list[int],
+                   cls_token: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Maps [B, D, h, w] after each listed block (1-based) of a ViT encoder and its normed last
+    layer. `cls_token` (MAE) rides along in front of the patches, its position in the table's
+    first row, and is dropped from the maps."""
+    p = encoder.patch_size
+    h, w = images.size(-2) // p, images.size(-1) // p
+    prefix = 0 if cls_token is None else 1
+    pos = resample_pos_embed(encoder.pos_embed, h, w, prefix)
+    x = encoder.patch_embed(images) + pos[:, prefix:]
+    if cls_token is not None:
+        x = torch.cat([(cls_token + pos[:, :1]).expand(x.size(0), -1, -1), x], 1)
+    if any(not 1 <= b <= len(encoder.blocks) for b in blocks):
+        raise ValueError(f"feature blocks must be in 1..{len(encoder.blocks)}, got {list(blocks)}")
+    outs = []
+    for i, block in enumerate(encoder.blocks, start=1):
+        x = block(x)
+        outs.extend(tokens_to_map(x[:, prefix:], h, w) for _ in range(blocks.count(i)))
+    return outs, tokens_to_map(encoder.norm(x)[:, prefix:], h, w)
+
+
+# --- reading a released file's architecture off its tensors -------------------------------------
+def tensor_shape(weights: dict, key: str, what: str) -> tuple[int, ...]:
+    if key not in weights or not isinstance(weights[key], torch.Tensor):
+        raise CheckpointError(f"{what} has no tensor {key!r}: cannot read its architecture")
+    return tuple(weights[key].shape)
+
+
+def count_blocks(weights: dict, prefix: str) -> int:
+    """Number of distinct blocks `prefix{i}.`; a gap in the numbering then fails in load_weights."""
+    return len({k[len(prefix):].split(".")[0] for k in weights if k.startswith(prefix)})
+
+
+def vit_architecture(weights: dict, prefix_tokens: int, what: str) -> dict:
+    """model.* config values (patch_size, embed_dim, depth, mlp_ratio) of a ViT encoder's tensors.
+
+    Heads are not recoverable from the weights (qkv is [3D, D] for any head count).
+    """
+    dim, _, p, p2 = tensor_shape(weights, "patch_embed.proj.weight", what)
+    if p != p2:
+        raise CheckpointError(f"{what}: non-square patches {p}x{p2} are not supported")
+    tokens = tensor_shape(weights, "pos_embed", what)[1] - prefix_tokens
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise CheckpointError(f"{what}: pos_embed holds {tokens} patch positions, not a square grid")
+    hidden = tensor_shape(weights, "blocks.0.mlp.fc1.weight", what)[0]
+    return {"model.patch_size": p, "model.embed_dim": dim, "model.depth": count_blocks(weights, "blocks."),
+            "model.mlp_ratio": hidden / dim}

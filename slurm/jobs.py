@@ -59,7 +59,9 @@ class SweepJob(submitit.helpers.Checkpointable):
         # A folder left by an earlier attempt (preempted, failed, retried) is continued.
         resume = (Path(self.run_dir) / "config.yaml").is_file()
         fixed = [f"run_dir={self.run_dir}", f"resume={str(resume).lower()}", "launcher=local", "progress=false"]
-        if self.task is not None:
+        if self.task is None:
+            fixed.append("task=none")
+        else:
             fixed += [f"checkpoint={self.checkpoint_path}", f"task={self.task}"]
         return overrides_for(self.overrides, self.task) + fixed
 
@@ -71,8 +73,6 @@ class SweepJob(submitit.helpers.Checkpointable):
                 return [record]
         with _preemption_handlers() as requeue:
             plan = plan_run(load_config(self.run_overrides()))
-            if self.task is None:
-                plan.task_names = []
             try:
                 return execute(plan)
             except interrupt.Interrupted as stopped:

@@ -56,6 +56,8 @@ class Cell:
     name: str
     overrides: list[str]
     tasks: list[str]
+    # The sweep's tasks that do not apply to this cell's method -> why.
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,20 +165,23 @@ def load_sweep(name_or_path: str, args: list[str]) -> Sweep:
             raise ConfigError(f"override {override!r} is set by the sweep itself (tasks: in the sweep file)")
     cells = []
     for name, overrides in expand_grid(spec.get("grid") or {}, shared):
-        cells.append(Cell(name, overrides, _applicable_tasks(overrides, tasks)))
+        cells.append(Cell(name, overrides, *_applicable_tasks(overrides, tasks)))
     sweep_dir = Path(spec.get("sweep_dir") or Path("results") / "sweeps" / path.stem).expanduser().absolute()
     return Sweep(path.stem, sweep_dir, cells, launcher, tasks)
 
 
-def _applicable_tasks(overrides: list[str], tasks: list[str]) -> list[str]:
-    """Check the cell the way `bench run` would, and keep the tasks that apply to its method."""
-    plan = plan_run(load_config(overrides_for(overrides, None)))
-    kept = []
+def _applicable_tasks(overrides: list[str], tasks: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Check the cell the way `bench run` would: (the tasks that apply to its method, the others -> why)."""
+    plan = plan_run(load_config([*overrides_for(overrides, None), "task=none"]))
+    kept, skipped = [], {}
     for task in tasks:
         cfg = load_config(overrides_for(overrides, task) + [f"task={task}"])
-        if build_task(task, cfg.tasks[task]).applies_to(plan.method):
+        verdict = build_task(task, cfg.tasks[task]).applies_to(plan.method)
+        if verdict:
             kept.append(task)
-    return kept
+        else:
+            skipped[task] = verdict.reason
+    return kept, skipped
 
 
 # ---- the sweep folder ------------------------------------------------------------------------

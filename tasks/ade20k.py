@@ -1,4 +1,4 @@
-"""ADE20k semantic segmentation (RECIPE.md section 3) in the paper's modes, two backends.
+"""ADE20k semantic segmentation in the paper's modes (encoder, predictor, end-to-end), two backends.
 
 A copy of the method becomes a segmenter (tasks/segmentation/model.py): a UperNet head on four
 feature levels (+ an auxiliary FCN head, loss weight 0.4) or a linear head on the last layer;
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmark.core.errors import ConfigError
+from benchmark.core.errors import ConfigError, DataError
 from benchmark.core.data import SeededBatches, make_loader
 from benchmark.core.errors import DataError
 from benchmark.core.progress import progress_bar
@@ -30,14 +30,6 @@ from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU
 from tasks.segmentation.model import HEADS, MODES, Segmenter
 
 BACKENDS = ("auto", "native", "mmseg")
-
-
-def warmup_poly(it: int, total: int, warmup: int, warmup_ratio: float, power: float, min_lr_ratio: float) -> float:
-    """lr factor: linear warmup from warmup_ratio, then polynomial decay to min_lr_ratio (mmseg)."""
-    if it < warmup:
-        return warmup_ratio + (1 - warmup_ratio) * it / warmup
-    progress = (it - warmup) / max(1, total - warmup)
-    return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress) ** power
 
 
 def colourise(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -51,7 +43,6 @@ def colourise(label: np.ndarray, num_classes: int) -> np.ndarray:
 
 class ADE20kSegmentation(Task):
     """ADE20k semantic segmentation: UperNet or linear head, encoder/predictor/end-to-end finetuning."""
-    name = "ade20k"
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -78,82 +69,85 @@ class ADE20kSegmentation(Task):
             return "native" if mmseg_backend.missing_reason() else "mmseg"
         return self.cfg["backend"]
 
-    def applies_to(self, method) -> bool:
+    name = "ade20k"
+    headline = "miou"
+
+    def applies_to(self, method: Method) -> Applies:
+        return Applies.needs(method, predictor=uses_predictor(self.cfg["mode"]))
+
+    def check(self, method: Method) -> None:
         c = self.cfg
-        if c["mode"] in ("predictor", "end_to_end"):
-            if method.predictor is None:
-                raise ConfigError(f"tasks.ade20k.mode={c['mode']} needs a predictor; method {method.name} has none")
-            # The predictor's position table is fixed to the pretraining grid.
-            if c["crop_size"] != method.image_size:
-                raise ConfigError(f"tasks.ade20k.mode={c['mode']} runs the predictor on whole crops: crop_size "
-                                  f"({c['crop_size']}) must equal the pretraining resolution ({method.image_size})")
-        patch = method.eval_encoder("encoder").patch_size
-        if c["crop_size"] % patch:
-            raise ConfigError(f"tasks.ade20k.crop_size={c['crop_size']} is not a multiple of the patch size {patch}")
-        return True
+        # The predictor's position table is fixed to the pretraining grid.
+        if uses_predictor(c["mode"]) and c["crop_size"] != method.image_size:
+            raise ConfigError(f"tasks.ade20k.mode={c['mode']} runs the predictor on whole crops: crop_size "
+                              f"({c['crop_size']}) must equal the pretraining resolution ({method.image_size})")
+        if c["crop_size"] % method.patch_size:
+            raise ConfigError(f"tasks.ade20k.crop_size={c['crop_size']} is not a multiple of the patch size "
+                              f"{method.patch_size}")
+        blocks = c.get("feature_blocks")
+        if blocks and (len(blocks) != 4 or not all(1 <= b <= method.depth for b in blocks)):
+            raise ConfigError(f"tasks.ade20k.feature_blocks must be 4 block numbers in 1..{method.depth}, "
+                              f"got {list(blocks)}")
 
     def run(self, method, ctx: TaskContext) -> dict:
         c = self.cfg
         root = Path(str(c["root"])).expanduser() if c["root"] is not None else ctx.source.root
-        train, val = ADE20k(root, "train", c["reduce_zero_label"]), ADE20k(root, "val", c["reduce_zero_label"])
-        if c["batch_size"] > len(train):
-            raise DataError(f"tasks.ade20k.batch_size={c['batch_size']} exceeds the {len(train)} training images in {root}")
+        train_set, val = ADE20k(root, "train", c["reduce_zero_label"]), ADE20k(root, "val", c["reduce_zero_label"])
+        if c["batch_size"] > len(train_set):
+            raise DataError(f"tasks.ade20k.batch_size={c['batch_size']} exceeds the {len(train_set)} training images "
+                            f"in {root}")
         backend = self.backend
         torch.manual_seed(ctx.seed)
-        model = Segmenter(method, ctx.encoder_key, c["mode"], c["head"], c["num_classes"], c, backend).to(ctx.device)
+        model = Segmenter(method, ctx.encoder_key, c["mode"], c["head"], c["num_classes"], c, backend,
+                          ctx.seed).to(ctx.device)
         started = time.perf_counter()
-        losses = self._train(model, train, ctx)
+        losses = self._train(model, train_set, ctx)
         train_seconds = time.perf_counter() - started
         metrics = self._evaluate(model, val, ctx, backend)
         metrics.update(backend=backend, mode=c["mode"], head=c["head"], num_classes=c["num_classes"],
-                       iters=c["iters"], train_images=len(train), val_images=len(val), data_root=str(root),
-                       first_loss=losses[0], final_loss=float(np.mean(losses[-max(1, len(losses) // 10):])),
-                       train_seconds=train_seconds,
-                       trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                       iters=c["iters"], train_images=len(train_set), val_images=len(val), data_root=str(root),
+                       **loss_summary(losses, len(losses) // 10), train_seconds=train_seconds,
+                       trainable_parameters=count_parameters(self._groups(model)))
         return metrics
 
-    def _train(self, model: Segmenter, train: ADE20k, ctx: TaskContext) -> list[float]:
+    def _groups(self, model: Segmenter) -> list[dict]:
+        c = self.cfg
+        return model.param_groups(c["weight_decay"], c["layer_decay"],
+                                  c["random_predictor_lr_scale"] if c["random_predictor"] else 1.0)
+
+    def _train(self, model: Segmenter, train_set: ADE20k, ctx: TaskContext) -> list[float]:
         c = self.cfg
         pipeline = Pipeline(scale=tuple(c["scale"]), crop=c["crop_size"], ratio_range=tuple(c["ratio_range"]),
                             cat_max_ratio=c["cat_max_ratio"], flip=c["flip"], photometric=c["photometric"])
-        lr_scale = c["random_predictor_lr_scale"] if c["random_predictor"] else 1.0
-        opt = torch.optim.AdamW(model.param_groups(c["lr"], c["weight_decay"], c["layer_decay"], lr_scale),
-                                lr=c["lr"], betas=tuple(c["betas"]))
-        crops = TrainCrops(train, pipeline)
-        autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bool(c["bf16"]))
-        per_epoch = len(train) // c["batch_size"]
-        losses: list[float] = []
-        model.train()
-        with progress_bar("ade20k train", c["iters"], enabled=ctx.show_progress) as bar:
+        crops = TrainCrops(train_set, pipeline)
+        per_epoch = len(train_set) // c["batch_size"]
+
+        def batches():
             for epoch in range(math.ceil(c["iters"] / per_epoch)):
-                batches = SeededBatches(len(train), c["batch_size"], ctx.seed, epoch)
-                loader = make_loader(crops, batches, stack_pairs, ctx.workers)
+                loader = make_loader(crops, SeededBatches(len(train_set), c["batch_size"], ctx.seed, epoch),
+                                     stack_pairs, ctx.workers)
                 for images, labels in loader:
-                    it = len(losses)
-                    if it >= c["iters"]:
-                        break
                     bad = (labels != IGNORE_INDEX) & (labels >= c["num_classes"])
                     if bad.any():
-                        raise DataError(f"label {int(labels[bad].max())} in {train.samples[0][1].parent} is outside "
-                                        f"tasks.ade20k.num_classes={c['num_classes']} (after reduce_zero_label)")
-                    factor = warmup_poly(it, c["iters"], c["warmup_iters"], c["warmup_ratio"], c["poly_power"],
+                        raise DataError(f"label {int(labels[bad].max())} in {train_set.samples[0][1].parent} is "
+                                        f"outside tasks.ade20k.num_classes={c['num_classes']} (after reduce_zero_label)")
+                    yield images.to(ctx.device), labels.to(ctx.device)
+
+        def loss(batch):
+            images, labels = batch
+            logits, aux = model(images)
+            value = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            if aux is not None:
+                value = value + c["aux_weight"] * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE_INDEX)
+            return value
+
+        def lr_at(it: int) -> float:
+            return c["lr"] * warmup_poly(it, c["iters"], c["warmup_iters"], c["warmup_ratio"], c["poly_power"],
                                          c["min_lr_ratio"])
-                    for group in opt.param_groups:
-                        group["lr"] = c["lr"] * group["lr_scale"] * factor
-                    images, labels = images.to(ctx.device), labels.to(ctx.device)
-                    with torch.autocast(**autocast):
-                        logits, aux = model(images)
-                    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-                    if aux is not None:
-                        loss = loss + c["aux_weight"] * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE_INDEX)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"ade20k training loss is {loss.item()} at iteration {it}")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(loss.item())
-                    bar.advance(loss=losses[-1])
-        return losses
+
+        model.train()
+        return train(self._groups(model), batches(), c["iters"], lr_at, loss, betas=c["betas"], clip_grad=0.0, device=ctx.device,
+                     bf16=bool(c["bf16"]), label="ade20k train", show_progress=ctx.show_progress)
 
     @torch.no_grad()
     def predict(self, model: Segmenter, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

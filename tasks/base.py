@@ -1,8 +1,11 @@
 """The contract of an evaluation task, and what a run hands every task.
 
-A task is built from its config section and run on a pretrained method (trained in this run or
-loaded from a checkpoint); it returns a flat-ish dict of metrics that goes into the run record.
-Tasks talk to the method only through `methods.base.Method`.
+A task is built from its config section (checked there: a bad setting fails before compute) and
+run on a pretrained method (trained in this run or loaded from a checkpoint); it returns a
+flat-ish dict of metrics that goes into the run record, with its `headline` metric among them.
+`applies_to` says whether the method has what the task needs, and if not why: a task named on
+the command line that does not apply is an error before compute, `task=all` skips it and says
+why. Tasks talk to the method only through the contract in `methods.base`.
 """
 from __future__ import annotations
 
@@ -56,8 +59,7 @@ class TaskContext:
             encoder = method.eval_encoder(self.encoder_key)
             dataset = self.source.split(split)
             size = self.source.image_size
-            with torch.no_grad():  # the shape of one image's tokens, whatever the encoder
-                per_image = encoder.to(self.device).eval()(torch.zeros(1, 3, size, size, device=self.device)).numel()
+            per_image = (size // method.patch_size) ** 2 * method.token_dim
             if len(dataset) * per_image * 4 > self.token_cache_bytes:
                 self._tokens[key] = None
             else:
@@ -119,15 +121,37 @@ class TaskContext:
         return self._features[key]
 
 
+@dataclass(frozen=True)
+class Applies:
+    """Whether a task applies to a method, and if not, why (one line)."""
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @classmethod
+    def needs(cls, method: Method, **capabilities: bool) -> "Applies":
+        """Applies when the method has every capability asked for (see methods.base.Capabilities)."""
+        missing = method.capabilities.missing(**capabilities)
+        return cls(True) if missing is None else cls(False, f"method {method.name}: {missing}")
+
+
 class Task(ABC):
     name: ClassVar[str]
+    # The metric a task is ranked by: the console table, task=all and the leaderboard read it.
+    headline: ClassVar[str] = "top1"
 
     def __init__(self, cfg: dict):
         # Plain containers: list-valued settings arrive as OmegaConf lists from the runner.
         self.cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
-    def applies_to(self, method: Method) -> bool:
-        return True
+    def applies_to(self, method: Method) -> Applies:
+        """Whether the method has what this task needs (capabilities), with the reason if not."""
+        return Applies(True)
+
+    def check(self, method: Method) -> None:
+        """Settings that cannot work with this method (ConfigError); called before compute."""
 
     @abstractmethod
     def run(self, method: Method, ctx: TaskContext) -> dict:

@@ -20,7 +20,6 @@ the last epoch (nothing is selected on val).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import replace
@@ -29,94 +28,21 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 from torch.utils.data import Subset
-from timm.layers import DropPath
-from timm.models.vision_transformer import Block
 
+from benchmark.core.data import crop_transform, eval_loader, stack_views, train_loader
 from benchmark.core.errors import ConfigError
-from benchmark.core.data import crop_transform, derive_seed, eval_loader, train_loader, stack_views
 from benchmark.core.layers import to_device
-from benchmark.core.progress import progress_bar
+from benchmark.core.optim import count_parameters, param_groups
 from benchmark.core.schedules import warmup_cosine
+from benchmark.core.seeding import derive_seed, seeded
 from methods.base import Method
-from tasks.base import Task, TaskContext
+from tasks.base import Applies, Task, TaskContext
+from tasks.core import (HEAD_SEED, MIX_SEED, RANDOM_PREDICTOR_SEED, TRAIN_POOL_SEED, loss_summary, set_drop_path, train,
+                        train_like, working_copy)
 from tasks.heads import HEADS, build_head
 from tasks.mixing import mix, soft_cross_entropy, soft_targets
 
 Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-
-
-# --- recipe pieces (pure) ------------------------------------------------------------------------
-def block_layers(module: nn.Module) -> dict[str, int]:
-    """Layer id of each parameter for layer-wise lr decay: 0 before the first transformer block
-    (patch and position embeddings), i + 1 inside block i, depth + 1 after the last (final norm).
-
-    Blocks are found by type and parameters by registration order, so any timm-block encoder
-    (ours, MAE's) is numbered without knowing its attribute names.
-    """
-    block_of = {}
-    for i, block in enumerate(m for m in module.modules() if isinstance(m, Block)):
-        for p in block.parameters():
-            block_of[id(p)] = i + 1
-    depth = max(block_of.values(), default=0)
-    layers, seen_block = {}, False
-    for name, p in module.named_parameters():
-        if id(p) in block_of:
-            seen_block = True
-            layers[name] = block_of[id(p)]
-        else:
-            layers[name] = depth + 1 if seen_block else 0
-    return layers
-
-
-def param_groups(module: nn.Module, lr_scale: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
-    """AdamW groups of a module's parameters: no decay on biases and 1-D parameters; with
-    `layer_decay`, layer l of a depth-L stack gets lr scale layer_decay ** (L + 1 - l)."""
-    layers = block_layers(module) if layer_decay is not None else {}
-    top = max(layers.values(), default=0)
-    groups: dict[tuple, dict] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:  # fixed position tables
-            continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias")
-        scale = lr_scale * (layer_decay ** (top - layers[name]) if layer_decay is not None else 1.0)
-        key = (scale, no_decay)
-        if key not in groups:
-            groups[key] = {"params": [], "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay}
-        groups[key]["params"].append(p)
-    return list(groups.values())
-
-
-def set_drop_path(module: nn.Module, rate: float) -> None:
-    """Stochastic depth rising linearly from 0 to `rate` over the module's transformer blocks."""
-    blocks = [m for m in module.modules() if isinstance(m, Block)]
-    rates = torch.linspace(0, rate, len(blocks)).tolist() if blocks else []
-    for block, r in zip(blocks, rates):
-        block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
-        block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
-
-
-def working_copy(method: Method, trained: list[nn.Module]) -> Method:
-    """A copy of the method in which the `trained` modules are duplicated and everything else
-    among encoder / target encoder / predictor is shared with the original (frozen, never copied)."""
-    shared = [m for m in (method.encoder, method.target_encoder, method.predictor)
-              if m is not None and all(m is not t for t in trained)]
-    memo = {}
-    for m in shared:
-        memo[id(m)] = m
-        for t in (*m.parameters(), *m.buffers()):
-            memo[id(t)] = t
-    return copy.deepcopy(method, memo)
-
-
-def fresh_predictor(method: Method, seed: int) -> nn.Module:
-    """The random-predictor control: `method.new_predictor()` under a fixed seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return method.new_predictor()
-
-
-def count_parameters(groups: list[dict]) -> int:
-    return sum(p.numel() for g in groups for p in g["params"])
 
 
 # --- the model being tuned -------------------------------------------------------------------------
@@ -149,13 +75,6 @@ class Classifier(nn.Module):
 
 
 # --- the loop ----------------------------------------------------------------------------------------
-def set_lr(opt: torch.optim.Optimizer, cfg: dict, step: int, total: int, warmup: int) -> float:
-    lr = warmup_cosine(step, total, warmup, 0.0, cfg["lr"], cfg["min_lr"])
-    for group in opt.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-    return lr
-
-
 def as_grid(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Tokens [B, N, D] on a square patch grid as [B, D, h, w] (so cutmix swaps patches), and back."""
     if x.dim() == 4:
@@ -167,47 +86,42 @@ def as_grid(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], tor
     return grid, lambda y: y.flatten(2).transpose(1, 2)
 
 
-def update(loss: torch.Tensor, opt: torch.optim.Optimizer, params: list, clip_grad: float, label: str,
-           step: int) -> None:
-    """One optimiser step on a finite loss (a non-finite one stops the task, naming the step)."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{label}: loss is {loss.item()} at step {step} (lower the lr?)")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad:
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    opt.step()
+def mixed(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: dict, gen: torch.Generator
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and soft targets after label smoothing and mixup/cutmix (on the token grid for tokens)."""
+    grid, back = as_grid(x)
+    grid, targets = mix(grid, soft_targets(y, num_classes, cfg["label_smoothing"]), cfg["mixup"], cfg["cutmix"],
+                        cfg["mix_prob"], cfg["switch_prob"], gen)
+    return back(grid), targets
+
+
+def lr_schedule(cfg: dict, steps_per_epoch: int) -> tuple[int, Callable[[int], float]]:
+    """(total steps, lr at a step): linear warmup from 0, then cosine to min_lr, per step."""
+    total = cfg["epochs"] * steps_per_epoch
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    return total, lambda step: warmup_cosine(step, total, warmup, 0.0, cfg["lr"], cfg["min_lr"])
 
 
 def train_classifier(model: Classifier, groups: list[dict], train_batches: Batches, steps_per_epoch: int,
                      num_classes: int, cfg: dict, seed: int, device: torch.device, label: str,
                      show_progress: bool = False) -> dict:
     """Train the parameters in `groups` for cfg['epochs'] epochs; returns loss statistics."""
-    opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg["betas"]))
-    total = cfg["epochs"] * steps_per_epoch
-    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
-    gen = torch.Generator().manual_seed(derive_seed(seed, 1))
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
-    params = [p for g in groups for p in g["params"]]
-    model.to(device).train()
-    step, losses = 0, []
-    with progress_bar(label, total, enabled=show_progress) as bar:
+    total, lr_at = lr_schedule(cfg, steps_per_epoch)
+    gen = torch.Generator().manual_seed(derive_seed(seed, MIX_SEED))
+
+    def batches():
         for epoch in range(cfg["epochs"]):
-            for x, y in train_batches(epoch):
-                set_lr(opt, cfg, step, total, warmup)
-                grid, back = as_grid(x)
-                grid, targets = mix(grid, soft_targets(y, num_classes, cfg["label_smoothing"]), cfg["mixup"],
-                                    cfg["cutmix"], cfg["mix_prob"], cfg["switch_prob"], gen)
-                with torch.autocast(**autocast):
-                    loss = soft_cross_entropy(model(back(grid)), targets.to(device))
-                update(loss, opt, params, cfg["clip_grad"], label, step)
-                step += 1
-                losses.append(loss.item())
-                bar.advance(loss=losses[-1])
+            yield from train_batches(epoch)
+
+    def loss(batch):
+        x, targets = mixed(*batch, num_classes, cfg, gen)
+        return soft_cross_entropy(model(x), targets.to(device))
+
+    model.to(device).train()
+    losses = train(groups, batches(), total, lr_at, loss, betas=cfg["betas"], clip_grad=cfg["clip_grad"],
+                   device=device, bf16=bool(cfg["bf16"]), label=label, show_progress=show_progress)
     model.eval()
-    tail = losses[-max(1, steps_per_epoch):]
-    return {"steps": step, "first_loss": losses[0] if losses else None,
-            "final_loss": sum(tail) / len(tail) if tail else None}
+    return loss_summary(losses, steps_per_epoch)
 
 
 def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
@@ -252,7 +166,7 @@ def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None, poo
     dataset = Subset(source.split("train"), pool.tolist())
     transform = crop_transform(source.image_size, cfg["crop_scale"], flip=cfg["flip"])
 
-    def train(epoch: int):
+    def train_images(epoch: int):
         loader = train_loader(dataset, transform, stack_views, cfg["batch_size"], seed, epoch, workers=ctx.workers)
         for batch in loader:
             batch = to_device(batch, ctx.device)
@@ -264,7 +178,7 @@ def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None, poo
             batch = to_device(batch, ctx.device)
             yield batch["images"], batch["labels"]
 
-    return train, len(dataset) // cfg["batch_size"], val
+    return train_images, len(dataset) // cfg["batch_size"], val
 
 
 # --- the adapters --------------------------------------------------------------------------------------
@@ -306,8 +220,8 @@ class Finetune(Task):
         super().__init__(cfg)
         check_recipe(self.name, self.cfg)
 
-    def applies_to(self, method: Method) -> bool:
-        return method.predictor is not None or not self.use_predictor
+    def applies_to(self, method: Method) -> Applies:
+        return Applies.needs(method, predictor=self.use_predictor)
 
     def build(self, method: Method, ctx: TaskContext, num_classes: int, seed: int
               ) -> tuple[Classifier, list[dict], Method]:
@@ -319,27 +233,18 @@ class Finetune(Task):
                                                      (method.predictor, tune_predictor)) if on])
         encoder = work.eval_encoder(ctx.encoder_key)
         if self.random_predictor:
-            work.predictor = fresh_predictor(method, derive_seed(seed, 2))
-        size = ctx.source.image_size
-        with torch.no_grad():  # width of what the head sees, whatever the method
-            probe = encoder.to(ctx.device).eval()(torch.zeros(1, 3, size, size, device=ctx.device))
-            if self.use_predictor:
-                work.predictor.to(ctx.device).eval()
-                probe = work.predict_full(probe)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, 3))
-            head = build_head(cfg["head"], probe.size(-1), num_classes, cfg["head_heads"])
-        groups = param_groups(head, 1.0, cfg["weight_decay"], None)
+            work.reset_predictor(derive_seed(seed, RANDOM_PREDICTOR_SEED))
+        with seeded(derive_seed(seed, HEAD_SEED)):
+            width = work.world_model_dim if self.use_predictor else work.token_dim
+            head = build_head(cfg["head"], width, num_classes, cfg["head_heads"])
+        groups = param_groups(head, cfg["weight_decay"])
         if self.use_predictor:
             set_drop_path(work.predictor, cfg["drop_path"])
-            groups += param_groups(work.predictor, cfg["predictor_lr_scale"], cfg["weight_decay"], None)
+            groups += param_groups(work.predictor, cfg["weight_decay"], cfg["predictor_lr_scale"])
         if self.train_encoder:
-            # A target encoder is frozen as a whole: unfreeze what its online twin trains.
-            trains = {name: p.requires_grad for name, p in method.encoder.named_parameters()}
-            for name, p in encoder.named_parameters():
-                p.requires_grad_(trains.get(name, True))
+            train_like(encoder, method.encoder)
             set_drop_path(encoder, cfg["drop_path"])
-            groups += param_groups(encoder, 1.0, cfg["weight_decay"], cfg["layer_decay"])
+            groups += param_groups(encoder, cfg["weight_decay"], layer_decay=cfg["layer_decay"])
         frozen = tuple(m for m in (work.encoder, work.target_encoder, work.predictor) if m is not None
                        and not (m is encoder and self.train_encoder) and not (m is work.predictor and self.use_predictor))
         model = Classifier(head, encoder if self.train_encoder else None,
@@ -358,7 +263,7 @@ class Finetune(Task):
         model, groups, _ = self.build(method, ctx, num_classes, seed)
         bs = cfg["batch_size"]
         # Seeded by the run only: every task of a run (and multitask's comparison) uses one subset.
-        pool = train_pool(len(y_train), cfg.get("train_samples"), derive_seed(ctx.seed, 4))
+        pool = train_pool(len(y_train), cfg.get("train_samples"), derive_seed(ctx.seed, TRAIN_POOL_SEED))
         if self.train_encoder:
             train_batches, steps, val_batches = image_inputs(ctx, cfg, seed, column, pool)
         else:

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from benchmark.core.data import derive_seed
+from benchmark.core.seeding import derive_seed
 from benchmark.core.progress import progress_bar
 from benchmark.core.views import PairedViews, Photometric, ViewConfig, action, apply_photometric, draw_jitter, draw_source
-from tasks.base import Task, TaskContext
+from tasks.base import Applies, Task, TaskContext
 
 GRID_FILE = "mrr_retrievals.png"
 
@@ -87,6 +87,7 @@ def retrieval_grid(rows: list[dict], path: Path, cell: int = 96, pad: int = 4) -
 class WorldModelMRR(Task):
     """World-model MRR: rank the true photometric transformation among a bank by predicted latents."""
     name = "mrr"
+    headline = "mrr"
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -94,9 +95,10 @@ class WorldModelMRR(Task):
             raise ValueError(f"bank_size must be >= 2 and num_images >= 1, got {cfg['bank_size']}, {cfg['num_images']}")
         self.views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["views"].items()})
 
-    def applies_to(self, method) -> bool:
-        # Ranking happens in the target encoder's latent space, which the predictor regresses.
-        return method.predictor is not None and method.target_encoder is not None
+    def applies_to(self, method) -> Applies:
+        # Ranking happens in the target encoder's latent space, which the predictor regresses;
+        # an unconditioned predictor still applies (it scores chance, by construction).
+        return Applies.needs(method, predictor=True, target_encoder=True)
 
     def run(self, method, ctx: TaskContext) -> dict:
         cfg = self.cfg
@@ -141,7 +143,8 @@ class WorldModelMRR(Task):
             "median_rank": ranks_t.median().item(),
             "bank_size": bank_size,
             "num_images": len(ranks),
-            "conditioning": getattr(method.predictor, "conditioning", "none"),
+            "conditioning": method.method_cfg.get("predictor", {}).get("conditioning", "none")
+            if method.capabilities.conditioned else "none",
             "retrieval_grid": str(grid_path) if grid_rows else None,
         }
 

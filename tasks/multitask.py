@@ -16,14 +16,14 @@ import torch
 import torch.nn as nn
 
 from benchmark.core.errors import ConfigError
-from benchmark.core.data import derive_seed
-from benchmark.core.progress import progress_bar
+from benchmark.core.optim import count_parameters, param_groups
+from benchmark.core.seeding import derive_seed, seeded
 from methods.base import Method
-from tasks.base import Task, TaskContext
-from tasks.finetune import (PredictorFinetune, as_grid, check_recipe, count_parameters, evaluate, frozen_inputs,
-                            param_groups, set_drop_path, set_lr, train_pool, update, working_copy)
+from tasks.base import Applies, Task, TaskContext
+from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, set_drop_path, train, working_copy
+from tasks.finetune import PredictorFinetune, check_recipe, evaluate, frozen_inputs, lr_schedule, mixed, train_pool
 from tasks.heads import build_head
-from tasks.mixing import mix, soft_cross_entropy, soft_targets
+from tasks.mixing import soft_cross_entropy
 
 
 class MultitaskModel(nn.Module):
@@ -73,8 +73,8 @@ class MultitaskPredictor(Task):
         if not isinstance(sets, (list, tuple)) or len(sets) < 2 or len(set(sets)) != len(sets):
             raise ConfigError(f"tasks.multitask.label_sets must list at least two different label columns, got {sets!r}")
 
-    def applies_to(self, method: Method) -> bool:
-        return method.predictor is not None
+    def applies_to(self, method: Method) -> Applies:
+        return Applies.needs(method, predictor=True)
 
     def run(self, method: Method, ctx: TaskContext) -> dict:
         cfg, sets = self.cfg, list(self.cfg["label_sets"])
@@ -98,46 +98,39 @@ class MultitaskPredictor(Task):
     def tune_jointly(self, method: Method, ctx: TaskContext, sets: list[str]) -> tuple[dict, int, float]:
         """Train the shared predictor; returns (val top-1 per label set, trainable parameters, seconds)."""
         cfg, seed = self.cfg, derive_seed(ctx.seed, sum(map(ord, self.name)))
-        train = [ctx.labels("train", c) for c in sets]
+        train_sets = [ctx.labels("train", c) for c in sets]
         val = [ctx.labels("val", c)[0] for c in sets]
-        model = self.build(method, ctx, [k for _, k in train], seed)
-        groups = (param_groups(model.heads, 1.0, cfg["weight_decay"], None)
-                  + param_groups(model.work.predictor, cfg["predictor_lr_scale"], cfg["weight_decay"], None)
-                  + [{"params": [model.task_tokens], "lr_scale": cfg["predictor_lr_scale"], "weight_decay": 0.0}])
+        model = self.build(method, ctx, [k for _, k in train_sets], seed)
+        # Task tokens learn at the predictor's rate (they are its inputs); tokens are not decayed.
+        groups = (param_groups(model.heads, cfg["weight_decay"])
+                  + param_groups(model.work.predictor, cfg["weight_decay"], cfg["predictor_lr_scale"])
+                  + param_groups(model, cfg["weight_decay"], cfg["predictor_lr_scale"],
+                                 named=[("task_tokens", model.task_tokens)]))
         bs = cfg["batch_size"]
-        pool = train_pool(len(train[0][0]), cfg.get("train_samples"), derive_seed(ctx.seed, 4))
-        n = len(pool)
-        steps = n // bs
+        pool = train_pool(len(train_sets[0][0]), cfg.get("train_samples"), derive_seed(ctx.seed, TRAIN_POOL_SEED))
+        steps = len(pool) // bs
         if steps == 0:
-            raise ValueError(f"tasks.multitask.batch_size={bs} is larger than the training set ({n})")
-        opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg["betas"]))
-        total, warmup = cfg["epochs"] * steps, int(round(cfg["warmup_epochs"] * steps))
-        gen = torch.Generator().manual_seed(derive_seed(seed, 1))
-        autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
-        params = [p for g in groups for p in g["params"]]
-        started, step = time.perf_counter(), 0
-        model.to(ctx.device).train()
-        with progress_bar(self.name, total, enabled=ctx.show_progress) as bar:
+            raise ValueError(f"tasks.multitask.batch_size={bs} is larger than the training set ({len(pool)})")
+        total, lr_at = lr_schedule(cfg, steps)
+        gen = torch.Generator().manual_seed(derive_seed(seed, MIX_SEED))
+
+        def batches():
             for epoch in range(cfg["epochs"]):
                 streams = [frozen_inputs(method, ctx, "train", labels, bs, derive_seed(seed, epoch, t), pool)
-                           for t, (labels, _) in enumerate(train)]
-                for batches in zip(*streams):
-                    set_lr(opt, cfg, step, total, warmup)
-                    xs, targets = [], []
-                    for (x, y), (_, classes) in zip(batches, train):
-                        grid, back = as_grid(x)
-                        grid, soft = mix(grid, soft_targets(y, classes, cfg["label_smoothing"]), cfg["mixup"],
-                                         cfg["cutmix"], cfg["mix_prob"], cfg["switch_prob"], gen)
-                        xs.append(back(grid))
-                        targets.append(soft)
-                    task = torch.arange(len(sets), device=ctx.device).repeat_interleave(bs)
-                    with torch.autocast(**autocast):
-                        out = model.features(torch.cat(xs), task).split(bs)
-                        loss = sum(soft_cross_entropy(head(o), s.to(ctx.device))
-                                   for head, o, s in zip(model.heads, out, targets)) / len(sets)
-                    update(loss, opt, params, cfg["clip_grad"], "multitask", step)
-                    step += 1
-                    bar.advance(loss=loss.item())
+                           for t, (labels, _) in enumerate(train_sets)]
+                yield from zip(*streams)
+
+        def loss(per_set):
+            xs, targets = zip(*(mixed(x, y, classes, cfg, gen) for (x, y), (_, classes) in zip(per_set, train_sets)))
+            task = torch.arange(len(sets), device=ctx.device).repeat_interleave(bs)
+            out = model.features(torch.cat(xs), task).split(bs)
+            return sum(soft_cross_entropy(head(o), s.to(ctx.device))
+                       for head, o, s in zip(model.heads, out, targets)) / len(sets)
+
+        started = time.perf_counter()
+        model.to(ctx.device).train()
+        train(groups, batches(), total, lr_at, loss, betas=cfg["betas"], clip_grad=cfg["clip_grad"],
+              device=ctx.device, bf16=bool(cfg["bf16"]), label=self.name, show_progress=ctx.show_progress)
         seconds = time.perf_counter() - started
         top1 = {c: evaluate(model.for_task(t), frozen_inputs(method, ctx, "val", val[t], bs, None), ctx.device,
                             bool(cfg["bf16"]))[0] for t, c in enumerate(sets)}
@@ -145,14 +138,7 @@ class MultitaskPredictor(Task):
 
     def build(self, method: Method, ctx: TaskContext, classes: list[int], seed: int) -> MultitaskModel:
         work = working_copy(method, [method.predictor])
-        encoder = method.eval_encoder(ctx.encoder_key)
-        size = ctx.source.image_size
-        with torch.no_grad():  # widths of the encoder's tokens and of the predictor's outputs
-            tokens = encoder.to(ctx.device).eval()(torch.zeros(1, 3, size, size, device=ctx.device))
-            work.predictor.to(ctx.device).eval()
-            width = work.predict_full(tokens).size(-1)
         set_drop_path(work.predictor, self.cfg["drop_path"])
         frozen = tuple(m for m in (work.encoder, work.target_encoder) if m is not None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, 3))
-            return MultitaskModel(work, tokens.size(-1), width, classes, self.cfg, frozen)
+        with seeded(derive_seed(seed, HEAD_SEED)):
+            return MultitaskModel(work, method.token_dim, method.world_model_dim, classes, self.cfg, frozen)

@@ -11,7 +11,8 @@ from benchmark.config import load_config
 from benchmark.core.errors import DataError
 from conftest import TINY, TINY_MODEL
 from methods import build_method
-from tasks.ade20k import ADE20kSegmentation, warmup_poly
+from benchmark.core.schedules import warmup_poly
+from tasks.ade20k import ADE20kSegmentation
 from tasks.base import TaskContext
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.backbone import level_blocks

@@ -13,6 +13,7 @@ from benchmark.official import method_from_official, to_official
 from conftest import TINY
 from methods import build_method
 from methods.mae import MAEDecoder
+from benchmark.step import make_optimizer
 from methods.vit import Predictor
 
 # The TINY model: vit_micro at depth 2 (192 wide, 3 heads, patch 8), predictor 1 x 48, 64 px.
@@ -116,12 +117,12 @@ def test_encoder_only_mae_file_loads_without_a_decoder(tmp_path):
 
 
 def test_pos_embed_resampling_is_bicubic_on_the_grid():
-    from benchmark.official import resample_pos_embed
+    from methods.vit import resample_pos_embed
     pos = torch.randn(1, 1 + 16, 8)
-    ours = resample_pos_embed(pos, 6, 1)
+    ours = resample_pos_embed(pos, 6, 6, 1)
     ref = resample_abs_pos_embed(pos, new_size=(6, 6), num_prefix_tokens=1, interpolation="bicubic", antialias=False)
     assert ours.shape == (1, 37, 8) and torch.allclose(ours, ref, atol=1e-6) and torch.equal(ours[:, 0], pos[:, 0])
-    assert resample_pos_embed(pos, 4, 1) is pos
+    assert resample_pos_embed(pos, 4, 4, 1) is pos
 
 
 def _wrong_shape(w):
@@ -212,16 +213,25 @@ def our_checkpoint(path, method_name, extra=()):
     cfg = OmegaConf.to_container(load_config([*CFG, f"method={method_name}", *extra]), resolve=True)
     torch.manual_seed(0)
     method = build_method(cfg["method"]["name"], cfg["model"], cfg["method"], 64)
+    # Two real AdamW steps, so the checkpoint holds moments as pretraining writes them.
+    opt = make_optimizer(method, OmegaConf.create(cfg["pretrain"]))
+    for group in opt.param_groups:
+        group.update(lr=1e-3, weight_decay=0.04 if group["apply_wd"] else 0.0)
+    for _ in range(2):
+        sum((p ** 3).mean() for p in method.parameters() if p.requires_grad).backward()
+        opt.step()
+        opt.zero_grad()
     with torch.no_grad():
         for p in method.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ckpt.save(path, {"method": method.checkpoint_state(), "step": 12, "total_steps": 12, "config": cfg})
-    return method
+    ckpt.save(path, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(), "step": 12,
+                     "total_steps": 12, "recent_losses": [0.5, 0.25], "config": cfg})
+    return method, opt
 
 
 @pytest.mark.parametrize("name", ["ijepa", "iwm", "mae"])
 def test_export_then_import_gives_back_every_weight(tmp_path, name):
-    method = our_checkpoint(tmp_path / "last.pt", name)
+    method, _ = our_checkpoint(tmp_path / "last.pt", name)
     layout, payload = to_official(ckpt.load(tmp_path / "last.pt"))
     torch.save(payload, tmp_path / "official.pth")
     again = load(tmp_path / "official.pth", [*CFG, f"method={name}"])
@@ -229,12 +239,45 @@ def test_export_then_import_gives_back_every_weight(tmp_path, name):
     mine, theirs = method.state_dict(), again.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     if name == "ijepa":
-        assert payload["epoch"] == 5 and payload["batch_size"] == 64 and payload["opt"] is None  # all 12 steps done
+        assert payload["epoch"] == 5 and payload["batch_size"] == 64  # all 12 steps done
+        assert payload["loss"] == 0.375 and len(payload["opt"]["param_groups"]) == 4
+
+
+def official_optimizer(method) -> torch.optim.AdamW:
+    """The official I-JEPA optimiser over a method's networks: its four groups, by its own rule."""
+    def part(module, decayed):
+        return [p for n, p in module.named_parameters() if ("bias" not in n and len(p.shape) != 1) == decayed]
+    return torch.optim.AdamW([{"params": part(method.encoder, True)}, {"params": part(method.predictor, True)},
+                              {"params": part(method.encoder, False), "WD_exclude": True, "weight_decay": 0},
+                              {"params": part(method.predictor, False), "WD_exclude": True, "weight_decay": 0}])
+
+
+def test_exported_optimizer_resumes_in_the_official_four_groups(tmp_path):
+    method, ours = our_checkpoint(tmp_path / "last.pt", "ijepa")
+    _, payload = to_official(ckpt.load(tmp_path / "last.pt"))
+    torch.save(payload, tmp_path / "official.pth")
+    again = load(tmp_path / "official.pth", [*CFG, "method=ijepa"])
+    official = official_optimizer(again)
+    official.load_state_dict(torch.load(tmp_path / "official.pth", weights_only=True)["opt"])  # raises on a mismatch
+    theirs_by_name = {n: official.state[p] for n, p in again.named_parameters() if p in official.state}
+    ours_by_name = {n: ours.state[p] for n, p in method.named_parameters() if p in ours.state}
+    trained = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert set(theirs_by_name) == set(ours_by_name) == trained and len(trained) > 10
+    for name in trained:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(theirs_by_name[name][key], ours_by_name[name][key]), (name, key)
+        assert float(theirs_by_name[name]["step"]) == 2.0
+    groups = official.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.04, 0.04, 0.0, 0.0] and groups[2]["WD_exclude"]
+    assert all(g["lr"] == 1e-3 and not g["fused"] for g in groups)
+    # bf16 runs: the official loop has a GradScaler, and loads its state from the file.
+    assert set(payload["scaler"]) == {"scale", "growth_factor", "backoff_factor", "growth_interval",
+                                      "_growth_tracker"}
 
 
 def test_bench_export_writes_files_other_tools_read(bench, tmp_path):
     for name in ("ijepa", "mae"):
-        method = our_checkpoint(tmp_path / f"{name}.pt", name)
+        method, _ = our_checkpoint(tmp_path / f"{name}.pt", name)
         bench("export", str(tmp_path / f"{name}.pt"), str(tmp_path / f"{name}.pth"), check=0)
         state = torch.load(tmp_path / f"{name}.pth", weights_only=True)
         ref = timm_vit(64, name == "mae")

@@ -4,7 +4,7 @@ import torch
 
 from benchmark.core.data import derive_seed
 from tasks import build_task
-from tasks.finetune import fresh_predictor
+import copy
 from tasks_helpers import context, same, snapshot, tiny_config, tiny_data, tiny_method
 
 
@@ -75,7 +75,7 @@ def test_random_predictor_control_starts_from_a_fresh_init(cfg, source, tmp_path
     torch.manual_seed(derive_seed(seed, 2))
     reference = method.new_predictor()
     assert same(snapshot(work.predictor), snapshot(reference))  # a fresh init under the same seed
-    assert same(snapshot(fresh_predictor(method, derive_seed(seed, 2))), snapshot(reference))
+    assert same(snapshot(copy.deepcopy(method).reset_predictor(derive_seed(seed, 2))), snapshot(reference))
     differ = changed(params(work.predictor), params(method.predictor))
     assert "predictor_blocks.0.mlp.fc1.weight" in differ  # not the pretrained weights
     pretrained, _, pwork = build_task("predictor_ft", cfg["tasks"]["predictor_ft"]).build(method, ctx, 6, seed)

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from methods.vit import VisionTransformer
-from tasks.finetune import block_layers, param_groups, set_drop_path, train_pool
+from benchmark.core.optim import block_layers, param_groups
+from tasks.core import set_drop_path
+from tasks.finetune import train_pool
 from tasks.heads import AttentiveClassifier
 from tasks.mixing import mix, soft_cross_entropy, soft_targets
 
@@ -14,7 +16,7 @@ def test_layer_ids_and_layer_decay_scales():
     assert layers["patch_embed.proj.weight"] == 0 and layers["pos_embed"] == 0
     assert layers["blocks.0.attn.qkv.weight"] == 1 and layers["blocks.2.mlp.fc2.bias"] == 3
     assert layers["norm.weight"] == 4
-    groups = param_groups(vit, 2.0, 0.05, 0.5)
+    groups = param_groups(vit, 0.05, 2.0, 0.5)
     scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert scale[id(vit.patch_embed.proj.weight)] == (2.0 * 0.5 ** 4, 0.05)
     assert scale[id(vit.blocks[0].attn.qkv.weight)] == (2.0 * 0.5 ** 3, 0.05)

@@ -120,3 +120,10 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what
     if non_finite:
         raise CheckpointError(f"{what} holds NaN or inf in {len(non_finite)} tensors: {', '.join(non_finite[:4])}")
     module.load_state_dict(weights, strict=True)
+
+
+def strip_prefix(weights: dict, prefix: str = "module.") -> dict:
+    """Drop the DistributedDataParallel prefix when every key carries it."""
+    if weights and all(k.startswith(prefix) for k in weights):
+        return {k[len(prefix):]: v for k, v in weights.items()}
+    return dict(weights)

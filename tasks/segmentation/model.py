@@ -16,9 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmark.core.layers import tokens_to_map
+from benchmark.core.optim import param_groups
+from benchmark.core.seeding import derive_seed
 from methods.base import Method
+from tasks.core import RANDOM_PREDICTOR_SEED, train_like
 from tasks.segmentation import heads
-from tasks.segmentation.backbone import SCALES, Pyramid, ViTLevels, tokens_to_map
+from tasks.segmentation.backbone import SCALES, Pyramid, level_blocks
 
 MODES = ("frozen", "encoder", "predictor", "end_to_end")
 HEADS = ("linear", "upernet")
@@ -26,28 +30,27 @@ TRAINS = {"frozen": (False, False), "encoder": (True, False), "predictor": (Fals
 AUX_LEVEL = 2  # the stride-16 level (block 8 of ViT-B), as in the BEiT/MAE mmseg configs
 
 
+def uses_predictor(mode: str) -> bool:
+    return mode in ("predictor", "end_to_end")
+
+
 class Segmenter(nn.Module):
     def __init__(self, method: Method, encoder_key: str, mode: str, head: str, num_classes: int, cfg: dict,
-                 backend: str):
+                 backend: str, seed: int = 0):
         super().__init__()
-        self.mode, self.head_kind = mode, head
-        self.method = copy.deepcopy(method).requires_grad_(False)
-        if cfg["random_predictor"] and self.uses_predictor:
-            self.method.predictor = self.method.new_predictor().requires_grad_(False)
-        self.encoder = self.method.eval_encoder(encoder_key)
+        self.mode, self.head_kind, self.encoder_key = mode, head, encoder_key
         self.train_encoder, self.train_predictor = TRAINS[mode]
-        self.encoder.requires_grad_(self.train_encoder)
-        # Fixed position tables stay fixed even when the rest of the encoder trains.
-        for name, p in self.encoder.named_parameters():
-            if name.endswith("pos_embed"):
-                p.requires_grad_(False)
-        if self.uses_predictor:
-            self.method.predictor.requires_grad_(self.train_predictor)
-            for name, p in self.method.predictor.named_parameters():
-                if name.endswith("pos_embed"):
-                    p.requires_grad_(False)
-        self.levels = ViTLevels(self.encoder, cfg.get("feature_blocks"))
-        dim = self.levels.dim
+        self.method = copy.deepcopy(method).requires_grad_(False)
+        if self.train_encoder:
+            train_like(self.method.eval_encoder(encoder_key), method.encoder)
+        if uses_predictor(mode):
+            # Both predictor modes train it: a fresh one for the random-predictor control.
+            if cfg["random_predictor"]:
+                self.method.reset_predictor(derive_seed(seed, RANDOM_PREDICTOR_SEED))
+            else:
+                train_like(self.method.predictor, method.predictor)
+        self.blocks = level_blocks(method.depth, cfg.get("feature_blocks"))
+        dim = method.world_model_dim if uses_predictor(mode) else method.token_dim
         self.pyramid = Pyramid(dim) if head == "upernet" else None
         if head == "linear":
             self.head, self.aux = heads.LinearHead(dim, num_classes), None
@@ -62,29 +65,30 @@ class Segmenter(nn.Module):
             self.aux = heads.FCNHead(dim, cfg["aux_channels"], num_classes, cfg["dropout"]) if cfg["aux_weight"] else None
 
     @property
-    def uses_predictor(self) -> bool:
-        return self.mode in ("predictor", "end_to_end")
+    def encoder(self) -> nn.Module:
+        return self.method.eval_encoder(self.encoder_key)
 
     def train(self, mode: bool = True):
         super().train(mode)
         # Frozen networks stay in eval mode: no drop-path, no dropout, no statistics updates.
-        if mode and not self.train_encoder:
-            self.encoder.eval()
-        if mode and self.uses_predictor and not self.train_predictor:
-            self.method.predictor.eval()
+        if mode:
+            self.method.eval()
+            if self.train_encoder:
+                self.encoder.train()
+            if uses_predictor(self.mode) and self.train_predictor:
+                self.method.predictor.train()
         return self
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         """The backbone: four levels at strides patch/4..2*patch (upernet) or one grid (linear)."""
-        if self.uses_predictor:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
-                _, last = self.levels(images)
-            h, w = last.shape[-2:]
-            predicted = tokens_to_map(self.method.predict_full(last.flatten(2).transpose(1, 2)), h, w)
-            return predicted if self.pyramid is None else self.pyramid([predicted] * len(SCALES))
+        wanted = [] if uses_predictor(self.mode) else self.blocks
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
-            blocks, last = self.levels(images)
-        return last if self.pyramid is None else self.pyramid(blocks)
+            levels, last = self.method.dense_features(images, self.encoder_key, wanted)
+        if uses_predictor(self.mode):
+            h, w = last.shape[-2:]
+            last = tokens_to_map(self.method.predict_full(last.flatten(2).transpose(1, 2)), h, w)
+            levels = [last] * len(SCALES)
+        return last if self.pyramid is None else self.pyramid(levels)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, auxiliary logits or None), both at the input resolution."""
@@ -93,39 +97,18 @@ class Segmenter(nn.Module):
         aux = self.aux(feats[AUX_LEVEL]) if self.aux is not None and self.training else None
         return upsample(logits, images), None if aux is None else upsample(aux, images)
 
-    def param_groups(self, lr: float, weight_decay: float, layer_decay: float, predictor_lr_scale: float) -> list[dict]:
-        """AdamW groups: encoder lr decayed by depth (BEiT), no decay on biases / 1-D tensors."""
-        groups: dict[tuple, dict] = {}
-
-        def add(p: torch.nn.Parameter, name: str, scale: float) -> None:
-            wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") or name.endswith("token") else weight_decay
-            group = groups.setdefault((scale, wd), {"params": [], "lr_scale": scale, "weight_decay": wd, "lr": lr * scale})
-            group["params"].append(p)
-
-        depth = len(self.encoder.blocks) + 1
+    def param_groups(self, weight_decay: float, layer_decay: float, predictor_lr_scale: float) -> list[dict]:
+        """AdamW groups: encoder lr decayed by depth (BEiT), predictor at its own scale, heads at 1."""
+        groups = []
         if self.train_encoder:
-            for name, p in self.encoder.named_parameters():
-                if p.requires_grad:
-                    add(p, name, layer_decay ** (depth - layer_id(name, depth)))
-        if self.uses_predictor and self.train_predictor:
-            for name, p in self.method.predictor.named_parameters():
-                if p.requires_grad:
-                    add(p, name, predictor_lr_scale)
+            groups += param_groups(self.encoder, weight_decay, layer_decay=layer_decay)
+        if uses_predictor(self.mode) and self.train_predictor:
+            groups += param_groups(self.method.predictor, weight_decay, predictor_lr_scale)
         for module in (self.pyramid, self.head, self.aux):
             if module is not None:
-                for name, p in module.named_parameters():
-                    add(p, name, 1.0)
-        return list(groups.values())
+                groups += param_groups(module, weight_decay)
+        return groups
 
 
 def upsample(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def layer_id(name: str, depth: int) -> int:
-    """0 for the embeddings, i + 1 for block i, depth for what follows the last block."""
-    if name.startswith(("patch_embed", "pos_embed", "cls_token", "mask_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth

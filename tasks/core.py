@@ -1,0 +1,97 @@
+"""The protocol core: what every supervised stage (finetuning, multitask tuning, ADE20k) shares.
+
+One training loop (`train`), one way to copy a method for training (`working_copy`), one way
+to make a copied network trainable (`train_like`), stochastic depth (`set_drop_path`). The
+parameter-group and layer-decay rules are benchmark.core.optim's, the random-predictor control is
+the method contract's `reset_predictor`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models.vision_transformer import Block
+
+from benchmark.core.errors import DivergenceError
+from benchmark.core.progress import progress_bar
+from methods.base import Method
+
+# Seed offsets (derive_seed(task seed, X)) shared by the protocols, so that e.g. the random
+# predictor of predictor finetuning and of ADE20k is the same network for the same run.
+MIX_SEED, RANDOM_PREDICTOR_SEED, HEAD_SEED, TRAIN_POOL_SEED = 1, 2, 3, 4
+
+
+def working_copy(method: Method, trained: list[nn.Module]) -> Method:
+    """A copy of the method in which the `trained` modules are duplicated and everything else
+    among encoder / target encoder / predictor is shared with the original (frozen, never copied):
+    training never changes the weights later tasks evaluate."""
+    shared = [m for m in (method.encoder, method.target_encoder, method.predictor)
+              if m is not None and all(m is not t for t in trained)]
+    memo = {}
+    for m in shared:
+        memo[id(m)] = m
+        for t in (*m.parameters(), *m.buffers()):
+            memo[id(t)] = t
+    return copy.deepcopy(method, memo)
+
+
+def train_like(module: nn.Module, reference: nn.Module) -> None:
+    """Make `module` trainable where `reference` (a network of the same architecture) is: e.g. a
+    target encoder, frozen as a whole, trains like its online twin; fixed position tables stay
+    fixed either way."""
+    trains = {name: p.requires_grad for name, p in reference.named_parameters()}
+    for name, p in module.named_parameters():
+        p.requires_grad_(trains.get(name, True))
+
+
+def set_drop_path(module: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 to `rate` over the module's transformer blocks."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    rates = torch.linspace(0, rate, len(blocks)).tolist() if blocks else []
+    for block, r in zip(blocks, rates):
+        block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+        block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+
+
+def train(groups: list[dict], batches: Iterable, total_steps: int, lr_at: Callable[[int], float],
+          loss_fn: Callable[[object], torch.Tensor], *, betas, clip_grad: float, device: torch.device, bf16: bool,
+          label: str, show_progress: bool = False) -> list[float]:
+    """AdamW over `groups` for up to `total_steps` batches; returns the loss of every step.
+
+    Per step: every group's lr is lr_at(step) * its lr_scale, the loss is computed under optional
+    bf16 autocast, a non-finite loss stops the stage with DivergenceError naming the step, then
+    backward, optional gradient clipping and the update.
+    """
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas))
+    params = [p for g in groups for p in g["params"]]
+    losses: list[float] = []
+    with progress_bar(label, total_steps, enabled=show_progress) as bar:
+        for batch in batches:
+            step = len(losses)
+            if step >= total_steps:
+                break
+            lr = lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"{label}: training loss is {loss.item()} at step {step} (lower the lr?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            opt.step()
+            losses.append(loss.item())
+            bar.advance(loss=losses[-1])
+    return losses
+
+
+def loss_summary(losses: list[float], tail: int) -> dict:
+    """Steps, first loss and the mean of the last `tail` losses (a stage's last epoch)."""
+    last = losses[-max(1, tail):]
+    return {"steps": len(losses), "first_loss": losses[0] if losses else None,
+            "final_loss": sum(last) / len(last) if last else None}
