@@ -129,6 +129,8 @@ def validate(cfg: DictConfig) -> None:
                 "pretrain.final_weight_decay", "pretrain.warmup_epochs", "pretrain.clip_grad"):
         _number(cfg, key, 0)
     _number(cfg, "pretrain.ipe_scale", 0, strictly=True)
+    _require(cfg.pretrain.schedule_offset in (0, 1), f"pretrain.schedule_offset must be 0 or 1, got "
+             f"{cfg.pretrain.schedule_offset!r}")
     _number(cfg, "pretrain.checkpoint_every", 0, integer=True)
     _number(cfg, "pretrain.log_every", 0, integer=True, strictly=True)
     _number(cfg, "seed", 0, integer=True)

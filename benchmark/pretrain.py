@@ -57,10 +57,12 @@ class Schedule:
 
 
 def set_hyperparameters(opt: torch.optim.Optimizer, cfg, schedule: Schedule, step: int) -> tuple[float, float]:
-    lr = warmup_cosine(step, schedule.total_steps, schedule.warmup_steps, cfg.start_lr, cfg.lr, cfg.final_lr)
-    wd = cosine(step, schedule.total_steps, cfg.weight_decay, cfg.final_weight_decay)
+    """lr and weight decay of (0-based) step `step`, read at step + cfg.schedule_offset."""
+    at = step + cfg.schedule_offset
+    lr = warmup_cosine(at, schedule.total_steps, schedule.warmup_steps, cfg.start_lr, cfg.lr, cfg.final_lr)
+    wd = cosine(at, schedule.total_steps, cfg.weight_decay, cfg.final_weight_decay)
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         if group.get("apply_wd", True):
             group["weight_decay"] = wd
     return lr, wd

@@ -14,6 +14,20 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class to the registry under its `name` (usable as a class decorator).
+
+    A method defined outside this package (a plug-in, a test) becomes known to `build_method`,
+    checkpoints and every task through this alone.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} is not a Method subclass")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is registered already ({METHODS[cls.name].__name__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
 def build_method(name: str, model_cfg: dict, method_cfg: dict, image_size: int) -> Method:
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")

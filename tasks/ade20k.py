@@ -19,15 +19,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmark.core.errors import ConfigError, DataError
 from benchmark.core.data import SeededBatches, make_loader
-from benchmark.core.errors import DataError
+from benchmark.core.errors import ConfigError, DataError
+from benchmark.core.optim import count_parameters
 from benchmark.core.progress import progress_bar
-from tasks.base import Task, TaskContext
+from benchmark.core.schedules import warmup_poly
+from methods.base import Method
+from tasks.base import Applies, Task, TaskContext
+from tasks.core import loss_summary, train
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.data import ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs
 from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU
-from tasks.segmentation.model import HEADS, MODES, Segmenter
+from tasks.segmentation.model import HEADS, MODES, Segmenter, uses_predictor
 
 BACKENDS = ("auto", "native", "mmseg")
 

@@ -210,6 +210,13 @@ def check_recipe(name: str, cfg: dict) -> None:
         raise ConfigError(f"tasks.{name}.head must be one of {', '.join(HEADS)}, got {cfg['head']!r}")
 
 
+def check_head(name: str, cfg: dict, width: int) -> None:
+    """An attentive head splits the width of the tokens it reads over its heads."""
+    if cfg["head"] == "attentive" and width % cfg["head_heads"]:
+        raise ConfigError(f"tasks.{name}.head_heads={cfg['head_heads']} does not divide the width {width} of the "
+                          f"tokens the head reads")
+
+
 class Finetune(Task):
     """Shared by the finetuning adapters; subclasses say what is trained."""
     train_encoder = False
@@ -222,6 +229,9 @@ class Finetune(Task):
 
     def applies_to(self, method: Method) -> Applies:
         return Applies.needs(method, predictor=self.use_predictor)
+
+    def check(self, method: Method) -> None:
+        check_head(self.name, self.cfg, method.world_model_dim if self.use_predictor else method.token_dim)
 
     def build(self, method: Method, ctx: TaskContext, num_classes: int, seed: int
               ) -> tuple[Classifier, list[dict], Method]:

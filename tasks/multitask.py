@@ -21,7 +21,7 @@ from benchmark.core.seeding import derive_seed, seeded
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
 from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, set_drop_path, train, working_copy
-from tasks.finetune import PredictorFinetune, check_recipe, evaluate, frozen_inputs, lr_schedule, mixed, train_pool
+from tasks.finetune import PredictorFinetune, check_head, check_recipe, evaluate, frozen_inputs, lr_schedule, mixed, train_pool
 from tasks.heads import build_head
 from tasks.mixing import soft_cross_entropy
 
@@ -75,6 +75,9 @@ class MultitaskPredictor(Task):
 
     def applies_to(self, method: Method) -> Applies:
         return Applies.needs(method, predictor=True)
+
+    def check(self, method: Method) -> None:
+        check_head(self.name, self.cfg, method.world_model_dim)
 
     def run(self, method: Method, ctx: TaskContext) -> dict:
         cfg, sets = self.cfg, list(self.cfg["label_sets"])

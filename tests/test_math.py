@@ -61,3 +61,44 @@ def test_sincos_table_by_hand():
         for c in range(3):
             expect = [math.sin(c), math.cos(c), math.sin(r), math.cos(r)]
             assert np.allclose(table[r * 3 + c].numpy(), expect)
+
+
+class OfficialWarmupCosine:
+    """The official I-JEPA lr and wd schedulers as their training loop drives them: `step()`
+    advances the counter first, then returns the value the coming optimiser step uses."""
+
+    def __init__(self, warmup, start, peak, final, total, wd, final_wd):
+        self.warmup, self.start, self.peak, self.final, self.total = warmup, start, peak, final, total
+        self.wd, self.final_wd, self.count = wd, final_wd, 0
+
+    def step(self):
+        self.count += 1
+        if self.count < self.warmup:
+            lr = self.start + self.count / max(1, self.warmup) * (self.peak - self.start)
+        else:
+            progress = (self.count - self.warmup) / max(1, self.total - self.warmup)
+            lr = max(self.final, self.final + (self.peak - self.final) * 0.5 * (1 + math.cos(math.pi * progress)))
+        wd = self.final_wd + (self.wd - self.final_wd) * 0.5 * (1 + math.cos(math.pi * self.count / self.total))
+        return lr, min(self.final_wd, wd) if self.final_wd > self.wd else max(self.final_wd, wd)
+
+
+@pytest.mark.parametrize("offset", [1, 0])
+def test_pretraining_schedules_follow_the_official_loop(offset):
+    from omegaconf import OmegaConf
+
+    from benchmark.pretrain import Schedule, set_hyperparameters
+
+    cfg = OmegaConf.create({"start_lr": 2e-4, "lr": 1e-3, "final_lr": 1e-6, "weight_decay": 0.04,
+                            "final_weight_decay": 0.4, "schedule_offset": offset})
+    schedule = Schedule(total_steps=40, warmup_steps=4000 // 400, steps_per_epoch=4)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [p], "apply_wd": True}, {"params": [], "apply_wd": False, "weight_decay": 0.0}])
+    official = OfficialWarmupCosine(10, 2e-4, 1e-3, 1e-6, 40, 0.04, 0.4)
+    for step in range(40):
+        lr, wd = set_hyperparameters(opt, cfg, schedule, step)
+        if offset:  # the official value of every step, the first one included
+            assert (lr, wd) == pytest.approx(official.step(), rel=1e-12)
+            assert opt.param_groups[0]["weight_decay"] == wd and opt.param_groups[1]["weight_decay"] == 0.0
+        elif step == 0:  # MAE's convention: the schedule at the step itself
+            assert (lr, wd) == pytest.approx((2e-4, 0.04))
+    assert offset == 0 or set_hyperparameters(opt, cfg, schedule, 0)[0] == pytest.approx(2.0e-4 + 0.8e-3 / 10)

@@ -72,3 +72,52 @@ def test_train_pool_is_a_seeded_sorted_subset_or_everything():
     a, b = train_pool(100, 10, 3), train_pool(100, 10, 3)
     assert torch.equal(a, b) and len(a.unique()) == 10 and torch.equal(a, a.sort().values)
     assert not torch.equal(a, train_pool(100, 10, 4))
+
+
+def official_mae_finetune_groups(model, weight_decay, layer_decay):
+    """(lr scale, weight decay) per parameter name as the official MAE finetuning builds them: no
+    decay on 1-D tensors and on pos_embed / cls_token, BEiT layer ids (embeddings 0, block i at
+    i + 1, everything after the blocks at depth + 1)."""
+    num_layers = len(model.blocks) + 1
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or name in ("pos_embed", "cls_token", "dist_token")
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            layer = 0
+        elif name.startswith("blocks"):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = num_layers
+        out[name] = (layer_decay ** (num_layers - layer), 0.0 if no_decay else weight_decay)
+    return out
+
+
+def test_mae_encoder_ft_groups_match_the_official_mae_finetuning_recipe(tmp_path):
+    from benchmark.config import load_config
+    from methods import build_method
+    from omegaconf import OmegaConf
+    from tasks import build_task
+    from tasks.base import TaskContext
+
+    cfg = OmegaConf.to_container(load_config(["method=mae", "task=encoder_ft", "model.patch_size=8",
+                                              "model.embed_dim=48", "model.num_heads=3", "model.depth=3",
+                                              "method.predictor.depth=1", "method.predictor.width=24",
+                                              "data.image_size=32"]), resolve=True)
+    method = build_method("mae", cfg["model"], cfg["method"], 32)
+    task_cfg = dict(cfg["tasks"]["encoder_ft"], weight_decay=0.05, layer_decay=0.65)
+    ctx = TaskContext(source=None, device=torch.device("cpu"), encoder_key="encoder", seed=0, run_dir=tmp_path)
+    model, groups, _ = build_task("encoder_ft", task_cfg).build(method, ctx, 5, seed=0)
+    ours = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    encoder = model.encoder
+    official = official_mae_finetune_groups(encoder, 0.05, 0.65)
+    named = dict(encoder.named_parameters())
+    assert set(official) == {n for n, p in named.items() if id(p) in ours}  # same parameters trained
+    for name, (scale, wd) in official.items():
+        assert ours[id(named[name])] == pytest.approx((scale, wd)), name
+    assert ours[id(encoder.cls_token)][1] == 0.0 and id(encoder.pos_embed) not in ours  # fixed sin-cos table
+    # The head sits after the blocks (scale 1); its matrix decays, its norm and bias do not.
+    assert ours[id(model.head.linear.weight)] == (1.0, 0.05) and ours[id(model.head.linear.bias)] == (1.0, 0.0)
+    assert ours[id(model.head.norm.weight)] == (1.0, 0.0)
+    assert len(ours) == sum(1 for _ in model.head.parameters()) + len(official)
