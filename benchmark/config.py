@@ -11,6 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmark.core.errors import ConfigError
+from benchmark.step import ATTENTION
+from methods.base import ENCODER_KEYS
+from methods.masks import MaskConfig, MultiBlockMasker
 
 CONF_DIR = Path(__file__).parent / "conf"
 # Config groups kept beside the code they configure: the launcher presets live in slurm/conf.
@@ -109,16 +112,6 @@ def _number(cfg: DictConfig, key: str, minimum: float | None = None, integer: bo
         _require(not bad, f"{key} must be {'>' if strictly else '>='} {minimum}, got {value}")
 
 
-def _pair(cfg: DictConfig, key: str, low: float, high: float | None) -> None:
-    value = OmegaConf.select(cfg, key)
-    ok = (OmegaConf.is_list(value) and len(value) == 2
-          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value))
-    _require(ok, f"{key} must be a pair [min, max] of numbers, got {value!r}")
-    lo, hi = value
-    _require(low < lo <= hi and (high is None or hi <= high),
-             f"{key} must satisfy {low} < min <= max{'' if high is None else f' <= {high}'}, got {list(value)}")
-
-
 def validate(cfg: DictConfig) -> None:
     """Types and ranges of the values a run depends on; registries are checked by the runner."""
     for key in ("pretrain.lr", "pretrain.batch_size"):
@@ -144,23 +137,19 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.model.embed_dim % cfg.model.num_heads == 0,
              f"model.embed_dim={cfg.model.embed_dim} is not divisible by model.num_heads={cfg.model.num_heads}")
     if "mask" in cfg.method:
-        _pair(cfg, "method.mask.target_scale", 0, 1)
-        _pair(cfg, "method.mask.context_scale", 0, 1)
-        _pair(cfg, "method.mask.target_aspect", 0, None)
-        _pair(cfg, "method.mask.context_aspect", 0, None)
-        _number(cfg, "method.mask.num_targets", 0, integer=True, strictly=True)
-        _number(cfg, "method.mask.min_keep", 0, integer=True)
-        grid = (cfg.data.image_size // cfg.model.patch_size) ** 2
-        _require(cfg.method.mask.min_keep < grid,
-                 f"method.mask.min_keep={cfg.method.mask.min_keep} leaves nothing on a {grid}-patch grid "
-                 f"(data.image_size={cfg.data.image_size}, model.patch_size={cfg.model.patch_size})")
+        grid = cfg.data.image_size // cfg.model.patch_size
+        try:  # the masker owns these rules
+            MultiBlockMasker(grid, MaskConfig(**OmegaConf.to_container(cfg.method.mask)))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{exc} (data.image_size={cfg.data.image_size}, "
+                              f"model.patch_size={cfg.model.patch_size})" if "grid" in str(exc) else str(exc)) from None
     if "predictor" in cfg.method:
         _number(cfg, "method.predictor.depth", 0, integer=True)
         _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
-    _require(cfg.pretrain.attention in ("auto", "fused", "math"),
-             f"pretrain.attention must be auto, fused or math, got {cfg.pretrain.attention!r}")
-    _require(cfg.checkpoint_key in (None, "target_encoder", "encoder"),
-             f"checkpoint_key must be target_encoder, encoder or null, got {cfg.checkpoint_key!r}")
+    _require(cfg.pretrain.attention in ATTENTION,
+             f"pretrain.attention must be {', '.join(ATTENTION)}, got {cfg.pretrain.attention!r}")
+    _require(cfg.checkpoint_key is None or cfg.checkpoint_key in ENCODER_KEYS,
+             f"checkpoint_key must be {', '.join(ENCODER_KEYS)} or null, got {cfg.checkpoint_key!r}")
     _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
              f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
     _require(len(cfg.tasks) > 0 or cfg.choices.task == "none",

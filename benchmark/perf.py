@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-# Seconds per step of the official I-JEPA and MAE code at the CPU cases below (issue #8; 2
-# threads, forward + loss + backward + AdamW + EMA). IWM has no official code.
+# Seconds per step of the official I-JEPA and MAE code at the CPU cases below (docs/performance.md;
+# 2 threads, forward + loss + backward + AdamW + EMA). IWM has no official code.
 REFERENCE = {"ijepa": {"fp32": 1.62, "bf16": 0.88}, "mae": {"fp32": 0.21, "bf16": 0.15}}
 
 # The reference configurations: ViT-tiny/16 at 224 px, batch 8.

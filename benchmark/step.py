@@ -32,8 +32,8 @@ def use_attention(method: Method, kind: str, device: torch.device, bf16: bool) -
     """Set the attention kernel of every block; returns a function that restores the previous ones.
 
     `fused` is torch's scaled_dot_product_attention, `math` the explicit matmuls and softmax,
-    `auto` picks math for bf16 on CPU, where SDPA's flash kernel (its backward above all) made
-    the I-JEPA step ~11% slower at these short sequences, and fused everywhere else.
+    `auto` picks math for bf16 on CPU, where SDPA's flash kernel (its backward above all) is
+    slower at these short sequences (docs/performance.md), and fused everywhere else.
     """
     if kind not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")

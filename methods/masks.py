@@ -37,18 +37,26 @@ class MaskConfig:
     attempts: int = 20
 
     def __post_init__(self):
+        """The one check of the `method.mask` settings (the config check calls it too)."""
         if self.edge not in EDGE_MODES:
-            raise ValueError(f"mask edge mode must be one of {EDGE_MODES}, got {self.edge!r}")
-        for name in ("target_scale", "context_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"mask {name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
-        for name in ("target_aspect", "context_aspect"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(f"mask {name} must satisfy 0 < min <= max, got {(lo, hi)}")
-        if self.num_targets < 1 or self.min_keep < 0:
-            raise ValueError("mask num_targets must be >= 1 and min_keep >= 0")
+            raise ValueError(f"method.mask.edge must be one of {', '.join(EDGE_MODES)}, got {self.edge!r}")
+        for name, high in (("target_scale", 1), ("context_scale", 1), ("target_aspect", None),
+                           ("context_aspect", None)):
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(v) for v in value)):
+                raise ValueError(f"method.mask.{name} must be a pair [min, max] of numbers, got {value!r}")
+            lo, hi = value
+            if not (0 < lo <= hi and (high is None or hi <= high)):
+                raise ValueError(f"method.mask.{name} must satisfy 0 < min <= max{'' if high is None else f' <= {high}'}"
+                                 f", got {list(value)}")
+        for name, low in (("num_targets", 1), ("min_keep", 0), ("attempts", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"method.mask.{name} must be {'> 0' if low else '>= 0'}, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def block_size(gen: torch.Generator, grid: tuple[int, int], scale: tuple[float, float],
@@ -79,7 +87,7 @@ class MultiBlockMasker:
         self.cfg = cfg
         H, W = self.grid
         if cfg.min_keep >= H * W:
-            raise ValueError(f"mask min_keep={cfg.min_keep} leaves nothing to predict on a {H}x{W} grid")
+            raise ValueError(f"method.mask.min_keep={cfg.min_keep} leaves nothing to predict on a {H}x{W} grid")
         # Every block size the draws can produce must be able to keep more than min_keep patches,
         # or placing it would never end: check a fine grid of the uniform draws up front.
         draws = [i / 20 for i in range(21)]

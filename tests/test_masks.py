@@ -61,7 +61,7 @@ def test_corrected_mode_reaches_the_last_row_and_column():
 
 
 def test_official_mode_matches_the_statistics_of_the_released_collator():
-    # Measured on the official collator at 224/16 over 2,000 samples (RECIPE.md):
+    # Measured on the official collator at 224/16 over 2,000 samples:
     # context 81.8 +- 13.6 patches, targets 33.3 +- 2.8 patches per block.
     masker = MultiBlockMasker(14, MaskConfig(edge="official"))
     samples = draw(masker, 2000, seed=3)

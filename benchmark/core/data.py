@@ -307,10 +307,8 @@ def train_loader(dataset: Dataset, transform: Callable, collate: Callable, batch
 
 
 # How much lower a loader worker's scheduling priority is than the training process's (nice
-# increment). With no spare core (2 cores, 2 torch threads) a worker at equal priority preempts
-# the step's OpenMP threads, which then wait on each other at every barrier: measured on the MAE
-# reference step, bf16 0.20 s/step with the worker at equal priority, 0.148 + 0.008 s waiting
-# for data at +10 (README, Performance). With spare cores the priority changes nothing.
+# increment): with no spare core, a worker at equal priority preempts the step's OpenMP threads,
+# which then wait on each other at every barrier (measured in docs/performance.md).
 WORKER_NICENESS = 10
 
 

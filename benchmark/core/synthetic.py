@@ -16,7 +16,7 @@ Layout written under `root`:
                                                           2 + k = colour class k (COLOURS order)
 
 The segmentation classes are the colour classes, like the default classification label: CPU-sized
-models do not learn the shape classes (see README), and a segmentation task where every model
+models do not learn the shape classes (see docs/results.md), and a segmentation task where every model
 predicts background everywhere would compare nothing.
 """
 from __future__ import annotations
