@@ -13,6 +13,7 @@ Exit codes: 0 done, 1 a run failed while computing (its record says why), 2 bad 
 (unknown name, bad override, missing data folder, unreadable or mismatched checkpoint),
 reported in one line before any compute.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,13 @@ def results_table(records: list[dict]) -> Table | None:
         header = task if metric in ("top1", task) else f"{task} {METRIC_LABELS.get(metric, metric)}"
         table.add_column(header, justify="right", no_wrap=True)
     for method, row in frame.iterrows():
-        table.add_row(method, *("" if value != value else f"{value:.3f}" if metrics[task] == "mrr" else f"{value:.1f}"
-                                for task, value in row.items()))
+        table.add_row(
+            method,
+            *(
+                "" if value != value else f"{value:.3f}" if metrics[task] == "mrr" else f"{value:.1f}"
+                for task, value in row.items()
+            ),
+        )
     return table
 
 
@@ -83,10 +89,8 @@ def print_tables(records: list[dict]) -> None:
 
 def cmd_run(overrides: list[str]) -> int:
     # torch loads here, not at import time: `bench --help` and argument errors answer at once.
-    from benchmark.core.errors import CheckpointError
     from benchmark.config import load_config
-    from benchmark.core.errors import ConfigError
-    from benchmark.core.errors import DataError
+    from benchmark.core.errors import CheckpointError, ConfigError, DataError
     from benchmark.runner import execute, plan_run
 
     try:
@@ -125,8 +129,11 @@ def _submit(overrides: list[str], plan) -> int:
 
     launcher = OmegaConf.to_container(plan.cfg.launcher)
     job = submit(overrides, launcher, plan.run_dir)
-    out.print(f"submitted job {job.job_id} ({launcher['name']}): run folder {plan.run_dir}, "
-              f"logs {log_dir_for(plan.run_dir)}", highlight=False, soft_wrap=True)
+    out.print(
+        f"submitted job {job.job_id} ({launcher['name']}): run folder {plan.run_dir}, logs {log_dir_for(plan.run_dir)}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if not launcher.get("wait"):
         return EXIT_OK
     try:
@@ -157,9 +164,10 @@ def cmd_list() -> int:
 
 
 def cmd_config(overrides: list[str]) -> int:
+    from omegaconf import OmegaConf
+
     from benchmark.config import load_config
     from benchmark.core.errors import ConfigError
-    from omegaconf import OmegaConf
 
     try:
         cfg = load_config(overrides)
@@ -173,27 +181,42 @@ def cmd_perf(args) -> int:
     import json
     from pathlib import Path
 
-    from benchmark.core.errors import ConfigError
-    from benchmark.core.errors import DataError
+    from benchmark.core.errors import ConfigError, DataError
     from benchmark.perf import CPU_CASES, PRECISIONS, PerfError, run_benchmark, tables
 
     methods = args.methods.split(",")
     precisions = args.precision.split(",")
     unknown = [m for m in methods if m not in CPU_CASES] + [p for p in precisions if p not in PRECISIONS]
     if unknown:
-        return _fail(f"unknown perf method or precision {unknown[0]!r} (methods: {', '.join(CPU_CASES)}; "
-                     f"precisions: {', '.join(PRECISIONS)})", EXIT_USAGE)
+        return _fail(
+            f"unknown perf method or precision {unknown[0]!r} (methods: {', '.join(CPU_CASES)}; "
+            f"precisions: {', '.join(PRECISIONS)})",
+            EXIT_USAGE,
+        )
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         return _fail("--steps and --rounds must be >= 1 and --warmup >= 0", EXIT_USAGE)
     if args.device.startswith("cuda"):
         import torch
+
         if not torch.cuda.is_available():
             return _fail(f"--device {args.device} but no CUDA device is available", EXIT_USAGE)
     try:
-        result = run_benchmark(methods, precisions, args.overrides, args.steps, args.warmup, args.device,
-                               args.threads, args.gpu_cases, args.compile, args.rounds,
-                               None if args.no_probe else args.probe, {"fp32": args.rtol_fp32, "bf16": args.rtol_bf16},
-                               args.peak_tflops, log=lambda m: err.print(m, highlight=False))
+        result = run_benchmark(
+            methods,
+            precisions,
+            args.overrides,
+            args.steps,
+            args.warmup,
+            args.device,
+            args.threads,
+            args.gpu_cases,
+            args.compile,
+            args.rounds,
+            None if args.no_probe else args.probe,
+            {"fp32": args.rtol_fp32, "bf16": args.rtol_bf16},
+            args.peak_tflops,
+            log=lambda m: err.print(m, highlight=False),
+        )
     except (ConfigError, DataError, PerfError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except RuntimeError as exc:
@@ -229,17 +252,19 @@ def cmd_export(checkpoint: str, target: str, encoder_only: bool) -> int:
 
 
 def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
-    from benchmark.core.errors import CheckpointError
-    from benchmark.core.errors import ConfigError
-    from benchmark.core.errors import DataError
+    from benchmark.core.errors import CheckpointError, ConfigError, DataError
     from slurm.sweep import load_sweep, submit_sweep, unit_states
 
     try:
         sweep = load_sweep(name, overrides)
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    out.print(f"sweep {sweep.name}: {len(sweep.cells)} cells x tasks {', '.join(sweep.tasks) or '-'} "
-              f"({sweep.launcher['name']}) -> {sweep.sweep_dir}", highlight=False, soft_wrap=True)
+    out.print(
+        f"sweep {sweep.name}: {len(sweep.cells)} cells x tasks {', '.join(sweep.tasks) or '-'} "
+        f"({sweep.launcher['name']}) -> {sweep.sweep_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
     for cell in sweep.cells:
         for task, why in cell.skipped.items():
             out.print(f"skip {cell.name}/{task}: does not apply ({why})", highlight=False, soft_wrap=True)
@@ -287,9 +312,17 @@ def cmd_leaderboard(args) -> int:
         return _fail(f"results folder not found: {missing[0]}", EXIT_USAGE)
     problems: list[str] = []
     try:
-        frame = lb.load_frame(args.folders, methods=args.method, tasks=args.task, datasets=args.data,
-                              since=args.since, until=args.until, by=args.by, all_metrics=args.all_metrics,
-                              problems=problems)
+        frame = lb.load_frame(
+            args.folders,
+            methods=args.method,
+            tasks=args.task,
+            datasets=args.data,
+            since=args.since,
+            until=args.until,
+            by=args.by,
+            all_metrics=args.all_metrics,
+            problems=problems,
+        )
     except ValueError as exc:  # a malformed --since/--until date
         return _fail(f"bad date: {exc}", EXIT_USAGE)
     for line in problems:
@@ -312,17 +345,25 @@ def cmd_leaderboard(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench", description="Pretrain and evaluate IWM, I-JEPA and MAE side by side.")
+    parser = argparse.ArgumentParser(
+        prog="bench", description="Pretrain and evaluate IWM, I-JEPA and MAE side by side."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="pretrain (or load checkpoint=PATH) and run tasks",
-                         description="Hydra overrides, e.g. method=ijepa task=all model=vit_small pretrain.epochs=2 seed=1")
+    run = sub.add_parser(
+        "run",
+        help="pretrain (or load checkpoint=PATH) and run tasks",
+        description="Hydra overrides, e.g. method=ijepa task=all model=vit_small pretrain.epochs=2 seed=1",
+    )
     run.add_argument("overrides", nargs="*")
     sub.add_parser("list", help="registered methods, tasks, datasets and config presets")
     config = sub.add_parser("config", help="print the resolved config for the given overrides")
     config.add_argument("overrides", nargs="*")
-    perf = sub.add_parser("perf", help="time the training step of each method, and the evaluation path",
-                          description="Config overrides (e.g. model=vit_small pretrain.batch_size=16) apply to "
-                                      "every training-step case on top of the reference configuration.")
+    perf = sub.add_parser(
+        "perf",
+        help="time the training step of each method, and the evaluation path",
+        description="Config overrides (e.g. model=vit_small pretrain.batch_size=16) apply to "
+        "every training-step case on top of the reference configuration.",
+    )
     perf.add_argument("overrides", nargs="*")
     perf.add_argument("--methods", default="ijepa,iwm,mae", help="comma-separated (default: all)")
     perf.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both (default)")
@@ -336,20 +377,31 @@ def main(argv: list[str] | None = None) -> int:
     perf.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for model FLOP utilisation")
     perf.add_argument("--rtol-fp32", type=float, default=1e-4, help="loss tolerance of fast vs eager, fp32")
     perf.add_argument("--rtol-bf16", type=float, default=2e-2, help="loss tolerance of fast vs eager, bf16")
-    perf.add_argument("--probe", nargs="*", default=[], metavar="OVERRIDE",
-                      help="config overrides of the linear-probe timing (default config)")
+    perf.add_argument(
+        "--probe",
+        nargs="*",
+        default=[],
+        metavar="OVERRIDE",
+        help="config overrides of the linear-probe timing (default config)",
+    )
     perf.add_argument("--no-probe", action="store_true", help="skip the linear-probe timing")
     perf.add_argument("--out", default="perf.json", help="where the JSON goes")
-    export = sub.add_parser("export", help="write a bench checkpoint in the official I-JEPA or MAE layout",
-                            description="I-JEPA/IWM -> the I-JEPA .pth.tar layout; MAE -> {'model': ...} "
-                                        "(encoder + decoder, or the encoder alone with --encoder-only)")
+    export = sub.add_parser(
+        "export",
+        help="write a bench checkpoint in the official I-JEPA or MAE layout",
+        description="I-JEPA/IWM -> the I-JEPA .pth.tar layout; MAE -> {'model': ...} "
+        "(encoder + decoder, or the encoder alone with --encoder-only)",
+    )
     export.add_argument("checkpoint", help="a checkpoint written by bench run (checkpoints/last.pt)")
     export.add_argument("out", help="the file to write (never overwritten)")
     export.add_argument("--encoder-only", action="store_true", help="MAE: the encoder alone, as mae_pretrain_vit_*.pth")
-    sweep = sub.add_parser("sweep", help="submit a sweep (grid of runs x tasks) to SLURM, or run it here",
-                           description="SWEEP: a name in benchmark/conf/sweep or a YAML path; then launcher=slurm|local, "
-                                       "launcher.* (partition, account, ...), grid.KEY=[...], tasks=[...], sweep_dir=PATH, "
-                                       "and overrides for every run")
+    sweep = sub.add_parser(
+        "sweep",
+        help="submit a sweep (grid of runs x tasks) to SLURM, or run it here",
+        description="SWEEP: a name in benchmark/conf/sweep or a YAML path; then launcher=slurm|local, "
+        "launcher.* (partition, account, ...), grid.KEY=[...], tasks=[...], sweep_dir=PATH, "
+        "and overrides for every run",
+    )
     sweep.add_argument("sweep")
     sweep.add_argument("overrides", nargs="*")
     sweep.add_argument("--retry", action="store_true", help="resubmit units whose record says failed")

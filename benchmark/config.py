@@ -1,4 +1,5 @@
 """Composing and checking the Hydra config, so that every mistake surfaces before any compute."""
+
 from __future__ import annotations
 
 import difflib
@@ -44,8 +45,10 @@ def _check_overrides(overrides: list[str]) -> None:
     for override in overrides:
         key, sep, value = override.partition("=")
         if key.startswith(("+", "~")):
-            raise ConfigError(f"override {override!r} adds or deletes a key: every setting already exists "
-                              "(`bench config` prints them), set it with key=value")
+            raise ConfigError(
+                f"override {override!r} adds or deletes a key: every setting already exists "
+                "(`bench config` prints them), set it with key=value"
+            )
         if sep and key in GROUPS and value not in group_options(key):
             raise ConfigError(f"unknown {key} {value!r} (known: {', '.join(group_options(key))})")
 
@@ -101,8 +104,9 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _number(cfg: DictConfig, key: str, minimum: float | None = None, integer: bool = False,
-            strictly: bool = False) -> None:
+def _number(
+    cfg: DictConfig, key: str, minimum: float | None = None, integer: bool = False, strictly: bool = False
+) -> None:
     value = OmegaConf.select(cfg, key)
     kind = "an integer" if integer else "a number"
     ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
@@ -118,12 +122,20 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, key, 0, integer=key.endswith("batch_size"), strictly=True)
     # 0 epochs evaluates the initialisation: the random-encoder control of every task.
     _number(cfg, "pretrain.epochs", 0)
-    for key in ("pretrain.start_lr", "pretrain.final_lr", "pretrain.weight_decay",
-                "pretrain.final_weight_decay", "pretrain.warmup_epochs", "pretrain.clip_grad"):
+    for key in (
+        "pretrain.start_lr",
+        "pretrain.final_lr",
+        "pretrain.weight_decay",
+        "pretrain.final_weight_decay",
+        "pretrain.warmup_epochs",
+        "pretrain.clip_grad",
+    ):
         _number(cfg, key, 0)
     _number(cfg, "pretrain.ipe_scale", 0, strictly=True)
-    _require(cfg.pretrain.schedule_offset in (0, 1), f"pretrain.schedule_offset must be 0 or 1, got "
-             f"{cfg.pretrain.schedule_offset!r}")
+    _require(
+        cfg.pretrain.schedule_offset in (0, 1),
+        f"pretrain.schedule_offset must be 0 or 1, got {cfg.pretrain.schedule_offset!r}",
+    )
     _number(cfg, "pretrain.checkpoint_every", 0, integer=True)
     _number(cfg, "pretrain.log_every", 0, integer=True, strictly=True)
     _number(cfg, "seed", 0, integer=True)
@@ -132,28 +144,43 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "data.image_size", 0, integer=True, strictly=True)
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         _number(cfg, f"model.{key}", 0, integer=True, strictly=True)
-    _require(cfg.data.image_size % cfg.model.patch_size == 0,
-             f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={cfg.model.patch_size}")
-    _require(cfg.model.embed_dim % cfg.model.num_heads == 0,
-             f"model.embed_dim={cfg.model.embed_dim} is not divisible by model.num_heads={cfg.model.num_heads}")
+    _require(
+        cfg.data.image_size % cfg.model.patch_size == 0,
+        f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={cfg.model.patch_size}",
+    )
+    _require(
+        cfg.model.embed_dim % cfg.model.num_heads == 0,
+        f"model.embed_dim={cfg.model.embed_dim} is not divisible by model.num_heads={cfg.model.num_heads}",
+    )
     if "mask" in cfg.method:
         grid = cfg.data.image_size // cfg.model.patch_size
         try:  # the masker owns these rules
             MultiBlockMasker(grid, MaskConfig(**OmegaConf.to_container(cfg.method.mask)))
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{exc} (data.image_size={cfg.data.image_size}, "
-                              f"model.patch_size={cfg.model.patch_size})" if "grid" in str(exc) else str(exc)) from None
+            raise ConfigError(
+                f"{exc} (data.image_size={cfg.data.image_size}, model.patch_size={cfg.model.patch_size})"
+                if "grid" in str(exc)
+                else str(exc)
+            ) from None
     if "predictor" in cfg.method:
         _number(cfg, "method.predictor.depth", 0, integer=True)
         _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
-    _require(cfg.pretrain.attention in ATTENTION,
-             f"pretrain.attention must be {', '.join(ATTENTION)}, got {cfg.pretrain.attention!r}")
-    _require(cfg.checkpoint_key is None or cfg.checkpoint_key in ENCODER_KEYS,
-             f"checkpoint_key must be {', '.join(ENCODER_KEYS)} or null, got {cfg.checkpoint_key!r}")
-    _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
-             f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    _require(len(cfg.tasks) > 0 or cfg.choices.task == "none",
-             "no task selected: use task=<name>, task=all, or task=none to pretrain only")
+    _require(
+        cfg.pretrain.attention in ATTENTION,
+        f"pretrain.attention must be {', '.join(ATTENTION)}, got {cfg.pretrain.attention!r}",
+    )
+    _require(
+        cfg.checkpoint_key is None or cfg.checkpoint_key in ENCODER_KEYS,
+        f"checkpoint_key must be {', '.join(ENCODER_KEYS)} or null, got {cfg.checkpoint_key!r}",
+    )
+    _require(
+        cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
+        f"device must be auto, cpu or cuda[:N], got {cfg.device!r}",
+    )
+    _require(
+        len(cfg.tasks) > 0 or cfg.choices.task == "none",
+        "no task selected: use task=<name>, task=all, or task=none to pretrain only",
+    )
     for name, task_cfg in cfg.tasks.items():
         for key in ("epochs", "batch_size"):
             if key in task_cfg:

@@ -5,6 +5,7 @@ task/metric, cells are mean +- std over seeds, and the best value of each column
 Written as Markdown, LaTeX, HTML and CSV; `spectrum_plot` draws the invariance-equivariance
 figure (MRR against linear and predictor-finetuning accuracy) with the correlations.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks import TASKS
 from benchmark.records import LOWER_IS_BETTER, headline, headline_metric, read_records  # noqa: F401 (API)
+from tasks import TASKS
 
 ROW_KEYS = ["method", "preset", "model", "data"]
 
@@ -36,10 +37,17 @@ def _date(value: str | None) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
-def load_frame(folders: list[str | Path], methods: list[str] | None = None, tasks: list[str] | None = None,
-               datasets: list[str] | None = None, since: str | None = None, until: str | None = None,
-               by: list[str] | None = None, all_metrics: bool = False,
-               problems: list[str] | None = None) -> pd.DataFrame:
+def load_frame(
+    folders: list[str | Path],
+    methods: list[str] | None = None,
+    tasks: list[str] | None = None,
+    datasets: list[str] | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    by: list[str] | None = None,
+    all_metrics: bool = False,
+    problems: list[str] | None = None,
+) -> pd.DataFrame:
     """One row per (successful record, metric): the long form every table is pivoted from.
 
     Filters match method name or preset, task, dataset, and the finish time (ISO dates).
@@ -64,9 +72,19 @@ def load_frame(folders: list[str | Path], methods: list[str] | None = None, task
         for metric, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value is None:
                 continue
-            rows.append({**{k: r[k] for k in ROW_KEYS}, **extra, "task": r["task"], "metric": metric,
-                         "value": float(value), "seed": r["seed"], "run_id": r["run_id"],
-                         "finished": r["finished"], "run_dir": r.get("run_dir")})
+            rows.append(
+                {
+                    **{k: r[k] for k in ROW_KEYS},
+                    **extra,
+                    "task": r["task"],
+                    "metric": metric,
+                    "value": float(value),
+                    "seed": r["seed"],
+                    "run_id": r["run_id"],
+                    "finished": r["finished"],
+                    "run_dir": r.get("run_dir"),
+                }
+            )
     columns = ROW_KEYS + list(by or []) + ["task", "metric", "value", "seed", "run_id", "finished", "run_dir"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -77,9 +95,13 @@ def paper_table(records: list[dict]) -> pd.DataFrame:
 
     `table.attrs["metrics"]` maps each task column to its headline metric.
     """
-    rows = [{"method": r["preset"], "task": r["task"], "metric": metric, "value": value}
-            for r in records if r["status"] == "ok" and r["task"] in TASKS
-            for metric, value in [headline(r)] if value is not None]
+    rows = [
+        {"method": r["preset"], "task": r["task"], "metric": metric, "value": value}
+        for r in records
+        if r["status"] == "ok" and r["task"] in TASKS
+        for metric, value in [headline(r)]
+        if value is not None
+    ]
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
@@ -92,6 +114,7 @@ def paper_table(records: list[dict]) -> pd.DataFrame:
 @dataclass
 class Board:
     """mean / std / n over seeds, indexed by row keys, one column per (task, metric)."""
+
     mean: pd.DataFrame
     std: pd.DataFrame
     n: pd.DataFrame
@@ -145,8 +168,7 @@ def row_header(b: Board) -> str:
 
 def to_markdown(b: Board, digits: int = 2) -> str:
     rows, columns, texts, marks = _cells(b, digits)
-    lines = ["| " + " | ".join([row_header(b), *columns]) + " |",
-             "|" + "---|" * (len(columns) + 1)]
+    lines = ["| " + " | ".join([row_header(b), *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
     for label, row, mark in zip(rows, texts, marks):
         shown = [f"**{t}**" if m and t else t for t, m in zip(row, mark)]
         lines.append("| " + " | ".join([label, *shown]) + " |")
@@ -161,8 +183,12 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(b: Board, digits: int = 2) -> str:
     rows, columns, texts, marks = _cells(b, digits)
-    lines = [r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule",
-             " & ".join(_latex_escape(c) for c in [row_header(b), *columns]) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{tabular}{l" + "c" * len(columns) + "}",
+        r"\toprule",
+        " & ".join(_latex_escape(c) for c in [row_header(b), *columns]) + r" \\",
+        r"\midrule",
+    ]
     for label, row, mark in zip(rows, texts, marks):
         shown = [t.replace("±", r"$\pm$") for t in row]
         shown = [rf"\textbf{{{t}}}" if m and t else t for t, m in zip(shown, mark)]
@@ -180,8 +206,7 @@ def to_html(b: Board, digits: int = 2) -> str:
     for label, row, mark in zip(rows, texts, marks):
         shown = [f"<b>{escape(t)}</b>" if m and t else escape(t) for t, m in zip(row, mark)]
         body.append(f"<tr><th>{escape(label)}</th>" + "".join(f"<td>{t}</td>" for t in shown) + "</tr>")
-    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body)
-            + "\n</tbody>\n</table>\n")
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>\n"
 
 
 def to_csv(b: Board) -> str:
@@ -208,8 +233,12 @@ def to_rich(b: Board, title: str, digits: int = 2):
 def write_tables(b: Board, out_dir: Path, digits: int = 2) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix, text in (("md", to_markdown(b, digits)), ("tex", to_latex(b, digits)),
-                         ("html", to_html(b, digits)), ("csv", to_csv(b))):
+    for suffix, text in (
+        ("md", to_markdown(b, digits)),
+        ("tex", to_latex(b, digits)),
+        ("html", to_html(b, digits)),
+        ("csv", to_csv(b)),
+    ):
         path = out_dir / f"leaderboard.{suffix}"
         path.write_text(text)
         written.append(path)

@@ -6,6 +6,7 @@ read off the tensors is compared with the config first, then every tensor must m
 parameter by name and shape. Position tables are resampled bicubically when the file was
 trained at another resolution, as MAE's and timm's loaders do.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from benchmark.core.errors import CheckpointError
 from methods import METHODS, build_method, method_from_state
 from methods.base import Method
+
 
 def layout_of(state) -> str:
     """'bench' (written by bench run) or the official layout a registered method reads."""
@@ -26,8 +28,9 @@ def layout_of(state) -> str:
                 return cls.official_layout
     keys = ", ".join(map(str, list(state)[:6])) if isinstance(state, dict) else type(state).__name__
     known = ", ".join(dict.fromkeys(cls.official_about for cls in METHODS.values() if cls.official_layout))
-    raise CheckpointError(f"unknown checkpoint layout (top level: {keys}): expected one written by bench run, "
-                          f"or {known}")
+    raise CheckpointError(
+        f"unknown checkpoint layout (top level: {keys}): expected one written by bench run, or {known}"
+    )
 
 
 def readers_of(layout: str) -> list[type[Method]]:
@@ -45,14 +48,20 @@ def method_from_official(state: dict, path: Path, cfg: DictConfig) -> Method:
     if cls.official_layout != layout:
         readers = readers_of(layout)
         others = f" (or {', '.join(r.name for r in readers[1:])})" if len(readers) > 1 else ""
-        raise CheckpointError(f"{path} is {readers[0].official_about}: use method={readers[0].name}{others}, "
-                              f"not method={cfg.method.name}")
+        raise CheckpointError(
+            f"{path} is {readers[0].official_about}: use method={readers[0].name}{others}, not method={cfg.method.name}"
+        )
     found = cls.official_architecture(state, path)
-    differ = [f"{key.rpartition('.')[2]}={value} (config {key}={OmegaConf.select(cfg, key)})"
-              for key, value in found.items() if value != OmegaConf.select(cfg, key)]
+    differ = [
+        f"{key.rpartition('.')[2]}={value} (config {key}={OmegaConf.select(cfg, key)})"
+        for key, value in found.items()
+        if value != OmegaConf.select(cfg, key)
+    ]
     if differ:
-        raise CheckpointError(f"{path} ({layout} layout) does not match model={cfg.choices.model} "
-                              f"method={cfg.choices.method}: {', '.join(differ)}")
+        raise CheckpointError(
+            f"{path} ({layout} layout) does not match model={cfg.choices.model} "
+            f"method={cfg.choices.method}: {', '.join(differ)}"
+        )
     config = OmegaConf.to_container(cfg, resolve=True)
     method = build_method(cfg.method.name, config["model"], config["method"], cfg.data.image_size)
     method.load_official(state, path)

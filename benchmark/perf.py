@@ -20,6 +20,7 @@ frozen probe (first versus second request is timed), and the linear-probe grid t
 pass is timed against the same heads trained one at a time, with the largest weight difference
 between the two.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,18 +43,38 @@ REFERENCE = {"ijepa": {"fp32": 1.62, "bf16": 0.88}, "mae": {"fp32": 0.21, "bf16"
 # The reference configurations: ViT-tiny/16 at 224 px, batch 8.
 _TINY_224 = ["model=vit_tiny", "data.image_size=224", "pretrain.batch_size=8"]
 CPU_CASES = {
-    "ijepa": ["method=ijepa", *_TINY_224, "method.predictor.depth=6", "method.predictor.width=384",
-              "method.mask.min_keep=10"],
-    "iwm": ["method=iwm", *_TINY_224, "method.predictor.depth=6", "method.predictor.width=384",
-            "method.mask.min_keep=10"],
-    "mae": ["method=mae", *_TINY_224, "method.predictor.depth=4", "method.predictor.width=128",
-            "method.mask_ratio=0.75"],
+    "ijepa": [
+        "method=ijepa",
+        *_TINY_224,
+        "method.predictor.depth=6",
+        "method.predictor.width=384",
+        "method.mask.min_keep=10",
+    ],
+    "iwm": [
+        "method=iwm",
+        *_TINY_224,
+        "method.predictor.depth=6",
+        "method.predictor.width=384",
+        "method.mask.min_keep=10",
+    ],
+    "mae": [
+        "method=mae",
+        *_TINY_224,
+        "method.predictor.depth=4",
+        "method.predictor.width=128",
+        "method.mask_ratio=0.75",
+    ],
 }
 # Paper-sized ViT-B/16 cases for a GPU (the IWM, I-JEPA-like and MAE presets at 224 px).
 _BASE_224 = ["model=vit_base", "data.image_size=224", "pretrain.batch_size=128"]
 GPU_CASES = {
-    "ijepa": ["method=ijepa", *_BASE_224, "method.predictor.depth=12", "method.predictor.width=384",
-              "method.mask.min_keep=10"],
+    "ijepa": [
+        "method=ijepa",
+        *_BASE_224,
+        "method.predictor.depth=12",
+        "method.predictor.width=384",
+        "method.mask.min_keep=10",
+    ],
     "iwm": ["method=iwm_equi_18_384", *_BASE_224],
     "mae": ["method=mae_paper", *_BASE_224],
 }
@@ -66,6 +87,7 @@ class PerfError(ValueError):
 
 
 # --- measurements inside one process ----------------------------------------------------------
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -84,12 +106,12 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, repeats:
         torch.mm(a, b)
         _sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -99,13 +121,13 @@ def _method_and_data(cfg, device: torch.device):
 
     dataset = resolve_data(cfg.data, cfg.cache_dir).split("train")
     torch.manual_seed(cfg.seed)
-    method = build_method(cfg.method.name, OmegaConf.to_container(cfg.model),
-                          OmegaConf.to_container(cfg.method), cfg.data.image_size)
+    method = build_method(
+        cfg.method.name, OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method), cfg.data.image_size
+    )
     return method.to(device).train(), dataset
 
 
-def time_training_step(overrides: list[str], steps: int, warmup: int, device: str,
-                       threads: int | None) -> dict:
+def time_training_step(overrides: list[str], steps: int, warmup: int, device: str, threads: int | None) -> dict:
     """Warm-up then timed steps of the real training step on the real data path (one case)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -128,8 +150,16 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
     total = warmup + steps
 
     def loader(workers: int, epoch: int):
-        return train_loader(dataset, method.train_transform(), method.collate, pcfg.batch_size, cfg.seed, epoch,
-                            workers=workers, pin_memory=dev.type == "cuda")
+        return train_loader(
+            dataset,
+            method.train_transform(),
+            method.collate,
+            pcfg.batch_size,
+            cfg.seed,
+            epoch,
+            workers=workers,
+            pin_memory=dev.type == "cuda",
+        )
 
     # Batches for the step alone (a second epoch: other views and masks than the loop's), built
     # first in this process; what one costs is the data-path figure.
@@ -176,9 +206,18 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
             forward_loss(method.training_step, batch, dev, bool(pcfg.bf16)).backward()
         opt.zero_grad(set_to_none=True)
         flops.append(counter.get_total_flops())
-    return {"seconds": seconds, "loop_seconds": loop_seconds, "waits": waits, "losses": losses, "flops": flops,
-            "data_seconds_per_batch": data_seconds, "peak_memory_mib": memory,
-            "batch_size": int(pcfg.batch_size), "workers": int(cfg.workers), "threads": torch.get_num_threads()}
+    return {
+        "seconds": seconds,
+        "loop_seconds": loop_seconds,
+        "waits": waits,
+        "losses": losses,
+        "flops": flops,
+        "data_seconds_per_batch": data_seconds,
+        "peak_memory_mib": memory,
+        "batch_size": int(pcfg.batch_size),
+        "workers": int(cfg.workers),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def measure_ceiling(device: str, threads: int | None) -> dict:
@@ -191,8 +230,7 @@ def measure_ceiling(device: str, threads: int | None) -> dict:
 
 def _child(kind: str, kwargs: dict) -> dict:
     """Run one measurement in a fresh interpreter; its result is the last line it prints."""
-    code = (f"import json, sys; from benchmark import perf; "
-            f"print(json.dumps(perf.{kind}(**json.loads(sys.argv[1]))))")
+    code = f"import json, sys; from benchmark import perf; print(json.dumps(perf.{kind}(**json.loads(sys.argv[1]))))"
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
@@ -203,6 +241,7 @@ def _child(kind: str, kwargs: dict) -> dict:
 
 
 # --- evaluation path -----------------------------------------------------------------------------
+
 
 def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
     """Shared feature cache (first vs second request) and the head grid in one pass vs one at a time."""
@@ -215,8 +254,14 @@ def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
         torch.set_num_threads(threads)
     cfg = load_config(overrides)
     method, _ = _method_and_data(cfg, torch.device("cpu"))
-    ctx = TaskContext(resolve_data(cfg.data, cfg.cache_dir), torch.device("cpu"), "target_encoder", cfg.seed,
-                      Path("."), show_progress=False)
+    ctx = TaskContext(
+        resolve_data(cfg.data, cfg.cache_dir),
+        torch.device("cpu"),
+        "target_encoder",
+        cfg.seed,
+        Path("."),
+        show_progress=False,
+    )
     start = time.perf_counter()
     x, y = ctx.pooled_features(method, "train")
     first = time.perf_counter() - start
@@ -249,18 +294,29 @@ def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
 
     # The two baselines against each other show how far float rounding alone carries two correct
     # implementations apart (large-lr heads on separable features amplify it).
-    return {"samples": len(x), "feature_dim": int(x.size(1)), "heads": len(grid), "epochs": int(lin.epochs),
-            "lrs": [lr for lr, _, _ in grid], "weight_decays": [wd for _, wd, _ in grid],
-            "features_first_seconds": first, "features_cached_seconds": second,
-            "grid_seconds": grid_seconds, "one_at_a_time_seconds": alone_seconds,
-            "speedup": alone_seconds / grid_seconds, "torch_sgd_seconds": plain_seconds,
-            "speedup_vs_torch_sgd": plain_seconds / grid_seconds,
-            "grid_vs_one_at_a_time": compare(grid, alone), "grid_vs_torch_sgd": compare(grid, plain),
-            "one_at_a_time_vs_torch_sgd": compare(alone, plain)}
+    return {
+        "samples": len(x),
+        "feature_dim": int(x.size(1)),
+        "heads": len(grid),
+        "epochs": int(lin.epochs),
+        "lrs": [lr for lr, _, _ in grid],
+        "weight_decays": [wd for _, wd, _ in grid],
+        "features_first_seconds": first,
+        "features_cached_seconds": second,
+        "grid_seconds": grid_seconds,
+        "one_at_a_time_seconds": alone_seconds,
+        "speedup": alone_seconds / grid_seconds,
+        "torch_sgd_seconds": plain_seconds,
+        "speedup_vs_torch_sgd": plain_seconds / grid_seconds,
+        "grid_vs_one_at_a_time": compare(grid, alone),
+        "grid_vs_torch_sgd": compare(grid, plain),
+        "one_at_a_time_vs_torch_sgd": compare(alone, plain),
+    }
 
 
-def sgd_head(x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, wd: float, epochs: int,
-             batch_size: int, seed: int) -> torch.nn.Linear:
+def sgd_head(
+    x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, wd: float, epochs: int, batch_size: int, seed: int
+) -> torch.nn.Linear:
     """The usual way to train one probe head: nn.Linear, autograd, torch.optim.SGD (momentum 0.9),
     the same batches and cosine schedule as tasks.linear.train_heads. The second baseline."""
     from benchmark.core.schedules import cosine
@@ -274,7 +330,7 @@ def sgd_head(x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, wd: floa
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+            idx = order[i * batch_size : (i + 1) * batch_size]
             opt.param_groups[0]["lr"] = cosine(step, epochs * per_epoch, lr, 0.0)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(head(x[idx]), y[idx]).backward()
@@ -285,8 +341,8 @@ def sgd_head(x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, wd: floa
 
 # --- the whole benchmark ---------------------------------------------------------------------------
 
-def case_overrides(method: str, precision: str, variant: str, gpu: bool, compile: bool,
-                   extra: list[str]) -> list[str]:
+
+def case_overrides(method: str, precision: str, variant: str, gpu: bool, compile: bool, extra: list[str]) -> list[str]:
     """The config overrides of one case: the reference case, then the user's, then the variant's."""
     base = (GPU_CASES if gpu else CPU_CASES)[method]
     out = [*base, *extra, f"pretrain.bf16={precision == 'bf16'}", *VARIANTS[variant]]
@@ -302,8 +358,11 @@ def _sized_data(overrides: list[str], images: int) -> list[str]:
     cfg = load_config(overrides)
     if cfg.data.kind != "builtin":
         return overrides
-    return [*overrides, f"data.num_train={max(images, cfg.pretrain.batch_size)}",
-            f"data.num_val={cfg.pretrain.batch_size}"]
+    return [
+        *overrides,
+        f"data.num_train={max(images, cfg.pretrain.batch_size)}",
+        f"data.num_val={cfg.pretrain.batch_size}",
+    ]
 
 
 def available_methods() -> list[str]:
@@ -318,12 +377,18 @@ def summarise(case: dict, ceiling: dict, peak_tflops: float | None) -> dict:
     loop = statistics.median(case["loop_seconds"])
     gflop = statistics.mean(case["flops"]) / 1e9
     rate = sum(case["flops"]) / sum(case["seconds"]) / 1e9
-    row = {"s_per_step": seconds, "loop_s_per_step": loop,
-           "images_per_s": case["batch_size"] / seconds, "gflop_per_step": gflop,
-           "gflops": rate, "ceiling_fraction": rate / ceiling[case["precision"]],
-           "wait_s_per_step": statistics.median(case["waits"]), "max_wait_s": max(case["waits"]),
-           "data_s_per_batch": case["data_seconds_per_batch"],
-           "waits_for_data": max(case["waits"]) > 0.05 * loop}
+    row = {
+        "s_per_step": seconds,
+        "loop_s_per_step": loop,
+        "images_per_s": case["batch_size"] / seconds,
+        "gflop_per_step": gflop,
+        "gflops": rate,
+        "ceiling_fraction": rate / ceiling[case["precision"]],
+        "wait_s_per_step": statistics.median(case["waits"]),
+        "max_wait_s": max(case["waits"]),
+        "data_s_per_batch": case["data_seconds_per_batch"],
+        "waits_for_data": max(case["waits"]) > 0.05 * loop,
+    }
     if peak_tflops:
         row["mfu"] = rate / (peak_tflops * 1e3)
     ref = REFERENCE.get(case["method"], {}).get(case["precision"])
@@ -345,9 +410,22 @@ def check_numerics(cases: list[dict], rtol: dict) -> None:
         c["equal_numerics"] = diff <= rtol[c["precision"]]
 
 
-def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str], steps: int, warmup: int,
-                  device: str, threads: int | None, gpu_cases: bool, compile: bool, rounds: int,
-                  probe: list[str] | None, rtol: dict, peak_tflops: float | None, log=print) -> dict:
+def run_benchmark(
+    methods: list[str],
+    precisions: list[str],
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    device: str,
+    threads: int | None,
+    gpu_cases: bool,
+    compile: bool,
+    rounds: int,
+    probe: list[str] | None,
+    rtol: dict,
+    peak_tflops: float | None,
+    log=print,
+) -> dict:
     known = available_methods()
     skipped = {m: f"method={m} is not in this checkout" for m in methods if m not in known}
     methods = [m for m in methods if m in known]
@@ -357,17 +435,30 @@ def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str
             for variant in VARIANTS:
                 ov = case_overrides(method, precision, variant, gpu_cases, compile, overrides)
                 ov = _sized_data(ov, (steps + warmup) * _batch_size(ov))
-                cases.append({"method": method, "precision": precision, "variant": variant, "overrides": ov,
-                              "gpu": gpu_cases, "runs": []})
+                cases.append(
+                    {
+                        "method": method,
+                        "precision": precision,
+                        "variant": variant,
+                        "overrides": ov,
+                        "gpu": gpu_cases,
+                        "runs": [],
+                    }
+                )
     # Every case must build before anything is timed; the data is generated once, here.
     from benchmark.config import load_config
     from benchmark.core.data import resolve_data
     from methods import build_method
+
     for case in cases:
         cfg = load_config(case["overrides"])
         try:
-            build_method(cfg.method.name, OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method),
-                         cfg.data.image_size)
+            build_method(
+                cfg.method.name,
+                OmegaConf.to_container(cfg.model),
+                OmegaConf.to_container(cfg.method),
+                cfg.data.image_size,
+            )
         except ValueError as exc:
             raise PerfError(f"{case['method']} case does not build: {exc}") from None
         resolve_data(cfg.data, cfg.cache_dir)
@@ -378,9 +469,18 @@ def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str
     for r in range(rounds):
         for case in cases:
             log(f"round {r + 1}/{rounds}: {case['method']} {case['precision']} {case['variant']}")
-            case["runs"].append(_child("time_training_step", {"overrides": case["overrides"], "steps": steps,
-                                                               "warmup": warmup, "device": device,
-                                                               "threads": threads}))
+            case["runs"].append(
+                _child(
+                    "time_training_step",
+                    {
+                        "overrides": case["overrides"],
+                        "steps": steps,
+                        "warmup": warmup,
+                        "device": device,
+                        "threads": threads,
+                    },
+                )
+            )
     ceilings.append(_child("measure_ceiling", {"device": device, "threads": threads}))
     ceiling = {p: max(c[p] for c in ceilings) for p in PRECISIONS}
     for case in cases:
@@ -397,9 +497,18 @@ def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str
         case["losses_every_round"] = [run["losses"] for run in runs]
         case.update(summarise(case, ceiling, peak_tflops))
     check_numerics(cases, rtol)
-    result = {"device": device, "threads": cases[0]["threads"] if cases else threads, "steps": steps,
-              "warmup": warmup, "rounds": rounds, "ceiling_gflops": ceiling, "cases": cases, "skipped": skipped,
-              "loss_rtol": rtol, "torch": torch.__version__}
+    result = {
+        "device": device,
+        "threads": cases[0]["threads"] if cases else threads,
+        "steps": steps,
+        "warmup": warmup,
+        "rounds": rounds,
+        "ceiling_gflops": ceiling,
+        "cases": cases,
+        "skipped": skipped,
+        "loss_rtol": rtol,
+        "torch": torch.__version__,
+    }
     if probe is not None:
         log("linear probe: feature cache and head grid")
         result["linear_probe"] = _child("time_linear_probe", {"overrides": probe, "threads": threads})
@@ -408,6 +517,7 @@ def run_benchmark(methods: list[str], precisions: list[str], overrides: list[str
 
 def _batch_size(overrides: list[str]) -> int:
     from benchmark.config import load_config
+
     return int(load_config(overrides).pretrain.batch_size)
 
 
@@ -416,50 +526,102 @@ def tables(result: dict):
     from rich.table import Table
 
     c = result["ceiling_gflops"]
-    title = (f"training step on {result['device']}, {result['threads']} threads, median of "
-             f"{result['steps']} x {result['rounds']} steps after {result['warmup']} warm-up (s/step: the step alone on "
-             f"built batches, rounds: the lowest and highest median of one round; loop s/step: fed by the default "
-             f"loader workers); matmul ceiling "
-             f"{c['fp32']:.0f} GFLOP/s fp32, {c['bf16']:.0f} bf16")
+    title = (
+        f"training step on {result['device']}, {result['threads']} threads, median of "
+        f"{result['steps']} x {result['rounds']} steps after {result['warmup']} warm-up (s/step: the step alone on "
+        f"built batches, rounds: the lowest and highest median of one round; loop s/step: fed by the default "
+        f"loader workers); matmul ceiling "
+        f"{c['fp32']:.0f} GFLOP/s fp32, {c['bf16']:.0f} bf16"
+    )
     step = Table(title=title)
-    columns = ["method", "precision", "variant", "s/step", "rounds", "img/s", "reference", "speed-up", "GFLOP/step",
-               "GFLOP/s", "of ceiling", "peak MiB", "data s/batch", "loop s/step", "wait s", "losses vs eager"]
+    columns = [
+        "method",
+        "precision",
+        "variant",
+        "s/step",
+        "rounds",
+        "img/s",
+        "reference",
+        "speed-up",
+        "GFLOP/step",
+        "GFLOP/s",
+        "of ceiling",
+        "peak MiB",
+        "data s/batch",
+        "loop s/step",
+        "wait s",
+        "losses vs eager",
+    ]
     for col in columns:
         step.add_column(col, justify="left" if col in ("method", "precision", "variant") else "right")
     for case in result["cases"]:
         ref = case.get("reference_s_per_step")
-        check = ("" if case["variant"] == "eager" else
-                 f"{'equal' if case['equal_numerics'] else 'DIFFER'} ({case['loss_rel_diff_vs_eager']:.1e})")
+        check = (
+            ""
+            if case["variant"] == "eager"
+            else f"{'equal' if case['equal_numerics'] else 'DIFFER'} ({case['loss_rel_diff_vs_eager']:.1e})"
+        )
         lo, hi = min(case["round_medians_s"]), max(case["round_medians_s"])
-        step.add_row(case["method"], case["precision"], case["variant"], f"{case['s_per_step']:.3f}",
-                     f"{lo:.3f}-{hi:.3f}" if len(case["round_medians_s"]) > 1 else "-",
-                     f"{case['images_per_s']:.1f}", f"{ref:.2f}" if ref else "-",
-                     f"{case['speedup_vs_reference']:.2f}x" if ref else "-", f"{case['gflop_per_step']:.1f}",
-                     f"{case['gflops']:.0f}", f"{100 * case['ceiling_fraction']:.0f}%",
-                     f"{case['peak_memory_mib']:.0f}", f"{case['data_s_per_batch']:.3f}",
-                     f"{case['loop_s_per_step']:.3f}", f"{case['wait_s_per_step']:.3f}", check)
+        step.add_row(
+            case["method"],
+            case["precision"],
+            case["variant"],
+            f"{case['s_per_step']:.3f}",
+            f"{lo:.3f}-{hi:.3f}" if len(case["round_medians_s"]) > 1 else "-",
+            f"{case['images_per_s']:.1f}",
+            f"{ref:.2f}" if ref else "-",
+            f"{case['speedup_vs_reference']:.2f}x" if ref else "-",
+            f"{case['gflop_per_step']:.1f}",
+            f"{case['gflops']:.0f}",
+            f"{100 * case['ceiling_fraction']:.0f}%",
+            f"{case['peak_memory_mib']:.0f}",
+            f"{case['data_s_per_batch']:.3f}",
+            f"{case['loop_s_per_step']:.3f}",
+            f"{case['wait_s_per_step']:.3f}",
+            check,
+        )
     out = [step]
     probe = result.get("linear_probe")
     if probe:
-        t = Table(title=f"linear probe: {probe['heads']} heads, {probe['epochs']} epochs, "
-                        f"{probe['samples']} x {probe['feature_dim']} features")
-        t.caption = (f"pooled features: {probe['features_first_seconds']:.2f} s extracted, "
-                     f"{probe['features_cached_seconds']:.4f} s from the cache for every later probe")
-        for col in ("grid, one pass", "baseline: the same heads one at a time", "baseline s", "speed-up",
-                    "heads with |w diff| < 1e-4", "heads with equal top-1", "worst |w diff| (lr)"):
+        t = Table(
+            title=f"linear probe: {probe['heads']} heads, {probe['epochs']} epochs, "
+            f"{probe['samples']} x {probe['feature_dim']} features"
+        )
+        t.caption = (
+            f"pooled features: {probe['features_first_seconds']:.2f} s extracted, "
+            f"{probe['features_cached_seconds']:.4f} s from the cache for every later probe"
+        )
+        for col in (
+            "grid, one pass",
+            "baseline: the same heads one at a time",
+            "baseline s",
+            "speed-up",
+            "heads with |w diff| < 1e-4",
+            "heads with equal top-1",
+            "worst |w diff| (lr)",
+        ):
             t.add_column(col, justify="right")
 
         def agreement(cmp):
             diffs, same = cmp["max_weight_diff"], cmp["same_train_top1"]
             worst = max(range(len(diffs)), key=diffs.__getitem__)
-            return (f"{sum(d < 1e-4 for d in diffs)}/{len(diffs)}", f"{sum(same)}/{len(same)}",
-                    f"{diffs[worst]:.1e} ({probe['lrs'][worst]:g})")
+            return (
+                f"{sum(d < 1e-4 for d in diffs)}/{len(diffs)}",
+                f"{sum(same)}/{len(same)}",
+                f"{diffs[worst]:.1e} ({probe['lrs'][worst]:g})",
+            )
 
         for name, key, speedup, cmp in (
-                ("same code, one head per call", "one_at_a_time_seconds", "speedup", "grid_vs_one_at_a_time"),
-                ("nn.Linear + torch.optim.SGD", "torch_sgd_seconds", "speedup_vs_torch_sgd", "grid_vs_torch_sgd")):
-            t.add_row(f"{probe['grid_seconds']:.2f} s", name, f"{probe[key]:.2f} s", f"{probe[speedup]:.1f}x",
-                      *agreement(probe[cmp]))
+            ("same code, one head per call", "one_at_a_time_seconds", "speedup", "grid_vs_one_at_a_time"),
+            ("nn.Linear + torch.optim.SGD", "torch_sgd_seconds", "speedup_vs_torch_sgd", "grid_vs_torch_sgd"),
+        ):
+            t.add_row(
+                f"{probe['grid_seconds']:.2f} s",
+                name,
+                f"{probe[key]:.2f} s",
+                f"{probe[speedup]:.1f}x",
+                *agreement(probe[cmp]),
+            )
         t.add_row("", "(the two baselines against each other)", "", "", *agreement(probe["one_at_a_time_vs_torch_sgd"]))
         out.append(t)
     return out

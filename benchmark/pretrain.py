@@ -13,6 +13,7 @@ be finite (with the RNG state from before that step), so a run that diverges kee
 checkpoint whose weights still train; a non-finite loss, or a non-finite weight when a
 checkpoint is due, stops the run with DivergenceError.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,8 +31,8 @@ from benchmark.core.errors import DataError, DivergenceError
 from benchmark.core.faults import fault_point
 from benchmark.core.layers import to_device
 from benchmark.core.progress import progress_bar
-from benchmark.core.seeding import rng_state, set_rng_state
 from benchmark.core.schedules import cosine, warmup_cosine
+from benchmark.core.seeding import rng_state, set_rng_state
 from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
 from methods.base import Method
 
@@ -46,11 +46,12 @@ class Schedule:
     steps_per_epoch: int
 
     @classmethod
-    def of(cls, cfg, dataset_size: int) -> "Schedule":
+    def of(cls, cfg, dataset_size: int) -> Schedule:
         per_epoch = dataset_size // cfg.batch_size
         if per_epoch == 0:
-            raise DataError(f"pretrain.batch_size={cfg.batch_size} is larger than the training set "
-                            f"({dataset_size} images)")
+            raise DataError(
+                f"pretrain.batch_size={cfg.batch_size} is larger than the training set ({dataset_size} images)"
+            )
         # ipe_scale stretches the schedules past the trained epochs, as the official I-JEPA does.
         total = int(round(cfg.epochs * per_epoch * cfg.ipe_scale))
         return cls(max(1, total), int(round(cfg.warmup_epochs * per_epoch)), per_epoch)
@@ -68,9 +69,18 @@ def set_hyperparameters(opt: torch.optim.Optimizer, cfg, schedule: Schedule, ste
     return lr, wd
 
 
-def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.device,
-             checkpoint_dir: Path, config: dict, workers: int = 0, show_progress: bool = True,
-             max_steps: int | None = None) -> dict:
+def pretrain(
+    method: Method,
+    source: DataSource,
+    cfg,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: Path,
+    config: dict,
+    workers: int = 0,
+    show_progress: bool = True,
+    max_steps: int | None = None,
+) -> dict:
     """Train `method` on the train split of `source`; resumes from checkpoint_dir/last.pt if present.
 
     max_steps stops early (after writing a checkpoint) without changing the schedules; it exists
@@ -107,17 +117,28 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
 
     def save(at_step: int, rng: dict) -> None:
         nonlocal saved_step
-        bad = next((name for name, t in method.state_dict().items()
-                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        bad = next(
+            (name for name, t in method.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+            None,
+        )
         if bad is not None:
             raise DivergenceError(f"weight {bad} is not finite after step {at_step}; {_last_good(last, saved_step)}")
         saved_step = at_step
         if not world.is_main:
             return
-        ckpt.save(last, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(),
-                         "step": at_step, "total_steps": schedule.total_steps, "rng": rng,
-                         "first_loss": first_loss, "recent_losses": losses[-schedule.steps_per_epoch:],
-                         "config": config})
+        ckpt.save(
+            last,
+            {
+                "method": method.checkpoint_state(),
+                "optimizer": opt.state_dict(),
+                "step": at_step,
+                "total_steps": schedule.total_steps,
+                "rng": rng,
+                "first_loss": first_loss,
+                "recent_losses": losses[-schedule.steps_per_epoch :],
+                "config": config,
+            },
+        )
 
     step_fn = step_function(method, bool(cfg.compile), device)
     restore_attention = use_attention(method, cfg.attention, device, bool(cfg.bf16))
@@ -125,13 +146,26 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     started, start_step = time.perf_counter(), step
     stop_at = steps_to_run if max_steps is None else min(steps_to_run, max_steps)
     log_to = log_path if world.is_main else os.devnull
-    with progress_bar("pretrain", stop_at, step, enabled=show_progress and world.is_main) as bar, \
-            open(log_to, "a") as log, interrupt.served_by_loop():
+    with (
+        progress_bar("pretrain", stop_at, step, enabled=show_progress and world.is_main) as bar,
+        open(log_to, "a") as log,
+        interrupt.served_by_loop(),
+    ):
         while step < stop_at:
             epoch, batch_in_epoch = divmod(step, schedule.steps_per_epoch)
-            loader = train_loader(dataset, method.train_transform(), method.collate, cfg.batch_size,
-                                  seed, epoch, start=batch_in_epoch, workers=workers,
-                                  pin_memory=device.type == "cuda", rank=world.rank, world_size=world.size)
+            loader = train_loader(
+                dataset,
+                method.train_transform(),
+                method.collate,
+                cfg.batch_size,
+                seed,
+                epoch,
+                start=batch_in_epoch,
+                workers=workers,
+                pin_memory=device.type == "cuda",
+                rank=world.rank,
+                world_size=world.size,
+            )
             for batch in loader:
                 rng = rng_state()
                 lr, wd = set_hyperparameters(opt, cfg, schedule, step)
@@ -139,8 +173,9 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                 # The mean over ranks: what is logged, and non-finite on every rank if on one.
                 mean_loss = distributed.mean(loss)
                 if not torch.isfinite(mean_loss):
-                    raise DivergenceError(f"pretraining loss is {mean_loss.item()} at step {step}; "
-                                          f"{_last_good(last, saved_step)}")
+                    raise DivergenceError(
+                        f"pretraining loss is {mean_loss.item()} at step {step}; {_last_good(last, saved_step)}"
+                    )
                 if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
                     save(step, rng)
                 update(method, opt, loss, cfg.clip_grad, step / schedule.total_steps)
@@ -150,8 +185,10 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
                     first_loss = losses[-1]
                 bar.advance(loss=losses[-1])
                 if step % cfg.log_every == 0 or step == stop_at:
-                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr,
-                                          "weight_decay": wd}) + "\n")
+                    log.write(
+                        json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr, "weight_decay": wd})
+                        + "\n"
+                    )
                     log.flush()
                 fault_point(f"step:{step}")
                 asked = agreed_request(interrupt.take())
@@ -166,14 +203,18 @@ def pretrain(method: Method, source: DataSource, cfg, seed: int, device: torch.d
     save(step, rng_state())
     elapsed = time.perf_counter() - started
     trained = step - start_step
-    tail = losses[-max(1, schedule.steps_per_epoch):]
-    return {"steps": step, "total_steps": schedule.total_steps, "epochs": cfg.epochs,
-            "final_loss": sum(tail) / len(tail) if tail else None,
-            "first_loss": first_loss,
-            "train_seconds": elapsed,
-            "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
-            "unreadable_skipped": count_logged(checkpoint_dir.parent / UNREADABLE_LOG),
-            "checkpoint": str(last)}
+    tail = losses[-max(1, schedule.steps_per_epoch) :]
+    return {
+        "steps": step,
+        "total_steps": schedule.total_steps,
+        "epochs": cfg.epochs,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "first_loss": first_loss,
+        "train_seconds": elapsed,
+        "images_per_second": trained * cfg.batch_size / elapsed if trained else None,
+        "unreadable_skipped": count_logged(checkpoint_dir.parent / UNREADABLE_LOG),
+        "checkpoint": str(last),
+    }
 
 
 _REQUESTS = (None, interrupt.CHECKPOINT, interrupt.STOP)  # in increasing urgency

@@ -6,6 +6,7 @@ Run folder layout (documented in README.md):
     <run_dir>/train_log.jsonl        step, epoch, loss, lr, weight decay every log_every steps
     <run_dir>/records/<task>.json    one record per task ("pretrain" included)
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -29,10 +30,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def git_commit() -> str | None:
     """The commit of the harness code (with '+dirty' when it has uncommitted changes)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -42,9 +49,21 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def make_record(*, run_id: str, run_dir: Path, task: str, config: dict, metrics: dict, status: str,
-                started: str, wall_seconds: float, checkpoint_path: str | None, checkpoint_key: str,
-                device: str, error: str | None = None) -> dict[str, Any]:
+def make_record(
+    *,
+    run_id: str,
+    run_dir: Path,
+    task: str,
+    config: dict,
+    metrics: dict,
+    status: str,
+    started: str,
+    wall_seconds: float,
+    checkpoint_path: str | None,
+    checkpoint_key: str,
+    device: str,
+    error: str | None = None,
+) -> dict[str, Any]:
     choices = config["choices"]
     return {
         "schema": SCHEMA_VERSION,

@@ -4,6 +4,7 @@
 architecture) and writes nothing; `execute` does the compute. The CLI maps errors raised by
 `plan_run` to exit code 2.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -79,11 +80,15 @@ def _check_resume(run_dir: Path, config: dict) -> None:
         raise ConfigError(f"resume=true but {run_dir} holds no config.yaml: not a run folder")
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
     current = _flatten(config)
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k.split(".")[0] not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k))
+    differ = sorted(
+        k
+        for k in set(saved) | set(current)
+        if k.split(".")[0] not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k)
+    )
     if differ:
-        raise ConfigError(f"resume=true but the config differs from the one {run_dir} was started with: "
-                          f"{', '.join(differ[:5])}")
+        raise ConfigError(
+            f"resume=true but the config differs from the one {run_dir} was started with: {', '.join(differ[:5])}"
+        )
 
 
 def _load_checkpoint_method(cfg: DictConfig, path: Path) -> Method:
@@ -93,8 +98,11 @@ def _load_checkpoint_method(cfg: DictConfig, path: Path) -> Method:
     method_state = state["method"]
     if method_state["method"] != cfg.method.name:
         raise CheckpointError(f"{path} holds method {method_state['method']!r} but method={cfg.method.name}")
-    differ = [f"{k}={method_state['model_cfg'].get(k)} (config {cfg.model.get(k)})" for k in ARCHITECTURE_KEYS
-              if method_state["model_cfg"].get(k) != cfg.model.get(k)]
+    differ = [
+        f"{k}={method_state['model_cfg'].get(k)} (config {cfg.model.get(k)})"
+        for k in ARCHITECTURE_KEYS
+        if method_state["model_cfg"].get(k) != cfg.model.get(k)
+    ]
     if method_state["image_size"] != cfg.data.image_size:
         differ.append(f"image_size={method_state['image_size']} (config data.image_size={cfg.data.image_size})")
     if differ:
@@ -116,12 +124,15 @@ def plan_run(cfg: DictConfig) -> Plan:
     if not cfg.checkpoint and cfg.pretrain.epochs > 0:
         train_size = cfg.data.num_train if cfg.data.kind == "builtin" else len(source.split("train"))
         if cfg.pretrain.batch_size > train_size:
-            raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} is larger than the training set "
-                              f"({train_size} images)")
+            raise ConfigError(
+                f"pretrain.batch_size={cfg.pretrain.batch_size} is larger than the training set ({train_size} images)"
+            )
         ranks = distributed.planned_size()
         if cfg.pretrain.batch_size % ranks:
-            raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} does not split over {ranks} "
-                              f"processes (it is the global batch)")
+            raise ConfigError(
+                f"pretrain.batch_size={cfg.pretrain.batch_size} does not split over {ranks} "
+                f"processes (it is the global batch)"
+            )
     device = pick_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
@@ -154,8 +165,10 @@ def plan_run(cfg: DictConfig) -> Plan:
             raise ConfigError(str(exc) if isinstance(exc, ConfigError) else f"tasks.{name}: {exc}") from None
         tasks.append(name)
     if not tasks and not (cfg.pretrain.epochs > 0 and not cfg.checkpoint):
-        raise ConfigError("nothing to run: no task applies and there is no pretraining "
-                          f"(task={cfg.choices.task}, checkpoint={cfg.checkpoint}, pretrain.epochs={cfg.pretrain.epochs})")
+        raise ConfigError(
+            "nothing to run: no task applies and there is no pretraining "
+            f"(task={cfg.choices.task}, checkpoint={cfg.checkpoint}, pretrain.epochs={cfg.pretrain.epochs})"
+        )
     encoder_key = cfg.checkpoint_key or method.default_encoder_key
     if encoder_key == "target_encoder" and method.target_encoder is None:
         raise ConfigError(f"method {cfg.method.name} has no target encoder: use checkpoint_key=encoder")
@@ -216,13 +229,24 @@ def execute(plan: Plan) -> list[dict]:
     source = plan.source
     records = []
 
-    def record(task: str, metrics: dict, started: str, seconds: float, status: str = "ok",
-               error: str | None = None) -> dict:
+    def record(
+        task: str, metrics: dict, started: str, seconds: float, status: str = "ok", error: str | None = None
+    ) -> dict:
         ckpt_path = plan.checkpoint_path or plan.run_dir / "checkpoints" / LAST
-        rec = make_record(run_id=plan.run_dir.name, run_dir=plan.run_dir, task=task, config=plan.config,
-                          metrics=metrics, status=status, started=started, wall_seconds=seconds,
-                          checkpoint_path=str(ckpt_path), checkpoint_key=plan.encoder_key,
-                          device=str(plan.device), error=error)
+        rec = make_record(
+            run_id=plan.run_dir.name,
+            run_dir=plan.run_dir,
+            task=task,
+            config=plan.config,
+            metrics=metrics,
+            status=status,
+            started=started,
+            wall_seconds=seconds,
+            checkpoint_path=str(ckpt_path),
+            checkpoint_key=plan.encoder_key,
+            device=str(plan.device),
+            error=error,
+        )
         write_record(plan.run_dir, rec)
         records.append(rec)
         return rec
@@ -241,22 +265,50 @@ def execute(plan: Plan) -> list[dict]:
 
     if plan.checkpoint_path is None:
         console.print(f"[bold]pretraining[/] {cfg.choices.method} on {cfg.data.name} -> {plan.run_dir}", soft_wrap=True)
-        guarded("pretrain", lambda: pretrain(plan.method, source, cfg.pretrain, cfg.seed, plan.device,
-                                             plan.run_dir / "checkpoints", plan.config, cfg.workers, cfg.progress))
+        guarded(
+            "pretrain",
+            lambda: pretrain(
+                plan.method,
+                source,
+                cfg.pretrain,
+                cfg.seed,
+                plan.device,
+                plan.run_dir / "checkpoints",
+                plan.config,
+                cfg.workers,
+                cfg.progress,
+            ),
+        )
     plan.method.to(plan.device).eval()
-    ctx = TaskContext(source=source, device=plan.device, encoder_key=plan.encoder_key, seed=cfg.seed,
-                      run_dir=plan.run_dir, workers=cfg.workers, show_progress=cfg.progress,
-                      token_cache_bytes=int(cfg.token_cache_gb * 2**30))
+    ctx = TaskContext(
+        source=source,
+        device=plan.device,
+        encoder_key=plan.encoder_key,
+        seed=cfg.seed,
+        run_dir=plan.run_dir,
+        workers=cfg.workers,
+        show_progress=cfg.progress,
+        token_cache_bytes=int(cfg.token_cache_gb * 2**30),
+    )
     for name in plan.task_names:
         console.print(f"[bold]task[/] {name}")
         task = build_task(name, plan.config["tasks"][name])
-        guarded(name, lambda: task.run(plan.method, ctx))
+        guarded(name, lambda task=task: task.run(plan.method, ctx))
     return records
 
 
 def _pretrain_only(plan: Plan) -> list[dict]:
     """A non-zero rank's part of a run: pretraining (when there is any); nothing written."""
     if plan.checkpoint_path is None:
-        pretrain(plan.method, plan.source, plan.cfg.pretrain, plan.cfg.seed, plan.device,
-                 plan.run_dir / "checkpoints", plan.config, plan.cfg.workers, False)
+        pretrain(
+            plan.method,
+            plan.source,
+            plan.cfg.pretrain,
+            plan.cfg.seed,
+            plan.device,
+            plan.run_dir / "checkpoints",
+            plan.config,
+            plan.cfg.workers,
+            False,
+        )
     return []

@@ -4,9 +4,10 @@ Split in two so the loop can stop on a non-finite loss before it touches the wei
 `forward_loss` (forward and loss under optional bf16 autocast, optionally through
 torch.compile) and `update` (backward, clipping, AdamW, the method's post-step update).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from timm.models.vision_transformer import Block
@@ -21,8 +22,9 @@ def make_optimizer(method: Method, cfg) -> torch.optim.AdamW:
     The fused kernel computes the same update as the per-parameter loop (equal up to float
     rounding, tests/test_perf.py) with far fewer small kernel launches.
     """
-    return torch.optim.AdamW(method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=bool(cfg.fused_adamw))
+    return torch.optim.AdamW(
+        method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps, fused=bool(cfg.fused_adamw)
+    )
 
 
 ATTENTION = ("auto", "fused", "math")
@@ -46,6 +48,7 @@ def use_attention(method: Method, kind: str, device: torch.device, bf16: bool) -
     def restore() -> None:
         for b, flag in zip(blocks, before):
             b.attn.fused_attn = flag
+
     return restore
 
 
@@ -63,8 +66,7 @@ def forward_loss(step: Callable[[dict], dict], batch: dict, device: torch.device
         return step(batch)["loss"]
 
 
-def update(method: Method, opt: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float,
-           progress: float) -> None:
+def update(method: Method, opt: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float, progress: float) -> None:
     loss.backward()
     if clip_grad:
         torch.nn.utils.clip_grad_norm_(method.parameters(), clip_grad)

@@ -1,4 +1,5 @@
 """The method registry: every pretraining method, by the name used in `method=<name>`."""
+
 from __future__ import annotations
 
 from benchmark.core.checkpoint import load_weights

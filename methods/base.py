@@ -14,12 +14,14 @@ A method is an nn.Module holding its networks (`encoder`, optional `target_encod
 Checkpoints hold the method's name and architecture next to its weights, so the registry
 rebuilds the right class without the config that trained it.
 """
+
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -34,6 +36,7 @@ ENCODER_KEYS = ("target_encoder", "encoder")
 @dataclass(frozen=True)
 class Capabilities:
     """What a method offers the tasks; a task that needs more does not apply (and says why)."""
+
     predictor: bool  # a world model: predict / predict_full / reset_predictor
     target_encoder: bool  # an EMA target encoder whose (normalised) latents the predictor regresses
     conditioned: bool  # the predictor takes an action (what was done to the image)
@@ -125,14 +128,22 @@ class Method(nn.Module, metaclass=ABCMeta):
         return self.target_encoder if key == "target_encoder" else self.encoder
 
     @abstractmethod
-    def dense_features(self, images: torch.Tensor, key: str, blocks: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def dense_features(
+        self, images: torch.Tensor, key: str, blocks: list[int]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Feature maps [B, token_dim, h, w] after each listed encoder block (1-based, in order)
         and the normed last layer, for images of any size that is a multiple of the patch size
         (position tables are resampled to the image's grid)."""
 
     @abstractmethod
-    def predict(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                action: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        context: torch.Tensor,
+        ctx_idx: torch.Tensor,
+        tgt_idx: torch.Tensor,
+        action: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predicted latents at tgt_idx [B, Kt] from context tokens at ctx_idx [B, Kc].
 
         `extra` [B, T, D]: tokens in the encoder's space added to the predictor's input with no
@@ -156,8 +167,9 @@ class Method(nn.Module, metaclass=ABCMeta):
             raise ValueError(f"method {self.name} has no target encoder, so no latent targets")
         return normalize_targets(self.target_encoder(images))
 
-    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None,
-                     extra: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_full(
+        self, tokens: torch.Tensor, action: torch.Tensor | None = None, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The world model run on a whole clean image: predictions [B, N, world_model_dim].
 
         `tokens` [B, N, D] are the encoder's patch tokens of the full image; the predictor gets
@@ -180,8 +192,13 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"method": self.name, "model_cfg": self.model_cfg, "method_cfg": self.method_cfg,
-                "image_size": self.image_size, "weights": self.state_dict()}
+        return {
+            "method": self.name,
+            "model_cfg": self.model_cfg,
+            "method_cfg": self.method_cfg,
+            "image_size": self.image_size,
+            "weights": self.state_dict(),
+        }
 
     @classmethod
     def official_matches(cls, state: dict) -> bool:

@@ -4,6 +4,7 @@ Also the official I-JEPA release layout (`IN1K-vit.h.14-300e.pth.tar`, ...), rea
 here: {'encoder', 'predictor', 'target_encoder': state dicts with every key prefixed 'module.',
 'opt', 'scaler', 'epoch', 'loss', 'batch_size', 'world_size', 'lr'}.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,32 +20,50 @@ from benchmark.core.schedules import linear
 from methods.base import Capabilities, Method
 from methods.losses import ema_update, latent_regression
 from methods.masks import MaskConfig, MultiBlockMasker
-from methods.vit import (Predictor, VisionTransformer, count_blocks, encoder_levels, resample_pos_embed,
-                         tensor_shape, vit_architecture)
+from methods.vit import (
+    Predictor,
+    VisionTransformer,
+    count_blocks,
+    encoder_levels,
+    resample_pos_embed,
+    tensor_shape,
+    vit_architecture,
+)
 
 JEPA_PARTS = ("encoder", "predictor", "target_encoder")
 DDP_PREFIX = "module."
 
 
 def build_encoder(model_cfg: dict, image_size: int) -> VisionTransformer:
-    return VisionTransformer(img_size=image_size, patch_size=model_cfg["patch_size"],
-                             embed_dim=model_cfg["embed_dim"], depth=model_cfg["depth"],
-                             num_heads=model_cfg["num_heads"], mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
-                             drop_path=model_cfg.get("drop_path", 0.0))
+    return VisionTransformer(
+        img_size=image_size,
+        patch_size=model_cfg["patch_size"],
+        embed_dim=model_cfg["embed_dim"],
+        depth=model_cfg["depth"],
+        num_heads=model_cfg["num_heads"],
+        mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
+        drop_path=model_cfg.get("drop_path", 0.0),
+    )
 
 
 def build_predictor(encoder: VisionTransformer, model_cfg: dict, predictor_cfg: dict) -> Predictor:
     # Predictor heads default to the encoder's, as in the official code.
-    return Predictor(num_patches=encoder.num_patches, grid=encoder.grid, embed_dim=encoder.embed_dim,
-                     predictor_dim=predictor_cfg["width"], depth=predictor_cfg["depth"],
-                     num_heads=predictor_cfg.get("num_heads") or encoder.num_heads,
-                     mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
-                     conditioning=predictor_cfg.get("conditioning", "none"),
-                     action_dim=predictor_cfg.get("action_dim", 0))
+    return Predictor(
+        num_patches=encoder.num_patches,
+        grid=encoder.grid,
+        embed_dim=encoder.embed_dim,
+        predictor_dim=predictor_cfg["width"],
+        depth=predictor_cfg["depth"],
+        num_heads=predictor_cfg.get("num_heads") or encoder.num_heads,
+        mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
+        conditioning=predictor_cfg.get("conditioning", "none"),
+        action_dim=predictor_cfg.get("action_dim", 0),
+    )
 
 
 class IJEPA(Method):
     """I-JEPA (arXiv 2301.08243): multi-block masking, EMA target, latent regression."""
+
     name = "ijepa"
     official_layout = "ijepa"
     official_about = "an I-JEPA checkpoint (encoder/predictor/target_encoder)"
@@ -54,8 +73,10 @@ class IJEPA(Method):
         self.encoder = build_encoder(model_cfg, image_size)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.predictor = self.new_predictor()
-        self.masker = MultiBlockMasker(self.encoder.grid, MaskConfig(**{
-            k: tuple(v) if isinstance(v, list) else v for k, v in method_cfg["mask"].items()}))
+        self.masker = MultiBlockMasker(
+            self.encoder.grid,
+            MaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in method_cfg["mask"].items()}),
+        )
         self._ema_pairs: tuple[list, list] | None = None
 
     @property
@@ -72,8 +93,7 @@ class IJEPA(Method):
     def collate(self, items: list) -> dict:
         views, labels, seeds = zip(*items)
         ctx_idx, tgt_idx = self.sample_masks(len(items), torch.Generator().manual_seed(seeds[0]))
-        return {"images": torch.stack(views), "labels": torch.tensor(labels),
-                "ctx_idx": ctx_idx, "tgt_idx": tgt_idx}
+        return {"images": torch.stack(views), "labels": torch.tensor(labels), "ctx_idx": ctx_idx, "tgt_idx": tgt_idx}
 
     def sample_masks(self, batch_size: int, gen: torch.Generator):
         return self.masker.sample(batch_size, gen)
@@ -84,12 +104,21 @@ class IJEPA(Method):
             h = self.target_latents(images)
             return torch.cat([gather_tokens(h, idx) for idx in tgt_idx])
 
-    def predict_blocks(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: list[torch.Tensor],
-                       action: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_blocks(
+        self,
+        context: torch.Tensor,
+        ctx_idx: torch.Tensor,
+        tgt_idx: list[torch.Tensor],
+        action: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One predictor pass for all target blocks: the context is repeated once per block."""
         n = len(tgt_idx)
-        return self.predict(context.repeat(n, 1, 1), ctx_idx.repeat(n, 1), torch.cat(tgt_idx),
-                            None if action is None else action.repeat(n, 1))
+        return self.predict(
+            context.repeat(n, 1, 1),
+            ctx_idx.repeat(n, 1),
+            torch.cat(tgt_idx),
+            None if action is None else action.repeat(n, 1),
+        )
 
     def new_predictor(self) -> Predictor:
         return build_predictor(self.encoder, self.model_cfg, self.method_cfg["predictor"])
@@ -125,23 +154,28 @@ class IJEPA(Method):
     def _official_parts(cls, state: dict, path: Path) -> dict[str, dict]:
         missing = [part for part in JEPA_PARTS if not isinstance(state.get(part), dict)]
         if missing:
-            raise CheckpointError(f"{path} (ijepa layout) lacks {', '.join(missing)}: "
-                                  f"an I-JEPA file holds {', '.join(JEPA_PARTS)}")
+            raise CheckpointError(
+                f"{path} (ijepa layout) lacks {', '.join(missing)}: an I-JEPA file holds {', '.join(JEPA_PARTS)}"
+            )
         return {part: strip_prefix(state[part], DDP_PREFIX) for part in JEPA_PARTS}
 
     @classmethod
     def official_architecture(cls, state: dict, path: Path) -> dict[str, object]:
         parts = cls._official_parts(state, path)
         found = vit_architecture(parts["target_encoder"], 0, f"{path} 'target_encoder'")
-        found["method.predictor.width"] = tensor_shape(parts["predictor"], "predictor_embed.weight",
-                                                       f"{path} 'predictor'")[0]
+        found["method.predictor.width"] = tensor_shape(
+            parts["predictor"], "predictor_embed.weight", f"{path} 'predictor'"
+        )[0]
         found["method.predictor.depth"] = count_blocks(parts["predictor"], "predictor_blocks.")
         return found
 
     def load_official(self, state: dict, path: Path) -> None:
         parts = self._official_parts(state, path)
-        for part, pos_key in (("encoder", "pos_embed"), ("target_encoder", "pos_embed"),
-                              ("predictor", "predictor_pos_embed")):
+        for part, pos_key in (
+            ("encoder", "pos_embed"),
+            ("target_encoder", "pos_embed"),
+            ("predictor", "predictor_pos_embed"),
+        ):
             if isinstance(parts[part].get(pos_key), torch.Tensor):
                 parts[part][pos_key] = resample_pos_embed(parts[part][pos_key], self.grid, self.grid)
             load_weights(getattr(self, part), parts[part], f"{path} '{part}'")
@@ -158,14 +192,20 @@ class IJEPA(Method):
         if encoder_only:
             raise CheckpointError("--encoder-only applies to MAE; the I-JEPA layout always holds all three networks")
         pre = checkpoint["config"]["pretrain"]
-        payload = {part: {DDP_PREFIX + k: v.clone() for k, v in getattr(self, part).state_dict().items()}
-                   for part in JEPA_PARTS}
+        payload = {
+            part: {DDP_PREFIX + k: v.clone() for k, v in getattr(self, part).state_dict().items()}
+            for part in JEPA_PARTS
+        }
         recent = checkpoint.get("recent_losses") or []
-        payload.update(opt=self._official_optimizer(checkpoint["optimizer"]),
-                       scaler=GRAD_SCALER_STATE.copy() if pre["bf16"] else None,
-                       epoch=completed_epochs(checkpoint),
-                       loss=float(sum(recent) / len(recent)) if recent else float("nan"),
-                       batch_size=pre["batch_size"], world_size=1, lr=pre["lr"])
+        payload.update(
+            opt=self._official_optimizer(checkpoint["optimizer"]),
+            scaler=GRAD_SCALER_STATE.copy() if pre["bf16"] else None,
+            epoch=completed_epochs(checkpoint),
+            loss=float(sum(recent) / len(recent)) if recent else float("nan"),
+            batch_size=pre["batch_size"],
+            world_size=1,
+            lr=pre["lr"],
+        )
         return payload
 
     def _official_optimizer(self, ours: dict) -> dict:
@@ -200,8 +240,13 @@ class IJEPA(Method):
 
 
 # torch.cuda.amp.GradScaler's initial state, which the official bf16 loop loads.
-GRAD_SCALER_STATE = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                     "_growth_tracker": 0}
+GRAD_SCALER_STATE = {
+    "scale": 65536.0,
+    "growth_factor": 2.0,
+    "backoff_factor": 0.5,
+    "growth_interval": 2000,
+    "_growth_tracker": 0,
+}
 
 
 def completed_epochs(checkpoint: dict) -> int:

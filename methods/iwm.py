@@ -6,16 +6,18 @@ methods/views.py); the encoder sees the masked SOURCE, the EMA target encoder se
 view, and the predictor, conditioned on the action relating them, must predict the target
 view's latents at the masked positions. L2 on layer-normed targets by default.
 """
+
 from __future__ import annotations
 
 import torch
 
-from methods.ijepa import IJEPA
 from benchmark.core.views import ACTION_DIM, PairedViews, ViewConfig
+from methods.ijepa import IJEPA
 
 
 class IWM(IJEPA):
     """Image World Model: I-JEPA with paired views and an action-conditioned predictor."""
+
     name = "iwm"
 
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
@@ -30,10 +32,14 @@ class IWM(IJEPA):
     def collate(self, items: list) -> dict:
         views, labels, seeds = zip(*items)
         ctx_idx, tgt_idx = self.sample_masks(len(items), torch.Generator().manual_seed(seeds[0]))
-        return {"target": torch.stack([v["target"] for v in views]),
-                "source": torch.stack([v["source"] for v in views]),
-                "action": torch.stack([v["action"] for v in views]),
-                "labels": torch.tensor(labels), "ctx_idx": ctx_idx, "tgt_idx": tgt_idx}
+        return {
+            "target": torch.stack([v["target"] for v in views]),
+            "source": torch.stack([v["source"] for v in views]),
+            "action": torch.stack([v["action"] for v in views]),
+            "labels": torch.tensor(labels),
+            "ctx_idx": ctx_idx,
+            "tgt_idx": tgt_idx,
+        }
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         target = self.targets(batch["target"], batch["tgt_idx"])

@@ -1,4 +1,5 @@
 """Losses and target-side maths as pure functions."""
+
 from __future__ import annotations
 
 import torch

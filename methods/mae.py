@@ -15,6 +15,7 @@ Also the official MAE release layout, read and written here: `mae_pretrain_vit_*
 patch_embed, blocks, norm); the `_full` and `mae_visualize_` files add mask_token and
 decoder_{embed,pos_embed,blocks,norm,pred}.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,12 +26,22 @@ import torch.nn as nn
 from benchmark.core.checkpoint import load_weights, strip_prefix
 from benchmark.core.data import crop_transform
 from benchmark.core.errors import CheckpointError
+from benchmark.core.layers import LayerNorm, gather_tokens
 from methods.base import Capabilities, Method
 from methods.losses import masked_pixel_loss, normalize_patches, patchify
 from methods.masks import random_masking
-from benchmark.core.layers import LayerNorm, gather_tokens
-from methods.vit import (PatchEmbed, blocks_on_tail, count_blocks, encoder_levels, make_blocks, resample_pos_embed,
-                         set_geometry, sincos_2d, tensor_shape, vit_architecture)
+from methods.vit import (
+    PatchEmbed,
+    blocks_on_tail,
+    count_blocks,
+    encoder_levels,
+    make_blocks,
+    resample_pos_embed,
+    set_geometry,
+    sincos_2d,
+    tensor_shape,
+    vit_architecture,
+)
 
 DECODER_PREFIXES = ("mask_token", "decoder_")
 
@@ -64,8 +75,17 @@ class MAEEncoder(nn.Module):
     the patches at positions keep [B, K] when given.
     """
 
-    def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, in_chans: int = 3):
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        in_chans: int = 3,
+    ):
         super().__init__()
         set_geometry(self, img_size, patch_size, embed_dim, depth, num_heads)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -104,8 +124,17 @@ class MAEDecoder(nn.Module):
     causal mask does not see sequence order), and also serves `predict` on arbitrary positions.
     """
 
-    def __init__(self, grid: int, embed_dim: int, width: int, depth: int, num_heads: int,
-                 mlp_ratio: float, patch_size: int, in_chans: int = 3):
+    def __init__(
+        self,
+        grid: int,
+        embed_dim: int,
+        width: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        patch_size: int,
+        in_chans: int = 3,
+    ):
         super().__init__()
         self.grid, self.width, self.depth, self.num_heads = grid, width, depth, num_heads
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -117,8 +146,14 @@ class MAEDecoder(nn.Module):
         self.apply(init_mae_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def tokens(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor | None,
-               cls: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor:
+    def tokens(
+        self,
+        context: torch.Tensor,
+        ctx_idx: torch.Tensor,
+        tgt_idx: torch.Tensor | None,
+        cls: torch.Tensor | None,
+        extra: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The decoder's input sequence: [cls,] context, [extra,] [mask tokens at tgt_idx]."""
         pos = self.decoder_pos_embed[:, 1:].expand(context.size(0), -1, -1)
         parts = [self.decoder_embed(context) + gather_tokens(pos, ctx_idx)]
@@ -130,8 +165,14 @@ class MAEDecoder(nn.Module):
             parts.append(self.mask_token + gather_tokens(pos, tgt_idx))
         return torch.cat(parts, dim=1)
 
-    def features(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor | None = None,
-                 cls: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self,
+        context: torch.Tensor,
+        ctx_idx: torch.Tensor,
+        tgt_idx: torch.Tensor | None = None,
+        cls: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """decoder_norm outputs [B, Kc (+ Kt), width]: context positions, then query positions.
 
         context [B, Kc, D] are encoder patch tokens at ctx_idx [B, Kc]; cls [B, 1, D] is the
@@ -143,13 +184,19 @@ class MAEDecoder(nn.Module):
             x = block(x)
         x = self.decoder_norm(x)
         start = 0 if cls is None else 1
-        kept = x[:, start:start + context.size(1)]
+        kept = x[:, start : start + context.size(1)]
         if tgt_idx is None:
             return kept
-        return torch.cat([kept, x[:, -tgt_idx.size(1):]], dim=1)
+        return torch.cat([kept, x[:, -tgt_idx.size(1) :]], dim=1)
 
-    def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                cls: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        context: torch.Tensor,
+        ctx_idx: torch.Tensor,
+        tgt_idx: torch.Tensor,
+        cls: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Pixel predictions [B, Kt, p*p*C] of the patches at tgt_idx.
 
         Only the query tokens reach the output, so the last block computes only theirs (as the
@@ -176,6 +223,7 @@ class CropAndNoise:
 
 class MAE(Method):
     """MAE (arXiv 2111.06377): random masking, visible-only encoder, pixel-reconstruction decoder."""
+
     name = "mae"
     # No EMA target encoder: tasks evaluate the encoder unless told otherwise.
     default_encoder_key = "encoder"
@@ -184,9 +232,15 @@ class MAE(Method):
 
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
         super().__init__(model_cfg, method_cfg, image_size)
-        self.encoder = MAEEncoder(image_size, model_cfg["patch_size"], model_cfg["embed_dim"], model_cfg["depth"],
-                                  model_cfg["num_heads"], model_cfg.get("mlp_ratio", 4.0),
-                                  model_cfg.get("drop_path", 0.0))
+        self.encoder = MAEEncoder(
+            image_size,
+            model_cfg["patch_size"],
+            model_cfg["embed_dim"],
+            model_cfg["depth"],
+            model_cfg["num_heads"],
+            model_cfg.get("mlp_ratio", 4.0),
+            model_cfg.get("drop_path", 0.0),
+        )
         self.mask_ratio = float(method_cfg["mask_ratio"])
         # Fails early on a ratio that keeps nothing or removes nothing at this grid.
         random_masking(torch.zeros(1, self.encoder.num_patches), self.mask_ratio)
@@ -208,19 +262,32 @@ class MAE(Method):
     def new_predictor(self) -> MAEDecoder:
         p = self.method_cfg["predictor"]
         if p["width"] % p["num_heads"]:
-            raise ValueError(f"method.predictor.width={p['width']} is not divisible by "
-                             f"method.predictor.num_heads={p['num_heads']}")
-        return MAEDecoder(self.encoder.grid, self.encoder.embed_dim, p["width"], p["depth"], p["num_heads"],
-                          self.model_cfg.get("mlp_ratio", 4.0), self.encoder.patch_size)
+            raise ValueError(
+                f"method.predictor.width={p['width']} is not divisible by method.predictor.num_heads={p['num_heads']}"
+            )
+        return MAEDecoder(
+            self.encoder.grid,
+            self.encoder.embed_dim,
+            p["width"],
+            p["depth"],
+            p["num_heads"],
+            self.model_cfg.get("mlp_ratio", 4.0),
+            self.encoder.patch_size,
+        )
 
     def train_transform(self):
-        return CropAndNoise(crop_transform(self.image_size, self.method_cfg["crop_scale"], flip=self.method_cfg["flip"]),
-                            self.encoder.num_patches)
+        return CropAndNoise(
+            crop_transform(self.image_size, self.method_cfg["crop_scale"], flip=self.method_cfg["flip"]),
+            self.encoder.num_patches,
+        )
 
     def collate(self, items: list) -> dict:
         views, labels, _ = zip(*items)
-        return {"images": torch.stack([v["image"] for v in views]), "labels": torch.tensor(labels),
-                "noise": torch.stack([v["noise"] for v in views])}
+        return {
+            "images": torch.stack([v["image"] for v in views]),
+            "labels": torch.tensor(labels),
+            "noise": torch.stack([v["noise"] for v in views]),
+        }
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["images"]
@@ -234,16 +301,19 @@ class MAE(Method):
 
     def _decoder(self) -> MAEDecoder:
         if self.predictor is None:
-            raise ValueError("this MAE has no decoder: it was loaded from an encoder-only checkpoint "
-                             "(the official *_full.pth / mae_visualize_*.pth files include one)")
+            raise ValueError(
+                "this MAE has no decoder: it was loaded from an encoder-only checkpoint "
+                "(the official *_full.pth / mae_visualize_*.pth files include one)"
+            )
         return self.predictor
 
     def predict(self, context, ctx_idx, tgt_idx, action=None, extra=None):
         # MAE's world model takes no action: it only fills in what was removed.
         return self._decoder()(context, ctx_idx, tgt_idx, extra=extra)
 
-    def predict_full(self, tokens: torch.Tensor, action: torch.Tensor | None = None,
-                     extra: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_full(
+        self, tokens: torch.Tensor, action: torch.Tensor | None = None, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Decoder features [B, N, width] of a whole clean image: nothing masked, no mask token.
 
         `tokens` are the patch tokens [B, N, D] the eval encoder gives, or [B, 1 + N, D] from

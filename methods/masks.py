@@ -12,6 +12,7 @@ Two edge modes:
 - "corrected" lets a block touch every row and column, allows full-grid blocks, and draws scale
   and aspect ratio independently.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,15 +41,21 @@ class MaskConfig:
         """The one check of the `method.mask` settings (the config check calls it too)."""
         if self.edge not in EDGE_MODES:
             raise ValueError(f"method.mask.edge must be one of {', '.join(EDGE_MODES)}, got {self.edge!r}")
-        for name, high in (("target_scale", 1), ("context_scale", 1), ("target_aspect", None),
-                           ("context_aspect", None)):
+        for name, high in (
+            ("target_scale", 1),
+            ("context_scale", 1),
+            ("target_aspect", None),
+            ("context_aspect", None),
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(v) for v in value)):
                 raise ValueError(f"method.mask.{name} must be a pair [min, max] of numbers, got {value!r}")
             lo, hi = value
             if not (0 < lo <= hi and (high is None or hi <= high)):
-                raise ValueError(f"method.mask.{name} must satisfy 0 < min <= max{'' if high is None else f' <= {high}'}"
-                                 f", got {list(value)}")
+                raise ValueError(
+                    f"method.mask.{name} must satisfy 0 < min <= max{'' if high is None else f' <= {high}'}"
+                    f", got {list(value)}"
+                )
         for name, low in (("num_targets", 1), ("min_keep", 0), ("attempts", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -59,16 +66,18 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def block_size(gen: torch.Generator, grid: tuple[int, int], scale: tuple[float, float],
-               aspect: tuple[float, float], edge: str) -> tuple[int, int]:
+def block_size(
+    gen: torch.Generator, grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float], edge: str
+) -> tuple[int, int]:
     """(height, width) in patches of a block covering ~scale of the grid at the given aspect."""
     u = torch.rand(1, generator=gen).item()
     v = u if edge == "official" else torch.rand(1, generator=gen).item()
     return block_size_from_draws(u, v, grid, scale, aspect, edge)
 
 
-def block_size_from_draws(u: float, v: float, grid: tuple[int, int], scale: tuple[float, float],
-                          aspect: tuple[float, float], edge: str) -> tuple[int, int]:
+def block_size_from_draws(
+    u: float, v: float, grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float], edge: str
+) -> tuple[int, int]:
     H, W = grid
     s = scale[0] + u * (scale[1] - scale[0])
     ar = aspect[0] + v * (aspect[1] - aspect[0])
@@ -91,18 +100,20 @@ class MultiBlockMasker:
         # Every block size the draws can produce must be able to keep more than min_keep patches,
         # or placing it would never end: check a fine grid of the uniform draws up front.
         draws = [i / 20 for i in range(21)]
-        for scale, aspect, what in ((cfg.target_scale, cfg.target_aspect, "target"),
-                                    (cfg.context_scale, cfg.context_aspect, "context")):
+        for scale, aspect, what in (
+            (cfg.target_scale, cfg.target_aspect, "target"),
+            (cfg.context_scale, cfg.context_aspect, "context"),
+        ):
             for u in draws:
-                for v in (draws if cfg.edge == "corrected" else [u]):
+                for v in draws if cfg.edge == "corrected" else [u]:
                     h, w = block_size_from_draws(u, v, self.grid, scale, aspect, cfg.edge)
                     if h * w <= cfg.min_keep:
                         raise ValueError(
                             f"a {what} block of {h}x{w} patches on a {H}x{W} grid can never keep more than "
-                            f"min_keep={cfg.min_keep}: lower mask.min_keep, raise mask.{what}_scale or use a finer grid")
+                            f"min_keep={cfg.min_keep}: lower mask.min_keep, raise mask.{what}_scale or use a finer grid"
+                        )
 
-    def _place(self, gen: torch.Generator, size: tuple[int, int],
-               allowed: list[torch.Tensor]) -> torch.Tensor:
+    def _place(self, gen: torch.Generator, size: tuple[int, int], allowed: list[torch.Tensor]) -> torch.Tensor:
         """A block of the given size at a random position, restricted to `allowed` regions.
 
         Like the official collator: after `attempts` placements that keep too few patches, one
@@ -116,8 +127,8 @@ class MultiBlockMasker:
             top = int(torch.randint(0, H - h + slack, (1,), generator=gen))
             left = int(torch.randint(0, W - w + slack, (1,), generator=gen))
             mask = torch.zeros(H, W, dtype=torch.bool)
-            mask[top:top + h, left:left + w] = True
-            for region in allowed[:max(len(allowed) - relaxed, 0)]:
+            mask[top : top + h, left : left + w] = True
+            for region in allowed[: max(len(allowed) - relaxed, 0)]:
                 mask &= region
             idx = mask.flatten().nonzero().squeeze(1)
             if len(idx) > self.cfg.min_keep:
@@ -152,6 +163,7 @@ class MultiBlockMasker:
 
 class RandomMask(NamedTuple):
     """MAE's mask: kept positions [B, K], removed positions [B, N-K], mask [B, N] (1 = removed)."""
+
     keep: torch.Tensor
     removed: torch.Tensor
     mask: torch.Tensor

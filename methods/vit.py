@@ -4,9 +4,11 @@ Built from timm blocks with the official I-JEPA/MAE architecture details (pre-LN
 MLP ratio 4, LayerNorm eps 1e-6, fixed 2-D sin-cos position embeddings), and with the official
 parameter names, so that released checkpoints load key for key.
 """
+
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -15,6 +17,7 @@ from timm.models.vision_transformer import Block
 
 from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import LayerNorm, gather_tokens, init_transformer_weights, tokens_to_map
+
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """[len(positions), dim] table: sin of every frequency, then cos of every frequency."""
@@ -48,8 +51,7 @@ def rescale_residual_branches(blocks: nn.ModuleList) -> None:
 def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
     rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
     return nn.ModuleList(
-        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm)
-        for rate in rates
+        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm) for rate in rates
     )
 
 
@@ -105,8 +107,9 @@ class PatchEmbed(nn.Module):
         return F.linear(gather_tokens(patches, keep), self.proj.weight.flatten(1), self.proj.bias)
 
 
-def set_geometry(encoder: nn.Module, img_size: int, patch_size: int, embed_dim: int, depth: int,
-                 num_heads: int) -> None:
+def set_geometry(
+    encoder: nn.Module, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int
+) -> None:
     """The size attributes every ViT encoder here carries (tasks and checkpoint code read them)."""
     if img_size % patch_size:
         raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
@@ -123,14 +126,21 @@ class VisionTransformer(nn.Module):
     masked view); position embeddings are added before the patches are dropped.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         set_geometry(self, img_size, patch_size, embed_dim, depth, num_heads)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, self.grid).unsqueeze(0),
-                                      requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, self.grid).unsqueeze(0), requires_grad=False)
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
         self.norm = LayerNorm(embed_dim)
         self.apply(init_transformer_weights)
@@ -169,9 +179,19 @@ class Predictor(nn.Module):
     context tokens, so a caller never needs the predictor's width.
     """
 
-    def __init__(self, num_patches: int, grid: int, embed_dim: int, predictor_dim: int = 384,
-                 depth: int = 6, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0, conditioning: str = "none", action_dim: int = 0):
+    def __init__(
+        self,
+        num_patches: int,
+        grid: int,
+        embed_dim: int,
+        predictor_dim: int = 384,
+        depth: int = 6,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        conditioning: str = "none",
+        action_dim: int = 0,
+    ):
         super().__init__()
         if conditioning not in CONDITIONING:
             raise ValueError(f"predictor conditioning must be one of {CONDITIONING}, got {conditioning!r}")
@@ -182,16 +202,18 @@ class Predictor(nn.Module):
         self.depth, self.num_heads = depth, num_heads
         self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
-        self.predictor_pos_embed = nn.Parameter(sincos_2d(predictor_dim, grid, grid).unsqueeze(0),
-                                                requires_grad=False)
+        self.predictor_pos_embed = nn.Parameter(sincos_2d(predictor_dim, grid, grid).unsqueeze(0), requires_grad=False)
         self.predictor_blocks = make_blocks(predictor_dim, depth, num_heads, mlp_ratio, drop_path)
         self.predictor_norm = LayerNorm(predictor_dim)
         self.predictor_proj = nn.Linear(predictor_dim, embed_dim)
         if conditioning == "feature":
             self.action_mixer = nn.Sequential(
-                nn.Linear(predictor_dim + action_dim, predictor_dim), nn.GELU(),
-                nn.Linear(predictor_dim, predictor_dim), nn.GELU(),
-                nn.Linear(predictor_dim, predictor_dim))
+                nn.Linear(predictor_dim + action_dim, predictor_dim),
+                nn.GELU(),
+                nn.Linear(predictor_dim, predictor_dim),
+                nn.GELU(),
+                nn.Linear(predictor_dim, predictor_dim),
+            )
         elif conditioning == "sequence":
             self.action_proj = nn.ModuleList(nn.Linear(1, predictor_dim) for _ in range(action_dim))
         self.apply(init_transformer_weights)
@@ -203,8 +225,14 @@ class Predictor(nn.Module):
         pos = self.predictor_pos_embed.expand(tgt_idx.size(0), -1, -1)
         return self.mask_token + gather_tokens(pos, tgt_idx)
 
-    def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
-                action: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        context: torch.Tensor,
+        ctx_idx: torch.Tensor,
+        tgt_idx: torch.Tensor,
+        action: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         pos = self.predictor_pos_embed.expand(context.size(0), -1, -1)
         parts = [self.predictor_embed(context) + gather_tokens(pos, ctx_idx)]
         if extra is not None:
@@ -218,7 +246,7 @@ class Predictor(nn.Module):
                 expanded = action.unsqueeze(1).expand(-1, queries.size(1), -1)
                 queries = self.action_mixer(torch.cat([queries, expanded], dim=-1))
             else:
-                parts.append(torch.stack([proj(action[:, i:i + 1]) for i, proj in enumerate(self.action_proj)], 1))
+                parts.append(torch.stack([proj(action[:, i : i + 1]) for i, proj in enumerate(self.action_proj)], 1))
         x = torch.cat([*parts, queries], dim=1)
         x = blocks_on_tail(self.predictor_blocks, x, queries.size(1))
         return self.predictor_proj(self.predictor_norm(x))
@@ -238,8 +266,9 @@ def resample_pos_embed(pos: torch.Tensor, h: int, w: int, prefix_tokens: int = 0
     return torch.cat([head, table], dim=1)
 
 
-def encoder_levels(encoder: nn.Module, images: torch.Tensor, blocks: list[int],
-                   cls_token: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def encoder_levels(
+    encoder: nn.Module, images: torch.Tensor, blocks: list[int], cls_token: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Maps [B, D, h, w] after each listed block (1-based) of a ViT encoder and its normed last
     layer. `cls_token` (MAE) rides along in front of the patches, its position in the table's
     first row, and is dropped from the maps."""
@@ -268,7 +297,7 @@ def tensor_shape(weights: dict, key: str, what: str) -> tuple[int, ...]:
 
 def count_blocks(weights: dict, prefix: str) -> int:
     """Number of distinct blocks `prefix{i}.`; a gap in the numbering then fails in load_weights."""
-    return len({k[len(prefix):].split(".")[0] for k in weights if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in weights if k.startswith(prefix)})
 
 
 def vit_architecture(weights: dict, prefix_tokens: int, what: str) -> dict:
@@ -284,5 +313,9 @@ def vit_architecture(weights: dict, prefix_tokens: int, what: str) -> dict:
     if grid * grid != tokens:
         raise CheckpointError(f"{what}: pos_embed holds {tokens} patch positions, not a square grid")
     hidden = tensor_shape(weights, "blocks.0.mlp.fc1.weight", what)[0]
-    return {"model.patch_size": p, "model.embed_dim": dim, "model.depth": count_blocks(weights, "blocks."),
-            "model.mlp_ratio": hidden / dim}
+    return {
+        "model.patch_size": p,
+        "model.embed_dim": dim,
+        "model.depth": count_blocks(weights, "blocks."),
+        "model.mlp_ratio": hidden / dim,
+    }

@@ -10,6 +10,7 @@ the job ends or comes back. A requeued job re-enters __call__ and resumes from t
 
 The same objects run in-process for `launcher=local`, where no handler is installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import submitit
 
-from benchmark.core import distributed, interrupt
 from benchmark.config import load_config
+from benchmark.core import distributed, interrupt
 from benchmark.runner import execute, plan_run
 
 PRETRAIN = "pretrain"
@@ -43,8 +44,7 @@ def overrides_for(overrides: list[str], task: str | None) -> list[str]:
 class SweepJob(submitit.helpers.Checkpointable):
     """`bench run` semantics for one unit of a sweep: task=None pretrains, else evaluates checkpoint_path."""
 
-    def __init__(self, overrides: list[str], run_dir: str, task: str | None = None,
-                 checkpoint_path: str | None = None):
+    def __init__(self, overrides: list[str], run_dir: str, task: str | None = None, checkpoint_path: str | None = None):
         self.overrides = list(overrides)
         self.run_dir = str(run_dir)
         self.task = task

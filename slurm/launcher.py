@@ -6,6 +6,7 @@ process (submitit's local executor), which is how to try the cluster path on a l
 re-plans the run from the same overrides with the run folder fixed, so the folder printed at
 submission is the folder the job writes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,12 +30,22 @@ def executor_for(launcher: dict, log_dir: Path, single_task: bool = False) -> su
     gpus, nodes, tasks = launcher["gpus_per_node"], launcher.get("nodes", 1), launcher.get("tasks_per_node", 1)
     if single_task:
         gpus, nodes, tasks = min(gpus, 1), 1, 1
-    params = {"timeout_min": launcher["timeout_min"], "cpus_per_task": launcher["cpus_per_task"],
-              "gpus_per_node": gpus, "tasks_per_node": tasks, "name": launcher["job_name"]}
+    params = {
+        "timeout_min": launcher["timeout_min"],
+        "cpus_per_task": launcher["cpus_per_task"],
+        "gpus_per_node": gpus,
+        "tasks_per_node": tasks,
+        "name": launcher["job_name"],
+    }
     if cluster == "slurm":
         params["nodes"] = nodes
-        params.update({f"slurm_{k}": v for k, v in launcher.items()
-                       if k in ("partition", "account", "qos", "constraint", "mem_gb") and v is not None})
+        params.update(
+            {
+                f"slurm_{k}": v
+                for k, v in launcher.items()
+                if k in ("partition", "account", "qos", "constraint", "mem_gb") and v is not None
+            }
+        )
         if launcher.get("additional_parameters"):
             params["slurm_additional_parameters"] = dict(launcher["additional_parameters"])
     executor.update_parameters(**params)

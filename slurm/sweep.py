@@ -17,6 +17,7 @@ A unit (a cell's pretraining, or one of its tasks) is done when its record exist
 again skips done units and units whose job is still queued or running, continues units with a
 run folder (checkpoint) from where they stopped, and leaves failed units alone unless retry.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,8 +32,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmark.core.checkpoint import atomic_write
 from benchmark.config import CONF_DIR, GROUPS, load_config
+from benchmark.core.checkpoint import atomic_write
 from benchmark.core.errors import ConfigError
 from benchmark.pretrain import LAST
 from benchmark.runner import plan_run
@@ -46,8 +47,7 @@ LAUNCHERS = ("local", "slurm")
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 NOT_SUBMITTED = "not submitted"
-SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED",
-                 "CONFIGURING"}
+SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "CONFIGURING"}
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 
@@ -71,8 +71,8 @@ class Sweep:
 
 @dataclass
 class UnitState:
-    unit: str           # "<cell>/pretrain" or "<cell>/<task>"
-    state: str          # pending / running / done / failed
+    unit: str  # "<cell>/pretrain" or "<cell>/<task>"
+    state: str  # pending / running / done / failed
     reason: str = ""
     job_id: str | None = None
     log: str | None = None
@@ -186,6 +186,7 @@ def _applicable_tasks(overrides: list[str], tasks: list[str]) -> tuple[list[str]
 
 # ---- the sweep folder ------------------------------------------------------------------------
 
+
 def unit_dir(sweep_dir: Path, unit: str) -> Path:
     # Flat and unique: the folder name is the run id its records carry.
     return sweep_dir / unit.replace("/", ".")
@@ -204,8 +205,13 @@ def write_manifest(sweep_dir: Path, manifest: dict) -> None:
 
 
 def _new_manifest(sweep: Sweep) -> dict:
-    return {"name": sweep.name, "launcher": sweep.launcher, "tasks": sweep.tasks,
-            "cells": {c.name: {"overrides": c.overrides, "tasks": c.tasks} for c in sweep.cells}, "jobs": {}}
+    return {
+        "name": sweep.name,
+        "launcher": sweep.launcher,
+        "tasks": sweep.tasks,
+        "cells": {c.name: {"overrides": c.overrides, "tasks": c.tasks} for c in sweep.cells},
+        "jobs": {},
+    }
 
 
 def _merge_manifest(sweep: Sweep) -> dict:
@@ -217,14 +223,17 @@ def _merge_manifest(sweep: Sweep) -> dict:
         old = manifest["cells"].get(cell.name)
         if old is not None and old["overrides"] != cell.overrides:
             changed = sorted(set(old["overrides"]) ^ set(cell.overrides))
-            raise ConfigError(f"{sweep.sweep_dir} already holds cell {cell.name} with other settings "
-                              f"({', '.join(changed[:4])}): choose another sweep_dir")
+            raise ConfigError(
+                f"{sweep.sweep_dir} already holds cell {cell.name} with other settings "
+                f"({', '.join(changed[:4])}): choose another sweep_dir"
+            )
         manifest["cells"][cell.name] = {"overrides": cell.overrides, "tasks": cell.tasks}
     manifest["launcher"] = sweep.launcher
     return manifest
 
 
 # ---- states ----------------------------------------------------------------------------------
+
 
 def _read_record(path: Path) -> dict | None:
     try:
@@ -248,8 +257,13 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,Reason", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-o", "JobID,State,Reason", "-j", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return {j: f"UNKNOWN (sacct: {' '.join(str(exc).split())[:120]})" for j in job_ids}
     rows = {}
@@ -282,11 +296,11 @@ def _job_state(job: dict, slurm: dict[str, str]) -> tuple[str, str]:
 
 def unit_states(sweep_dir: Path, manifest: dict) -> list[UnitState]:
     """Every unit of the sweep, cells in order, pretraining first."""
-    units = [(cell, unit) for cell, spec in manifest["cells"].items()
-             for unit in [PRETRAIN, *spec["tasks"]]]
+    units = [(cell, unit) for cell, spec in manifest["cells"].items() for unit in [PRETRAIN, *spec["tasks"]]]
     jobs = manifest["jobs"]
-    slurm = slurm_states(sorted({jobs[f"{c}/{u}"]["job_id"] for c, u in units
-                                 if f"{c}/{u}" in jobs and "job_id" in jobs[f"{c}/{u}"]}))
+    slurm = slurm_states(
+        sorted({jobs[f"{c}/{u}"]["job_id"] for c, u in units if f"{c}/{u}" in jobs and "job_id" in jobs[f"{c}/{u}"]})
+    )
     states = []
     for cell, unit in units:
         key = f"{cell}/{unit}"
@@ -296,8 +310,9 @@ def unit_states(sweep_dir: Path, manifest: dict) -> list[UnitState]:
         record = _read_record(record_path(unit_dir(sweep_dir, key), unit))
         if record is not None:
             ok = record["status"] == "ok"
-            states.append(UnitState(key, DONE if ok else FAILED, "" if ok else record.get("error") or "",
-                                    job_id, log, record))
+            states.append(
+                UnitState(key, DONE if ok else FAILED, "" if ok else record.get("error") or "", job_id, log, record)
+            )
         elif job is None:
             states.append(UnitState(key, PENDING, NOT_SUBMITTED))
         else:
@@ -307,6 +322,7 @@ def unit_states(sweep_dir: Path, manifest: dict) -> list[UnitState]:
 
 
 # ---- submission ------------------------------------------------------------------------------
+
 
 def _jobs_for(sweep: Sweep, unit: str) -> SweepJob:
     cell_name, _, what = unit.partition("/")
@@ -320,10 +336,10 @@ def _jobs_for(sweep: Sweep, unit: str) -> SweepJob:
 
 @dataclass
 class Decision:
-    pretrain: bool                 # submit the cell's pretraining
-    after: str | None              # job id the tasks wait for (afterok), if any
-    tasks: list[str]               # tasks to submit
-    skipped: list[str]             # units left alone, with why
+    pretrain: bool  # submit the cell's pretraining
+    after: str | None  # job id the tasks wait for (afterok), if any
+    tasks: list[str]  # tasks to submit
+    skipped: list[str]  # units left alone, with why
 
 
 def needs_submission(st: UnitState, retry: bool) -> bool:
@@ -396,8 +412,12 @@ def _submit_slurm(sweep: Sweep, manifest: dict, cell: Cell, decision: Decision, 
 
 
 def _note(manifest: dict, unit: str, job, after: str | None = None) -> None:
-    manifest["jobs"][unit] = {"job_id": job.job_id, "log": str(job.paths.stderr), "after": after,
-                              "submitted": time.time()}
+    manifest["jobs"][unit] = {
+        "job_id": job.job_id,
+        "log": str(job.paths.stderr),
+        "after": after,
+        "submitted": time.time(),
+    }
 
 
 def _run_local(sweep: Sweep, manifest: dict, cell: Cell, decision: Decision, on_event) -> None:
@@ -446,6 +466,7 @@ def status_table(sweep_dir: Path, states: list[UnitState]):
 
             metric, value = headline(st.record)
             detail = f"{metric} {value:.4g}" if value is not None else ""
-        table.add_row(st.unit, f"[{colour[st.state]}]{st.state}[/]", st.job_id or "", detail,
-                      st.log if st.state == FAILED else "")
+        table.add_row(
+            st.unit, f"[{colour[st.state]}]{st.state}[/]", st.job_id or "", detail, st.log if st.state == FAILED else ""
+        )
     return table

@@ -1,9 +1,10 @@
 """The task registry: every evaluation protocol, by the name used in `task=<name>`."""
+
 from __future__ import annotations
 
 from tasks.ade20k import ADE20kSegmentation
 from tasks.attentive import AttentiveProbe
-from tasks.base import Task, TaskContext
+from tasks.base import Task, TaskContext  # noqa: F401 (the task API: Task, TaskContext)
 from tasks.finetune import EncoderFinetune, EndToEnd, PredictorFinetune, RandomPredictorFinetune
 from tasks.linear import LinearProbe
 from tasks.mrr import WorldModelMRR

@@ -8,6 +8,7 @@ evaluation rescales each val image, slides a crop-sized window, resizes the logi
 label map and scores mIoU. `backend=mmseg` uses mmsegmentation's UPerHead/FCNHead and
 IoUMetric, `native` our torch heads and mIoU, `auto` mmseg when installed.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,10 @@ class ADE20kSegmentation(Task):
             if not isinstance(c[key], int) or c[key] < 1:
                 raise ConfigError(f"tasks.ade20k.{key} must be a positive integer, got {c[key]!r}")
         if c["stride"] > c["crop_size"]:
-            raise ConfigError(f"tasks.ade20k.stride={c['stride']} is larger than crop_size={c['crop_size']}: "
-                              "windows would skip pixels")
+            raise ConfigError(
+                f"tasks.ade20k.stride={c['stride']} is larger than crop_size={c['crop_size']}: "
+                "windows would skip pixels"
+            )
         if c["backend"] == "mmseg":
             reason = mmseg_backend.missing_reason()
             if reason:
@@ -82,58 +85,83 @@ class ADE20kSegmentation(Task):
         c = self.cfg
         # The predictor's position table is fixed to the pretraining grid.
         if uses_predictor(c["mode"]) and c["crop_size"] != method.image_size:
-            raise ConfigError(f"tasks.ade20k.mode={c['mode']} runs the predictor on whole crops: crop_size "
-                              f"({c['crop_size']}) must equal the pretraining resolution ({method.image_size})")
+            raise ConfigError(
+                f"tasks.ade20k.mode={c['mode']} runs the predictor on whole crops: crop_size "
+                f"({c['crop_size']}) must equal the pretraining resolution ({method.image_size})"
+            )
         if c["crop_size"] % method.patch_size:
-            raise ConfigError(f"tasks.ade20k.crop_size={c['crop_size']} is not a multiple of the patch size "
-                              f"{method.patch_size}")
+            raise ConfigError(
+                f"tasks.ade20k.crop_size={c['crop_size']} is not a multiple of the patch size {method.patch_size}"
+            )
         blocks = c.get("feature_blocks")
         if blocks and (len(blocks) != 4 or not all(1 <= b <= method.depth for b in blocks)):
-            raise ConfigError(f"tasks.ade20k.feature_blocks must be 4 block numbers in 1..{method.depth}, "
-                              f"got {list(blocks)}")
+            raise ConfigError(
+                f"tasks.ade20k.feature_blocks must be 4 block numbers in 1..{method.depth}, got {list(blocks)}"
+            )
 
     def run(self, method, ctx: TaskContext) -> dict:
         c = self.cfg
         root = Path(str(c["root"])).expanduser() if c["root"] is not None else ctx.source.root
         train_set, val = ADE20k(root, "train", c["reduce_zero_label"]), ADE20k(root, "val", c["reduce_zero_label"])
         if c["batch_size"] > len(train_set):
-            raise DataError(f"tasks.ade20k.batch_size={c['batch_size']} exceeds the {len(train_set)} training images "
-                            f"in {root}")
+            raise DataError(
+                f"tasks.ade20k.batch_size={c['batch_size']} exceeds the {len(train_set)} training images in {root}"
+            )
         backend = self.backend
         torch.manual_seed(ctx.seed)
-        model = Segmenter(method, ctx.encoder_key, c["mode"], c["head"], c["num_classes"], c, backend,
-                          ctx.seed).to(ctx.device)
+        model = Segmenter(method, ctx.encoder_key, c["mode"], c["head"], c["num_classes"], c, backend, ctx.seed).to(
+            ctx.device
+        )
         started = time.perf_counter()
         losses = self._train(model, train_set, ctx)
         train_seconds = time.perf_counter() - started
         metrics = self._evaluate(model, val, ctx, backend)
-        metrics.update(backend=backend, mode=c["mode"], head=c["head"], num_classes=c["num_classes"],
-                       iters=c["iters"], train_images=len(train_set), val_images=len(val), data_root=str(root),
-                       **loss_summary(losses, len(losses) // 10), train_seconds=train_seconds,
-                       trainable_parameters=count_parameters(self._groups(model)))
+        metrics.update(
+            backend=backend,
+            mode=c["mode"],
+            head=c["head"],
+            num_classes=c["num_classes"],
+            iters=c["iters"],
+            train_images=len(train_set),
+            val_images=len(val),
+            data_root=str(root),
+            **loss_summary(losses, len(losses) // 10),
+            train_seconds=train_seconds,
+            trainable_parameters=count_parameters(self._groups(model)),
+        )
         return metrics
 
     def _groups(self, model: Segmenter) -> list[dict]:
         c = self.cfg
-        return model.param_groups(c["weight_decay"], c["layer_decay"],
-                                  c["random_predictor_lr_scale"] if c["random_predictor"] else 1.0)
+        return model.param_groups(
+            c["weight_decay"], c["layer_decay"], c["random_predictor_lr_scale"] if c["random_predictor"] else 1.0
+        )
 
     def _train(self, model: Segmenter, train_set: ADE20k, ctx: TaskContext) -> list[float]:
         c = self.cfg
-        pipeline = Pipeline(scale=tuple(c["scale"]), crop=c["crop_size"], ratio_range=tuple(c["ratio_range"]),
-                            cat_max_ratio=c["cat_max_ratio"], flip=c["flip"], photometric=c["photometric"])
+        pipeline = Pipeline(
+            scale=tuple(c["scale"]),
+            crop=c["crop_size"],
+            ratio_range=tuple(c["ratio_range"]),
+            cat_max_ratio=c["cat_max_ratio"],
+            flip=c["flip"],
+            photometric=c["photometric"],
+        )
         crops = TrainCrops(train_set, pipeline)
         per_epoch = len(train_set) // c["batch_size"]
 
         def batches():
             for epoch in range(math.ceil(c["iters"] / per_epoch)):
-                loader = make_loader(crops, SeededBatches(len(train_set), c["batch_size"], ctx.seed, epoch),
-                                     stack_pairs, ctx.workers)
+                loader = make_loader(
+                    crops, SeededBatches(len(train_set), c["batch_size"], ctx.seed, epoch), stack_pairs, ctx.workers
+                )
                 for images, labels in loader:
                     bad = (labels != IGNORE_INDEX) & (labels >= c["num_classes"])
                     if bad.any():
-                        raise DataError(f"label {int(labels[bad].max())} in {train_set.samples[0][1].parent} is "
-                                        f"outside tasks.ade20k.num_classes={c['num_classes']} (after reduce_zero_label)")
+                        raise DataError(
+                            f"label {int(labels[bad].max())} in {train_set.samples[0][1].parent} is "
+                            f"outside tasks.ade20k.num_classes={c['num_classes']} (after reduce_zero_label)"
+                        )
                     yield images.to(ctx.device), labels.to(ctx.device)
 
         def loss(batch):
@@ -145,12 +173,24 @@ class ADE20kSegmentation(Task):
             return value
 
         def lr_at(it: int) -> float:
-            return c["lr"] * warmup_poly(it, c["iters"], c["warmup_iters"], c["warmup_ratio"], c["poly_power"],
-                                         c["min_lr_ratio"])
+            return c["lr"] * warmup_poly(
+                it, c["iters"], c["warmup_iters"], c["warmup_ratio"], c["poly_power"], c["min_lr_ratio"]
+            )
 
         model.train()
-        return train(self._groups(model), batches(), c["iters"], lr_at, loss, betas=c["betas"], clip_grad=0.0, device=ctx.device,
-                     bf16=bool(c["bf16"]), label="ade20k train", show_progress=ctx.show_progress)
+        return train(
+            self._groups(model),
+            batches(),
+            c["iters"],
+            lr_at,
+            loss,
+            betas=c["betas"],
+            clip_grad=0.0,
+            device=ctx.device,
+            bf16=bool(c["bf16"]),
+            label="ade20k train",
+            show_progress=ctx.show_progress,
+        )
 
     @torch.no_grad()
     def predict(self, model: Segmenter, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

@@ -7,12 +7,14 @@ flat-ish dict of metrics that goes into the run record, with its `headline` metr
 the command line that does not apply is an error before compute, `task=all` skips it and says
 why. Tasks talk to the method only through the contract in `methods.base`.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 from omegaconf import OmegaConf
@@ -67,14 +69,15 @@ class TaskContext:
                 self._tokens[key] = torch.cat(list(self._encode(encoder, loader, f"tokens {split}")))
         return self._tokens[key]
 
-    def token_batches(self, method: Method, split: str, order: torch.Tensor, batch_size: int
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def token_batches(
+        self, method: Method, split: str, order: torch.Tensor, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(frozen tokens on self.device, sample indices) for consecutive chunks of `order`.
 
         From the cache when the split fits in it, else the same deterministic eval views encoded
         on the fly, so both paths give the same tokens.
         """
-        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         cached = self.frozen_tokens(method, split)
         if cached is not None:
             for idx in chunks:
@@ -89,7 +92,9 @@ class TaskContext:
     def _encode(self, encoder, loader, description: str | None) -> Iterator[torch.Tensor]:
         was_training = encoder.training
         encoder.to(self.device).eval()
-        with progress_bar(description or "", len(loader), enabled=self.show_progress and description is not None) as bar:
+        with progress_bar(
+            description or "", len(loader), enabled=self.show_progress and description is not None
+        ) as bar:
             for batch in loader:
                 # Not around the yield: grad mode is global, the consumer may be training.
                 with torch.no_grad():
@@ -124,6 +129,7 @@ class TaskContext:
 @dataclass(frozen=True)
 class Applies:
     """Whether a task applies to a method, and if not, why (one line)."""
+
     ok: bool
     reason: str = ""
 
@@ -131,7 +137,7 @@ class Applies:
         return self.ok
 
     @classmethod
-    def needs(cls, method: Method, **capabilities: bool) -> "Applies":
+    def needs(cls, method: Method, **capabilities: bool) -> Applies:
         """Applies when the method has every capability asked for (see methods.base.Capabilities)."""
         missing = method.capabilities.missing(**capabilities)
         return cls(True) if missing is None else cls(False, f"method {method.name}: {missing}")

@@ -5,10 +5,11 @@ to make a copied network trainable (`train_like`), stochastic depth (`set_drop_p
 parameter-group and layer-decay rules are benchmark.core.optim's, the random-predictor control is
 the method contract's `reset_predictor`.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -28,8 +29,11 @@ def working_copy(method: Method, trained: list[nn.Module]) -> Method:
     """A copy of the method in which the `trained` modules are duplicated and everything else
     among encoder / target encoder / predictor is shared with the original (frozen, never copied):
     training never changes the weights later tasks evaluate."""
-    shared = [m for m in (method.encoder, method.target_encoder, method.predictor)
-              if m is not None and all(m is not t for t in trained)]
+    shared = [
+        m
+        for m in (method.encoder, method.target_encoder, method.predictor)
+        if m is not None and all(m is not t for t in trained)
+    ]
     memo = {}
     for m in shared:
         memo[id(m)] = m
@@ -56,9 +60,20 @@ def set_drop_path(module: nn.Module, rate: float) -> None:
         block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
 
 
-def train(groups: list[dict], batches: Iterable, total_steps: int, lr_at: Callable[[int], float],
-          loss_fn: Callable[[object], torch.Tensor], *, betas, clip_grad: float, device: torch.device, bf16: bool,
-          label: str, show_progress: bool = False) -> list[float]:
+def train(
+    groups: list[dict],
+    batches: Iterable,
+    total_steps: int,
+    lr_at: Callable[[int], float],
+    loss_fn: Callable[[object], torch.Tensor],
+    *,
+    betas,
+    clip_grad: float,
+    device: torch.device,
+    bf16: bool,
+    label: str,
+    show_progress: bool = False,
+) -> list[float]:
     """AdamW over `groups` for up to `total_steps` batches; returns the loss of every step.
 
     Per step: every group's lr is lr_at(step) * its lr_scale, the loss is computed under optional
@@ -92,6 +107,9 @@ def train(groups: list[dict], batches: Iterable, total_steps: int, lr_at: Callab
 
 def loss_summary(losses: list[float], tail: int) -> dict:
     """Steps, first loss and the mean of the last `tail` losses (a stage's last epoch)."""
-    last = losses[-max(1, tail):]
-    return {"steps": len(losses), "first_loss": losses[0] if losses else None,
-            "final_loss": sum(last) / len(last) if last else None}
+    last = losses[-max(1, tail) :]
+    return {
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(last) / len(last) if last else None,
+    }

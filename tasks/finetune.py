@@ -18,12 +18,13 @@ augmented images. Recipe (MAE finetuning): AdamW, warmup + cosine per step, laye
 over the encoder's blocks, drop-path, label smoothing, mixup/cutmix; top-1 on the val split after
 the last epoch (nothing is selected on val).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,8 +38,17 @@ from benchmark.core.schedules import warmup_cosine
 from benchmark.core.seeding import derive_seed, seeded
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
-from tasks.core import (HEAD_SEED, MIX_SEED, RANDOM_PREDICTOR_SEED, TRAIN_POOL_SEED, loss_summary, set_drop_path, train,
-                        train_like, working_copy)
+from tasks.core import (
+    HEAD_SEED,
+    MIX_SEED,
+    RANDOM_PREDICTOR_SEED,
+    TRAIN_POOL_SEED,
+    loss_summary,
+    set_drop_path,
+    train,
+    train_like,
+    working_copy,
+)
 from tasks.heads import HEADS, build_head
 from tasks.mixing import mix, soft_cross_entropy, soft_targets
 
@@ -54,8 +64,13 @@ class Classifier(nn.Module):
     classifier is put in.
     """
 
-    def __init__(self, head: nn.Module, encoder: nn.Module | None = None, world_model: Method | None = None,
-                 frozen: tuple[nn.Module, ...] = ()):
+    def __init__(
+        self,
+        head: nn.Module,
+        encoder: nn.Module | None = None,
+        world_model: Method | None = None,
+        frozen: tuple[nn.Module, ...] = (),
+    ):
         super().__init__()
         self.head, self.encoder, self.world_model = head, encoder, world_model
         self.frozen = frozen
@@ -86,12 +101,20 @@ def as_grid(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], tor
     return grid, lambda y: y.flatten(2).transpose(1, 2)
 
 
-def mixed(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: dict, gen: torch.Generator
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def mixed(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: dict, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and soft targets after label smoothing and mixup/cutmix (on the token grid for tokens)."""
     grid, back = as_grid(x)
-    grid, targets = mix(grid, soft_targets(y, num_classes, cfg["label_smoothing"]), cfg["mixup"], cfg["cutmix"],
-                        cfg["mix_prob"], cfg["switch_prob"], gen)
+    grid, targets = mix(
+        grid,
+        soft_targets(y, num_classes, cfg["label_smoothing"]),
+        cfg["mixup"],
+        cfg["cutmix"],
+        cfg["mix_prob"],
+        cfg["switch_prob"],
+        gen,
+    )
     return back(grid), targets
 
 
@@ -102,9 +125,18 @@ def lr_schedule(cfg: dict, steps_per_epoch: int) -> tuple[int, Callable[[int], f
     return total, lambda step: warmup_cosine(step, total, warmup, 0.0, cfg["lr"], cfg["min_lr"])
 
 
-def train_classifier(model: Classifier, groups: list[dict], train_batches: Batches, steps_per_epoch: int,
-                     num_classes: int, cfg: dict, seed: int, device: torch.device, label: str,
-                     show_progress: bool = False) -> dict:
+def train_classifier(
+    model: Classifier,
+    groups: list[dict],
+    train_batches: Batches,
+    steps_per_epoch: int,
+    num_classes: int,
+    cfg: dict,
+    seed: int,
+    device: torch.device,
+    label: str,
+    show_progress: bool = False,
+) -> dict:
     """Train the parameters in `groups` for cfg['epochs'] epochs; returns loss statistics."""
     total, lr_at = lr_schedule(cfg, steps_per_epoch)
     gen = torch.Generator().manual_seed(derive_seed(seed, MIX_SEED))
@@ -118,14 +150,26 @@ def train_classifier(model: Classifier, groups: list[dict], train_batches: Batch
         return soft_cross_entropy(model(x), targets.to(device))
 
     model.to(device).train()
-    losses = train(groups, batches(), total, lr_at, loss, betas=cfg["betas"], clip_grad=cfg["clip_grad"],
-                   device=device, bf16=bool(cfg["bf16"]), label=label, show_progress=show_progress)
+    losses = train(
+        groups,
+        batches(),
+        total,
+        lr_at,
+        loss,
+        betas=cfg["betas"],
+        clip_grad=cfg["clip_grad"],
+        device=device,
+        bf16=bool(cfg["bf16"]),
+        label=label,
+        show_progress=show_progress,
+    )
     model.eval()
     return loss_summary(losses, steps_per_epoch)
 
 
-def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             bf16: bool) -> tuple[float, int]:
+def evaluate(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, bf16: bool
+) -> tuple[float, int]:
     """(top-1 in percent, number of samples) over the batches."""
     correct = seen = 0
     model.eval()
@@ -144,8 +188,15 @@ def train_pool(n: int, limit: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
-def frozen_inputs(method: Method, ctx: TaskContext, split: str, labels: torch.Tensor, batch_size: int,
-                  seed: int | None, pool: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def frozen_inputs(
+    method: Method,
+    ctx: TaskContext,
+    split: str,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int | None,
+    pool: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Frozen-encoder tokens and labels of the samples in `pool` (default all); shuffled per `seed`
     (train, full batches only) or in order (val)."""
     pool = torch.arange(len(labels)) if pool is None else pool
@@ -153,13 +204,14 @@ def frozen_inputs(method: Method, ctx: TaskContext, split: str, labels: torch.Te
     if seed is None:
         order = pool
     else:
-        order = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n - n % batch_size]]
+        order = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: n - n % batch_size]]
     for tokens, idx in ctx.token_batches(method, split, order, batch_size):
         yield tokens, labels[idx].to(ctx.device)
 
 
-def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None, pool: torch.Tensor
-                 ) -> tuple[Batches, int, Callable]:
+def image_inputs(
+    ctx: TaskContext, cfg: dict, seed: int, column: str | None, pool: torch.Tensor
+) -> tuple[Batches, int, Callable]:
     """Augmented training images (RandomResizedCrop + flip) of the samples in `pool`, their steps
     per epoch, and val images, labelled by `column` (default: the data's label)."""
     source = ctx.source if column is None else replace(ctx.source, label_column=column)
@@ -182,10 +234,23 @@ def image_inputs(ctx: TaskContext, cfg: dict, seed: int, column: str | None, poo
 
 
 # --- the adapters --------------------------------------------------------------------------------------
-NUMBERS = {"epochs": (1, True), "batch_size": (1, True), "warmup_epochs": (0, False), "lr": (0, False),
-           "min_lr": (0, False), "weight_decay": (0, False), "drop_path": (0, False), "label_smoothing": (0, False),
-           "mixup": (0, False), "cutmix": (0, False), "mix_prob": (0, False), "switch_prob": (0, False),
-           "clip_grad": (0, False), "head_heads": (1, True), "train_samples": (1, True)}
+NUMBERS = {
+    "epochs": (1, True),
+    "batch_size": (1, True),
+    "warmup_epochs": (0, False),
+    "lr": (0, False),
+    "min_lr": (0, False),
+    "weight_decay": (0, False),
+    "drop_path": (0, False),
+    "label_smoothing": (0, False),
+    "mixup": (0, False),
+    "cutmix": (0, False),
+    "mix_prob": (0, False),
+    "switch_prob": (0, False),
+    "clip_grad": (0, False),
+    "head_heads": (1, True),
+    "train_samples": (1, True),
+}
 
 
 NULLABLE = {"train_samples"}
@@ -199,8 +264,9 @@ def check_recipe(name: str, cfg: dict) -> None:
         value = cfg[key]
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind) or value < low:
-            raise ConfigError(f"tasks.{name}.{key} must be {'an integer' if integer else 'a number'} >= {low}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"tasks.{name}.{key} must be {'an integer' if integer else 'a number'} >= {low}, got {value!r}"
+            )
     for key in ("label_smoothing", "mix_prob", "switch_prob", "drop_path"):
         if key in cfg and cfg[key] > 1:
             raise ConfigError(f"tasks.{name}.{key} must be in [0, 1], got {cfg[key]}")
@@ -213,12 +279,15 @@ def check_recipe(name: str, cfg: dict) -> None:
 def check_head(name: str, cfg: dict, width: int) -> None:
     """An attentive head splits the width of the tokens it reads over its heads."""
     if cfg["head"] == "attentive" and width % cfg["head_heads"]:
-        raise ConfigError(f"tasks.{name}.head_heads={cfg['head_heads']} does not divide the width {width} of the "
-                          f"tokens the head reads")
+        raise ConfigError(
+            f"tasks.{name}.head_heads={cfg['head_heads']} does not divide the width {width} of the "
+            f"tokens the head reads"
+        )
 
 
 class Finetune(Task):
     """Shared by the finetuning adapters; subclasses say what is trained."""
+
     train_encoder = False
     use_predictor = False
     random_predictor = False
@@ -233,14 +302,16 @@ class Finetune(Task):
     def check(self, method: Method) -> None:
         check_head(self.name, self.cfg, method.world_model_dim if self.use_predictor else method.token_dim)
 
-    def build(self, method: Method, ctx: TaskContext, num_classes: int, seed: int
-              ) -> tuple[Classifier, list[dict], Method]:
+    def build(
+        self, method: Method, ctx: TaskContext, num_classes: int, seed: int
+    ) -> tuple[Classifier, list[dict], Method]:
         """The classifier, its optimiser groups, and the working copy of the method it uses."""
         cfg = self.cfg
         original = method.eval_encoder(ctx.encoder_key)
         tune_predictor = self.use_predictor and not self.random_predictor
-        work = working_copy(method, [m for m, on in ((original, self.train_encoder),
-                                                     (method.predictor, tune_predictor)) if on])
+        work = working_copy(
+            method, [m for m, on in ((original, self.train_encoder), (method.predictor, tune_predictor)) if on]
+        )
         encoder = work.eval_encoder(ctx.encoder_key)
         if self.random_predictor:
             work.reset_predictor(derive_seed(seed, RANDOM_PREDICTOR_SEED))
@@ -255,10 +326,14 @@ class Finetune(Task):
             train_like(encoder, method.encoder)
             set_drop_path(encoder, cfg["drop_path"])
             groups += param_groups(encoder, cfg["weight_decay"], layer_decay=cfg["layer_decay"])
-        frozen = tuple(m for m in (work.encoder, work.target_encoder, work.predictor) if m is not None
-                       and not (m is encoder and self.train_encoder) and not (m is work.predictor and self.use_predictor))
-        model = Classifier(head, encoder if self.train_encoder else None,
-                           work if self.use_predictor else None, frozen)
+        frozen = tuple(
+            m
+            for m in (work.encoder, work.target_encoder, work.predictor)
+            if m is not None
+            and not (m is encoder and self.train_encoder)
+            and not (m is work.predictor and self.use_predictor)
+        )
+        model = Classifier(head, encoder if self.train_encoder else None, work if self.use_predictor else None, frozen)
         return model, groups, work
 
     def run(self, method: Method, ctx: TaskContext) -> dict:
@@ -277,25 +352,40 @@ class Finetune(Task):
         if self.train_encoder:
             train_batches, steps, val_batches = image_inputs(ctx, cfg, seed, column, pool)
         else:
+
             def train_batches(epoch: int):
                 return frozen_inputs(method, ctx, "train", y_train, bs, derive_seed(seed, epoch), pool)
 
             def val_batches():
                 return frozen_inputs(method, ctx, "val", y_val, bs, None)
+
             steps = len(pool) // bs
         if steps == 0:
             raise ValueError(f"tasks.{self.name}.batch_size={bs} is larger than the training set ({len(pool)})")
         started = time.perf_counter()
-        stats = train_classifier(model, groups, train_batches, steps, num_classes, cfg, seed, ctx.device,
-                                 self.name, ctx.show_progress)
+        stats = train_classifier(
+            model, groups, train_batches, steps, num_classes, cfg, seed, ctx.device, self.name, ctx.show_progress
+        )
         train_seconds = time.perf_counter() - started
         top1, seen = evaluate(model, val_batches(), ctx.device, bool(cfg["bf16"]))
-        metrics = {"top1": top1, "chance_top1": 100.0 / num_classes, "num_classes": num_classes,
-                   "trainable_params": count_parameters(groups), "train_seconds": train_seconds,
-                   "epochs": cfg["epochs"], "lr": cfg["lr"], **stats, "train_samples": steps * bs,
-                   "val_samples": seen, "encoder": "trained" if self.train_encoder else "frozen",
-                   "inputs": "images" if self.train_encoder else "cached tokens"
-                   if ctx.frozen_tokens(method, "train") is not None else "tokens encoded per batch"}
+        metrics = {
+            "top1": top1,
+            "chance_top1": 100.0 / num_classes,
+            "num_classes": num_classes,
+            "trainable_params": count_parameters(groups),
+            "train_seconds": train_seconds,
+            "epochs": cfg["epochs"],
+            "lr": cfg["lr"],
+            **stats,
+            "train_samples": steps * bs,
+            "val_samples": seen,
+            "encoder": "trained" if self.train_encoder else "frozen",
+            "inputs": "images"
+            if self.train_encoder
+            else "cached tokens"
+            if ctx.frozen_tokens(method, "train") is not None
+            else "tokens encoded per batch",
+        }
         if self.use_predictor:
             metrics["predictor"] = "random" if self.random_predictor else "pretrained"
             metrics["predictor_lr"] = cfg["lr"] * cfg["predictor_lr_scale"]
@@ -304,18 +394,21 @@ class Finetune(Task):
 
 class EncoderFinetune(Finetune):
     """Encoder finetuning: encoder + head trained (MAE recipe: layer decay, drop-path, mixup)."""
+
     name = "encoder_ft"
     train_encoder = True
 
 
 class PredictorFinetune(Finetune):
     """Predictor finetuning: frozen encoder, pretrained predictor + attentive head trained."""
+
     name = "predictor_ft"
     use_predictor = True
 
 
 class RandomPredictorFinetune(Finetune):
     """Predictor finetuning control: frozen encoder, freshly initialised predictor + head."""
+
     name = "predictor_ft_random"
     use_predictor = True
     random_predictor = True
@@ -323,6 +416,7 @@ class RandomPredictorFinetune(Finetune):
 
 class EndToEnd(Finetune):
     """End-to-end finetuning: encoder + pretrained predictor + attentive head trained."""
+
     name = "end_to_end"
     train_encoder = True
     use_predictor = True

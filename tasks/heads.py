@@ -5,6 +5,7 @@
   It is the head of the attentive probe and of predictor finetuning.
 - `PooledLinear` (MAE finetuning): average of the tokens, LayerNorm, linear.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Features are extracted once; every (learning rate, weight decay) head trains on 
 features in the same pass. The head used for the reported top-1 is the one with the best
 accuracy on a held-out part of the train split, never chosen on the val split.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,17 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return order[n_hold:], order[:n_hold]
 
 
-def train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: list[float], wds: list[float],
-                epochs: int, batch_size: int, seed: int, show_progress: bool = False) -> list[tuple[float, float, nn.Linear]]:
+def train_heads(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lrs: list[float],
+    wds: list[float],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    show_progress: bool = False,
+) -> list[tuple[float, float, nn.Linear]]:
     """One linear head per (lr, wd), trained together with SGD + momentum and a cosine schedule.
 
     The heads sit side by side in one [D, heads * classes] weight, so a step is ONE matrix
@@ -63,7 +73,7 @@ def train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: list[fl
             order = torch.randperm(n_total, generator=gen)
             xs, ys = x[order], y[order]  # one gather per epoch; batches are then contiguous views
             for i in range(steps_per_epoch):
-                xb, yb = xs[i * batch_size:(i + 1) * batch_size], ys[i * batch_size:(i + 1) * batch_size]
+                xb, yb = xs[i * batch_size : (i + 1) * batch_size], ys[i * batch_size : (i + 1) * batch_size]
                 n = len(xb)
                 # d(mean cross-entropy)/d(logits) = (softmax - one-hot) / n, for every head at once.
                 logits = (xb @ weight).view(n, num_classes, heads)
@@ -88,6 +98,7 @@ def train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: list[fl
 
 class LinearProbe(Task):
     """Linear probe on frozen average-pooled tokens, a grid of heads picked on held-out data."""
+
     name = "linear"
 
     def run(self, method, ctx: TaskContext) -> dict:
@@ -99,15 +110,39 @@ class LinearProbe(Task):
         if cfg["standardize"]:
             mean, std = x_train[fit].mean(0), x_train[fit].std(0) + 1e-6
             x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
-        heads = train_heads(x_train[fit], y_train[fit], num_classes, list(cfg["lrs"]), list(cfg["weight_decays"]),
-                            cfg["epochs"], cfg["batch_size"], ctx.seed, ctx.show_progress)
+        heads = train_heads(
+            x_train[fit],
+            y_train[fit],
+            num_classes,
+            list(cfg["lrs"]),
+            list(cfg["weight_decays"]),
+            cfg["epochs"],
+            cfg["batch_size"],
+            ctx.seed,
+            ctx.show_progress,
+        )
         grid = []
         with torch.no_grad():
             for lr, wd, head in heads:
-                grid.append({"lr": lr, "weight_decay": wd, "heldout_top1": 100 * accuracy(head(x_train[held]), y_train[held]),
-                             "val_top1": 100 * accuracy(head(x_val), y_val)})
+                grid.append(
+                    {
+                        "lr": lr,
+                        "weight_decay": wd,
+                        "heldout_top1": 100 * accuracy(head(x_train[held]), y_train[held]),
+                        "val_top1": 100 * accuracy(head(x_val), y_val),
+                    }
+                )
         best = max(grid, key=lambda row: row["heldout_top1"])
-        return {"top1": best["val_top1"], "heldout_top1": best["heldout_top1"], "best_lr": best["lr"],
-                "best_weight_decay": best["weight_decay"], "chance_top1": 100.0 / num_classes,
-                "num_classes": num_classes, "feature_dim": int(x_train.size(1)),
-                "train_samples": len(fit), "heldout_samples": len(held), "val_samples": len(x_val), "grid": grid}
+        return {
+            "top1": best["val_top1"],
+            "heldout_top1": best["heldout_top1"],
+            "best_lr": best["lr"],
+            "best_weight_decay": best["weight_decay"],
+            "chance_top1": 100.0 / num_classes,
+            "num_classes": num_classes,
+            "feature_dim": int(x_train.size(1)),
+            "train_samples": len(fit),
+            "heldout_samples": len(held),
+            "val_samples": len(x_val),
+            "grid": grid,
+        }

@@ -4,6 +4,7 @@ They work on any [B, C, H, W] input: images, or a token grid [B, D, h, w] when a
 encoder's tokens are the input (cutmix then swaps whole patches). Randomness comes only from
 the generator passed in, so a seeded run mixes the same way every time.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ def cutmix_box(height: int, width: int, lam: float, gen: torch.Generator) -> tup
     return max(cy - h // 2, 0), min(cy + h // 2, height), max(cx - w // 2, 0), min(cx + w // 2, width)
 
 
-def mix(x: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float, prob: float,
-        switch_prob: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    prob: float,
+    switch_prob: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix of a batch with its flipped self (one draw per batch, as in MAE/timm).
 
     With probability `prob` the batch is mixed: by cutmix when only cutmix is on, or with

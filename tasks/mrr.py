@@ -14,6 +14,7 @@ H(bank_size) / bank_size (`chance_mrr`), not 0: bank views are exchangeable draw
 Every method is ranked on the same transformation distribution, set in this task's config, so
 MRR compares world models rather than pretraining recipes.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,17 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from benchmark.core.seeding import derive_seed
 from benchmark.core.progress import progress_bar
-from benchmark.core.views import PairedViews, Photometric, ViewConfig, action, apply_photometric, draw_jitter, draw_source
+from benchmark.core.seeding import derive_seed
+from benchmark.core.views import (
+    PairedViews,
+    Photometric,
+    ViewConfig,
+    action,
+    apply_photometric,
+    draw_jitter,
+    draw_source,
+)
 from tasks.base import Applies, Task, TaskContext
 
 GRID_FILE = "mrr_retrievals.png"
@@ -86,6 +95,7 @@ def retrieval_grid(rows: list[dict], path: Path, cell: int = 96, pad: int = 4) -
 
 class WorldModelMRR(Task):
     """World-model MRR: rank the true photometric transformation among a bank by predicted latents."""
+
     name = "mrr"
     headline = "mrr"
 
@@ -124,8 +134,12 @@ class WorldModelMRR(Task):
                     crop = crops.shared_crop(image)
                     source = draw_source(views)
                     bank = [draw_jitter(bank_views) for _ in range(bank_size)]
-                    ctx_idx, tgt_blocks = method.sample_masks(1, torch.Generator().manual_seed(derive_seed(ctx.seed, index, 1)))
-                rank, order = self._rank(method, crops, crop, source, bank, ctx_idx, tgt_blocks, views, device, autocast)
+                    ctx_idx, tgt_blocks = method.sample_masks(
+                        1, torch.Generator().manual_seed(derive_seed(ctx.seed, index, 1))
+                    )
+                rank, order = self._rank(
+                    method, crops, crop, source, bank, ctx_idx, tgt_blocks, views, device, autocast
+                )
                 ranks.append(rank)
                 if n < cfg["grid_images"]:
                     grid_rows.append(self._grid_row(crop, source, bank, order, views, cfg["grid_top_k"]))
@@ -144,14 +158,24 @@ class WorldModelMRR(Task):
             "bank_size": bank_size,
             "num_images": len(ranks),
             "conditioning": method.method_cfg.get("predictor", {}).get("conditioning", "none")
-            if method.capabilities.conditioned else "none",
+            if method.capabilities.conditioned
+            else "none",
             "retrieval_grid": str(grid_path) if grid_rows else None,
         }
 
     @staticmethod
-    def _rank(method, crops: PairedViews, crop: torch.Tensor, source: Photometric, bank: list[Photometric],
-              ctx_idx: torch.Tensor, tgt_blocks: list[torch.Tensor], views: ViewConfig,
-              device: torch.device, autocast: dict) -> tuple[float, torch.Tensor]:
+    def _rank(
+        method,
+        crops: PairedViews,
+        crop: torch.Tensor,
+        source: Photometric,
+        bank: list[Photometric],
+        ctx_idx: torch.Tensor,
+        tgt_blocks: list[torch.Tensor],
+        views: ViewConfig,
+        device: torch.device,
+        autocast: dict,
+    ) -> tuple[float, torch.Tensor]:
         """Rank of the true view (bank entry 0) and the bank order by distance."""
         threshold = views.solarize_threshold
         source_view = crops.normalize(apply_photometric(crop, source, threshold)).unsqueeze(0).to(device)
@@ -174,5 +198,8 @@ class WorldModelMRR(Task):
     def _grid_row(crop, source, bank, order, views: ViewConfig, top_k: int) -> dict:
         top = order[:top_k].tolist()
         rendered = apply_photometric(crop, [source, bank[0]] + [bank[j] for j in top], views.solarize_threshold)
-        return {"source": rendered[0], "target": rendered[1],
-                "retrieved": [(view, j == 0) for view, j in zip(rendered[2:], top)]}
+        return {
+            "source": rendered[0],
+            "target": rendered[1],
+            "retrieved": [(view, j == 0) for view, j in zip(rendered[2:], top)],
+        }

@@ -8,6 +8,7 @@ sees as many samples and steps as a separately tuned one. In the same run, one p
 label set is tuned separately with the same recipe (predictor_ft's loop): the comparison the
 paper reports (73.5 multitask vs 73.4 separate, average over four datasets).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,16 @@ from benchmark.core.seeding import derive_seed, seeded
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
 from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, set_drop_path, train, working_copy
-from tasks.finetune import PredictorFinetune, check_head, check_recipe, evaluate, frozen_inputs, lr_schedule, mixed, train_pool
+from tasks.finetune import (
+    PredictorFinetune,
+    check_head,
+    check_recipe,
+    evaluate,
+    frozen_inputs,
+    lr_schedule,
+    mixed,
+    train_pool,
+)
 from tasks.heads import build_head
 from tasks.mixing import soft_cross_entropy
 
@@ -29,8 +39,9 @@ from tasks.mixing import soft_cross_entropy
 class MultitaskModel(nn.Module):
     """Frozen tokens + task ids -> the predictor with that task's token -> that task's head."""
 
-    def __init__(self, work: Method, token_dim: int, out_dim: int, classes: list[int], cfg: dict,
-                 frozen: tuple[nn.Module, ...]):
+    def __init__(
+        self, work: Method, token_dim: int, out_dim: int, classes: list[int], cfg: dict, frozen: tuple[nn.Module, ...]
+    ):
         super().__init__()
         self.work, self.frozen = work, frozen
         # In the encoder's token space: the predictor embeds them like context tokens.
@@ -64,6 +75,7 @@ class _OneTask(nn.Module):
 
 class MultitaskPredictor(Task):
     """Multitask predictor tuning: one predictor, a learned token and a head per label set."""
+
     name = "multitask"
 
     def __init__(self, cfg: dict):
@@ -71,7 +83,9 @@ class MultitaskPredictor(Task):
         check_recipe(self.name, self.cfg)
         sets = self.cfg.get("label_sets")
         if not isinstance(sets, (list, tuple)) or len(sets) < 2 or len(set(sets)) != len(sets):
-            raise ConfigError(f"tasks.multitask.label_sets must list at least two different label columns, got {sets!r}")
+            raise ConfigError(
+                f"tasks.multitask.label_sets must list at least two different label columns, got {sets!r}"
+            )
 
     def applies_to(self, method: Method) -> Applies:
         return Applies.needs(method, predictor=True)
@@ -86,17 +100,28 @@ class MultitaskPredictor(Task):
             metrics, _ = PredictorFinetune(cfg).tune(method, ctx, column)
             separate[column] = metrics
         multi, trainable, seconds = self.tune_jointly(method, ctx, sets)
-        per_task = {c: {"multitask_top1": multi[c], "separate_top1": separate[c]["top1"],
-                        "chance_top1": separate[c]["chance_top1"], "num_classes": separate[c]["num_classes"]}
-                    for c in sets}
+        per_task = {
+            c: {
+                "multitask_top1": multi[c],
+                "separate_top1": separate[c]["top1"],
+                "chance_top1": separate[c]["chance_top1"],
+                "num_classes": separate[c]["num_classes"],
+            }
+            for c in sets
+        }
         mean = lambda key: sum(row[key] for row in per_task.values()) / len(per_task)  # noqa: E731
-        return {"top1": mean("multitask_top1"), "separate_top1": mean("separate_top1"),
-                "chance_top1": mean("chance_top1"), "label_sets": sets, "per_task": per_task,
-                "trainable_params": trainable,
-                "separate_trainable_params": sum(m["trainable_params"] for m in separate.values()),
-                "train_seconds": seconds,
-                "separate_train_seconds": sum(m["train_seconds"] for m in separate.values()),
-                "epochs": cfg["epochs"]}
+        return {
+            "top1": mean("multitask_top1"),
+            "separate_top1": mean("separate_top1"),
+            "chance_top1": mean("chance_top1"),
+            "label_sets": sets,
+            "per_task": per_task,
+            "trainable_params": trainable,
+            "separate_trainable_params": sum(m["trainable_params"] for m in separate.values()),
+            "train_seconds": seconds,
+            "separate_train_seconds": sum(m["train_seconds"] for m in separate.values()),
+            "epochs": cfg["epochs"],
+        }
 
     def tune_jointly(self, method: Method, ctx: TaskContext, sets: list[str]) -> tuple[dict, int, float]:
         """Train the shared predictor; returns (val top-1 per label set, trainable parameters, seconds)."""
@@ -105,10 +130,13 @@ class MultitaskPredictor(Task):
         val = [ctx.labels("val", c)[0] for c in sets]
         model = self.build(method, ctx, [k for _, k in train_sets], seed)
         # Task tokens learn at the predictor's rate (they are its inputs); tokens are not decayed.
-        groups = (param_groups(model.heads, cfg["weight_decay"])
-                  + param_groups(model.work.predictor, cfg["weight_decay"], cfg["predictor_lr_scale"])
-                  + param_groups(model, cfg["weight_decay"], cfg["predictor_lr_scale"],
-                                 named=[("task_tokens", model.task_tokens)]))
+        groups = (
+            param_groups(model.heads, cfg["weight_decay"])
+            + param_groups(model.work.predictor, cfg["weight_decay"], cfg["predictor_lr_scale"])
+            + param_groups(
+                model, cfg["weight_decay"], cfg["predictor_lr_scale"], named=[("task_tokens", model.task_tokens)]
+            )
+        )
         bs = cfg["batch_size"]
         pool = train_pool(len(train_sets[0][0]), cfg.get("train_samples"), derive_seed(ctx.seed, TRAIN_POOL_SEED))
         steps = len(pool) // bs
@@ -119,24 +147,42 @@ class MultitaskPredictor(Task):
 
         def batches():
             for epoch in range(cfg["epochs"]):
-                streams = [frozen_inputs(method, ctx, "train", labels, bs, derive_seed(seed, epoch, t), pool)
-                           for t, (labels, _) in enumerate(train_sets)]
+                streams = [
+                    frozen_inputs(method, ctx, "train", labels, bs, derive_seed(seed, epoch, t), pool)
+                    for t, (labels, _) in enumerate(train_sets)
+                ]
                 yield from zip(*streams)
 
         def loss(per_set):
             xs, targets = zip(*(mixed(x, y, classes, cfg, gen) for (x, y), (_, classes) in zip(per_set, train_sets)))
             task = torch.arange(len(sets), device=ctx.device).repeat_interleave(bs)
             out = model.features(torch.cat(xs), task).split(bs)
-            return sum(soft_cross_entropy(head(o), s.to(ctx.device))
-                       for head, o, s in zip(model.heads, out, targets)) / len(sets)
+            return sum(
+                soft_cross_entropy(head(o), s.to(ctx.device)) for head, o, s in zip(model.heads, out, targets)
+            ) / len(sets)
 
         started = time.perf_counter()
         model.to(ctx.device).train()
-        train(groups, batches(), total, lr_at, loss, betas=cfg["betas"], clip_grad=cfg["clip_grad"],
-              device=ctx.device, bf16=bool(cfg["bf16"]), label=self.name, show_progress=ctx.show_progress)
+        train(
+            groups,
+            batches(),
+            total,
+            lr_at,
+            loss,
+            betas=cfg["betas"],
+            clip_grad=cfg["clip_grad"],
+            device=ctx.device,
+            bf16=bool(cfg["bf16"]),
+            label=self.name,
+            show_progress=ctx.show_progress,
+        )
         seconds = time.perf_counter() - started
-        top1 = {c: evaluate(model.for_task(t), frozen_inputs(method, ctx, "val", val[t], bs, None), ctx.device,
-                            bool(cfg["bf16"]))[0] for t, c in enumerate(sets)}
+        top1 = {
+            c: evaluate(
+                model.for_task(t), frozen_inputs(method, ctx, "val", val[t], bs, None), ctx.device, bool(cfg["bf16"])
+            )[0]
+            for t, c in enumerate(sets)
+        }
         return top1, count_parameters(groups), seconds
 
     def build(self, method: Method, ctx: TaskContext, classes: list[int], seed: int) -> MultitaskModel:

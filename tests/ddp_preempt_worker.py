@@ -5,13 +5,14 @@ ranks resume the run folder to the end.
 Usage: torchrun --nproc_per_node 2 tests/ddp_preempt_worker.py <run_dir> <stop_step> <override>...
 Rank 0 writes <run_dir>/../stopped.json with the step each rank stopped at.
 """
+
 import json
 import sys
 from pathlib import Path
 
 import benchmark.pretrain as pretrain_module
-from benchmark.core import distributed, interrupt
 from benchmark.config import load_config
+from benchmark.core import distributed, interrupt
 from benchmark.runner import execute, plan_run
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     pretrain_module.fault_point = real_fault_point
     steps = [None] * world.size
     import torch.distributed as dist
+
     dist.all_gather_object(steps, stopped)
     if world.is_main:
         (run_dir.parent / "stopped.json").write_text(json.dumps(steps))

@@ -1,19 +1,29 @@
 """A tiny method, data and task context shared by the task-adapter tests (real code, seconds)."""
+
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from benchmark.core import synthetic
 from benchmark.config import load_config
+from benchmark.core import synthetic
 from benchmark.core.data import DataSource
 from methods import build_method
 from tasks.base import TaskContext
 
 SIZE = 32
-OVERRIDES = ["method=iwm", "task=all", "model.patch_size=8", "model.embed_dim=48", "model.num_heads=3",
-             "model.depth=2", "method.predictor.depth=1", "method.predictor.width=24", "method.mask.min_keep=0",
-             f"data.image_size={SIZE}"]
+OVERRIDES = [
+    "method=iwm",
+    "task=all",
+    "model.patch_size=8",
+    "model.embed_dim=48",
+    "model.num_heads=3",
+    "model.depth=2",
+    "method.predictor.depth=1",
+    "method.predictor.width=24",
+    "method.mask.min_keep=0",
+    f"data.image_size={SIZE}",
+]
 
 
 def tiny_config() -> dict:
@@ -41,8 +51,15 @@ def tiny_method(cfg: dict, seed: int = 0):
 
 
 def context(source: DataSource, tmp: Path, **kw) -> TaskContext:
-    return TaskContext(source=source, device=torch.device("cpu"), encoder_key="target_encoder", seed=0,
-                       run_dir=tmp, show_progress=False, **kw)
+    return TaskContext(
+        source=source,
+        device=torch.device("cpu"),
+        encoder_key="target_encoder",
+        seed=0,
+        run_dir=tmp,
+        show_progress=False,
+        **kw,
+    )
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

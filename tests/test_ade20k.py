@@ -4,20 +4,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, TINY_MODEL
 from omegaconf import OmegaConf
 
-from benchmark.core import synthetic
 from benchmark.config import load_config
+from benchmark.core import synthetic
 from benchmark.core.errors import DataError
-from conftest import TINY, TINY_MODEL
-from methods import build_method
 from benchmark.core.schedules import warmup_poly
+from methods import build_method
 from tasks.ade20k import ADE20kSegmentation
 from tasks.base import TaskContext
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.backbone import level_blocks
-from tasks.segmentation.data import (ADE20k, Pipeline, reduce_zero_label, slide_inference, train_sample,
-                                     window_starts)
+from tasks.segmentation.data import ADE20k, Pipeline, reduce_zero_label, slide_inference, train_sample, window_starts
 from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU, confusion, scores
 from tasks.segmentation.model import Segmenter
 
@@ -27,8 +26,14 @@ TINY_SEG_MODEL = [o for o in TINY_MODEL if not o.startswith("tasks.")]
 MMSEG_MISSING = mmseg_backend.missing_reason()
 needs_mmseg = pytest.mark.skipif(MMSEG_MISSING is not None, reason=f"mmseg backend absent: {MMSEG_MISSING}")
 # A few iterations on a handful of images: enough to move every trained weight.
-SEG_TINY = ["tasks.ade20k.iters=3", "tasks.ade20k.batch_size=4", "tasks.ade20k.channels=16",
-            "tasks.ade20k.aux_channels=8", "tasks.ade20k.vis_images=2", "tasks.ade20k.warmup_iters=1"]
+SEG_TINY = [
+    "tasks.ade20k.iters=3",
+    "tasks.ade20k.batch_size=4",
+    "tasks.ade20k.channels=16",
+    "tasks.ade20k.aux_channels=8",
+    "tasks.ade20k.vis_images=2",
+    "tasks.ade20k.warmup_iters=1",
+]
 
 
 def test_miou_by_hand_with_ignored_pixels_and_absent_classes():
@@ -69,6 +74,7 @@ def test_train_pipeline_crops_pads_with_ignore_and_keeps_labels_aligned(tmp_path
     root = synthetic.generate(tmp_path / "shapes", 2, 1, 64, seed=0)
     image, label = ADE20k(root, "train")[0]
     import random
+
     small = Pipeline(scale=(256, 64), crop=64, ratio_range=(0.5, 0.5), photometric=False, flip=0.0)
     x, y = train_sample(image, label, small, random.Random(0))
     assert x.shape == (3, 64, 64) and y.shape == (64, 64)
@@ -152,8 +158,10 @@ def changed(before, module):
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-@pytest.mark.parametrize("mode, encoder_moves, predictor_moves", [
-    ("frozen", False, False), ("encoder", True, False), ("predictor", False, True), ("end_to_end", True, True)])
+@pytest.mark.parametrize(
+    "mode, encoder_moves, predictor_moves",
+    [("frozen", False, False), ("encoder", True, False), ("predictor", False, True), ("end_to_end", True, True)],
+)
 def test_only_the_parts_of_the_mode_train(tmp_path, mode, encoder_moves, predictor_moves):
     root = synthetic.generate(tmp_path / "shapes", 8, 2, 64, seed=0)
     method = tiny_method(depth=2)
@@ -162,8 +170,14 @@ def test_only_the_parts_of_the_mode_train(tmp_path, mode, encoder_moves, predict
     model = Segmenter(method, "target_encoder", mode, "upernet", 9, task.cfg, "native")
     enc, pred = snapshot(model.encoder), snapshot(model.method.predictor)
     head = snapshot(model.head)
-    ctx = TaskContext(source=None, device=torch.device("cpu"), encoder_key="target_encoder", seed=0,
-                      run_dir=tmp_path, show_progress=False)
+    ctx = TaskContext(
+        source=None,
+        device=torch.device("cpu"),
+        encoder_key="target_encoder",
+        seed=0,
+        run_dir=tmp_path,
+        show_progress=False,
+    )
     losses = task._train(model, ADE20k(root, "train"), ctx)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert bool(changed(enc, model.encoder)) == encoder_moves
@@ -196,8 +210,17 @@ def test_native_miou_equals_mmseg_iou_metric():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bench_run_ade20k_writes_miou_and_a_picture(bench, tmp_path, backend):
-    proc = bench("run", *TINY_SEG_RUN, "method=iwm", "task=ade20k", f"tasks.ade20k.backend={backend}",
-                 "tasks.ade20k.mode=end_to_end", *SEG_TINY, "run_dir=run", check=0)
+    proc = bench(
+        "run",
+        *TINY_SEG_RUN,
+        "method=iwm",
+        "task=ade20k",
+        f"tasks.ade20k.backend={backend}",
+        "tasks.ade20k.mode=end_to_end",
+        *SEG_TINY,
+        "run_dir=run",
+        check=0,
+    )
     record = json.loads((tmp_path / "run" / "records" / "ade20k.json").read_text())
     m = record["metrics"]
     assert record["status"] == "ok" and m["backend"] == backend and m["mode"] == "end_to_end"
@@ -206,13 +229,16 @@ def test_bench_run_ade20k_writes_miou_and_a_picture(bench, tmp_path, backend):
     assert "miou" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["tasks.ade20k.mode=decoder"], "tasks.ade20k.mode must be one of frozen, encoder, predictor, end_to_end"),
-    (["tasks.ade20k.mode=predictor", "tasks.ade20k.crop_size=128"], "crop_size (128) must equal the pretraining"),
-    (["tasks.ade20k.crop_size=60"], "crop_size=60 is not a multiple of the patch size 8"),
-    (["tasks.ade20k.root=/no/such/ade"], "tasks.ade20k.root not found: /no/such/ade"),
-    (["tasks.ade20k.stride=100"], "stride=100 is larger than crop_size=64"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tasks.ade20k.mode=decoder"], "tasks.ade20k.mode must be one of frozen, encoder, predictor, end_to_end"),
+        (["tasks.ade20k.mode=predictor", "tasks.ade20k.crop_size=128"], "crop_size (128) must equal the pretraining"),
+        (["tasks.ade20k.crop_size=60"], "crop_size=60 is not a multiple of the patch size 8"),
+        (["tasks.ade20k.root=/no/such/ade"], "tasks.ade20k.root not found: /no/such/ade"),
+        (["tasks.ade20k.stride=100"], "stride=100 is larger than crop_size=64"),
+    ],
+)
 def test_bad_segmentation_settings_exit_2(bench, tmp_path, args, message):
     proc = bench("run", *TINY_SEG_MODEL, "method=iwm", "task=ade20k", *args)
     assert proc.returncode == 2, proc.stderr

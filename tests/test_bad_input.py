@@ -4,6 +4,7 @@ line naming the problem and exit code 2, and nothing is written; odd but valid i
 The runs go through `benchmark.cli.main` in this process (the code `bench` runs, without paying
 for a fresh interpreter per case); tests/test_cli.py covers the same path through a subprocess.
 """
+
 import builtins
 import json
 
@@ -12,15 +13,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from test_crash_safety import FAST
 
-from benchmark.core import checkpoint as ckpt
 from benchmark.cli import main
 from benchmark.config import load_config
+from benchmark.core import checkpoint as ckpt
 from benchmark.core.data import ImageFolder, check_label_png, crop_transform, eval_transform
 from benchmark.core.errors import DataError
 from benchmark.records import non_finite_metrics
 from methods import build_method
-from test_crash_safety import FAST
 
 MODEL = [o for o in FAST if not o.startswith(("data.num_", "pretrain.checkpoint_every"))]
 
@@ -47,7 +48,10 @@ CONFIG = {
     "negative epochs": (["pretrain.epochs=-1"], "pretrain.epochs must be >= 0"),
     "number as text": (["pretrain.clip_grad=abc"], "pretrain.clip_grad must be a number, got 'abc'"),
     "float batch": (["pretrain.batch_size=8.5"], "pretrain.batch_size must be an integer"),
-    "batch above the data": (["pretrain.batch_size=64"], "pretrain.batch_size=64 is larger than the training set (32 images)"),
+    "batch above the data": (
+        ["pretrain.batch_size=64"],
+        "pretrain.batch_size=64 is larger than the training set (32 images)",
+    ),
     "context scale reversed": (["method.mask.context_scale=[0.9,0.5]"], "method.mask.context_scale must satisfy"),
     "no target blocks": (["method.mask.num_targets=0"], "method.mask.num_targets must be > 0"),
     "predictor width 0": (["method.predictor.width=0"], "method.predictor.width must be > 0"),
@@ -103,9 +107,11 @@ def _no_images(root):
 
 def _plus(rel, write):
     """A valid dataset plus one bad file at `rel`."""
+
     def make(root):
         folder(root)
         write(root / rel)
+
     return make
 
 
@@ -118,12 +124,19 @@ DATA = {
     "missing folder": (lambda root: None, "data folder not found: {root}/train"),
     "no class subfolders": (_empty, "data folder has no class subfolders: {root}/train"),
     "no images": (_no_images, "data folder holds no images"),
-    "text file named .jpg": (_plus("val/dog/x.jpg", lambda p: p.write_text("hello")),
-                             "unreadable image {root}/val/dog/x.jpg: UnidentifiedImageError"),
+    "text file named .jpg": (
+        _plus("val/dog/x.jpg", lambda p: p.write_text("hello")),
+        "unreadable image {root}/val/dog/x.jpg: UnidentifiedImageError",
+    ),
     "empty file": (_plus("train/dog/e.png", lambda p: p.write_bytes(b"")), "unreadable image {root}/train/dog/e.png"),
-    "truncated header": (_plus("train/cat/t.png", _cut_to_20_bytes), "unreadable image {root}/train/cat/t.png: OSError"),
-    "LAB TIFF": (_plus("train/cat/lab.tif", lambda p: image(p, "LAB")),
-                 "unreadable image {root}/train/cat/lab.tif: unsupported image mode 'LAB'"),
+    "truncated header": (
+        _plus("train/cat/t.png", _cut_to_20_bytes),
+        "unreadable image {root}/train/cat/t.png: OSError",
+    ),
+    "LAB TIFF": (
+        _plus("train/cat/lab.tif", lambda p: image(p, "LAB")),
+        "unreadable image {root}/train/cat/lab.tif: unsupported image mode 'LAB'",
+    ),
     "missing labels file": (folder, "labels file not found: {root}/labels.csv"),
 }
 
@@ -175,7 +188,9 @@ def test_a_file_that_fails_to_decode_is_named_or_skipped_and_logged(tmp_path):
     _truncate_body(root / "train" / "dog" / "1.png")
     strict = ImageFolder(root / "train")  # the header is fine: found when decoded
     index = [p.name for p, _ in strict.samples].index("1.png", 4)
-    with pytest.raises(DataError, match=f"cannot decode image {root}/train/dog/1.png: OSError: image file is truncated"):
+    with pytest.raises(
+        DataError, match=f"cannot decode image {root}/train/dog/1.png: OSError: image file is truncated"
+    ):
         strict[index]
     lenient = ImageFolder(root / "train", skip_unreadable=True)
     lenient.log_skipped(tmp_path / "unreadable.txt")
@@ -264,7 +279,10 @@ CHECKPOINTS = {
     "NaN weight": (_nan, "holds NaN or inf in 1 tensors: encoder.blocks.0.attn.qkv.weight"),
     "unknown layout": (lambda p: torch.save({"net": {"w": torch.zeros(2)}}, p), "unknown checkpoint layout"),
     "another method": (lambda p: bench_checkpoint(p, ["method=iwm"]), "holds method 'iwm' but method=ijepa"),
-    "another architecture": (lambda p: bench_checkpoint(p, ["model.depth=2"]), "does not match model=vit_micro: depth=2"),
+    "another architecture": (
+        lambda p: bench_checkpoint(p, ["model.depth=2"]),
+        "does not match model=vit_micro: depth=2",
+    ),
     "not a file": (lambda p: p.mkdir(), "checkpoint not found"),
 }
 
@@ -284,7 +302,9 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(capsys, here):
     torch.load(path, weights_only=False)  # the file is a real exploit: a plain load runs it
     assert marker.read_text() == "code ran"
     marker.unlink()
-    refused(capsys, here, [*FAST, f"checkpoint={path}"], f"cannot read checkpoint {path}: loading it would run pickled code")
+    refused(
+        capsys, here, [*FAST, f"checkpoint={path}"], f"cannot read checkpoint {path}: loading it would run pickled code"
+    )
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load(path)
     assert not marker.exists()

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, TINY_MODEL
 
 
@@ -11,22 +10,25 @@ def run_dirs(root: Path):
     return sorted(p for p in (root / "results").glob("*") if p.is_dir()) if (root / "results").exists() else []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["method=nope"], "unknown method 'nope'"),
-    (["task=nope"], "unknown task 'nope'"),
-    (["pretrain.epoch=2"], "unknown config key 'pretrain.epoch' (did you mean pretrain.epochs?)"),
-    (["pretrain.epochs=many"], "pretrain.epochs must be a number"),
-    (["pretrain.batch_size=0"], "pretrain.batch_size must be > 0"),
-    (["method.mask.target_scale=[0.1,1.5]"], "method.mask.target_scale must satisfy"),
-    (["data=folder", "data.root=/definitely/not/here"], "data folder not found: /definitely/not/here/train"),
-    (["data=folder"], "needs a folder"),
-    (["model=vit_small"], "can never keep more than min_keep"),
-    (["checkpoint=/no/such.pt"], "checkpoint not found: /no/such.pt"),
-    (["seed"], "bad override"),
-    (["method=iwm", "method.views.solarize=1.5"], "view probability solarize must be in [0, 1]"),
-    (["method=iwm", "method.predictor.conditioning=film"], "predictor conditioning must be one of"),
-    (["data=folder", "data.num_train=5"], "unknown config key 'data.num_train' with data=folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["method=nope"], "unknown method 'nope'"),
+        (["task=nope"], "unknown task 'nope'"),
+        (["pretrain.epoch=2"], "unknown config key 'pretrain.epoch' (did you mean pretrain.epochs?)"),
+        (["pretrain.epochs=many"], "pretrain.epochs must be a number"),
+        (["pretrain.batch_size=0"], "pretrain.batch_size must be > 0"),
+        (["method.mask.target_scale=[0.1,1.5]"], "method.mask.target_scale must satisfy"),
+        (["data=folder", "data.root=/definitely/not/here"], "data folder not found: /definitely/not/here/train"),
+        (["data=folder"], "needs a folder"),
+        (["model=vit_small"], "can never keep more than min_keep"),
+        (["checkpoint=/no/such.pt"], "checkpoint not found: /no/such.pt"),
+        (["seed"], "bad override"),
+        (["method=iwm", "method.views.solarize=1.5"], "view probability solarize must be in [0, 1]"),
+        (["method=iwm", "method.predictor.conditioning=film"], "predictor conditioning must be one of"),
+        (["data=folder", "data.num_train=5"], "unknown config key 'data.num_train' with data=folder"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(bench, tmp_path, args, message):
     proc = bench("run", *TINY_MODEL, *args)
     assert proc.returncode == 2, proc.stderr
@@ -38,7 +40,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bench, tmp_path, args, 
 
 def test_list_names_the_registries(bench):
     proc = bench("list", check=0)
-    for name in ("ijepa", "linear", "all", "shapes", "folder", "imagenet", "vit_micro", "vit_base", "cpu", "paper", "local"):
+    for name in (
+        "ijepa",
+        "linear",
+        "all",
+        "shapes",
+        "folder",
+        "imagenet",
+        "vit_micro",
+        "vit_base",
+        "cpu",
+        "paper",
+        "local",
+    ):
         assert name in proc.stdout
 
 

@@ -4,6 +4,7 @@ the weights, losses and metrics of the uninterrupted run; a diverging run stops 
 The kills land deterministically through the documented BENCH_FAULT hook (benchmark/faults.py):
 the process sends itself SIGKILL at a named point, with no cleanup, as a node failure would.
 """
+
 import json
 import os
 import signal
@@ -18,11 +19,26 @@ from benchmark.core import checkpoint as ckpt
 
 # 32 training images of 32 px, batch 8: 4 steps per epoch, 8 in all; checkpoints after steps 3
 # and 6 (written once steps 4 and 7 have shown a finite loss) and at the end.
-FAST = ["model=vit_micro", "model.depth=1", "model.embed_dim=48", "model.patch_size=4",
-        "method.predictor.depth=1", "method.predictor.width=24", "data.image_size=32", "data.num_train=32",
-        "data.num_val=16", "pretrain.batch_size=8", "pretrain.epochs=2", "pretrain.warmup_epochs=1",
-        "pretrain.bf16=false", "pretrain.log_every=1", "pretrain.checkpoint_every=3", "task=linear",
-        "tasks.linear.epochs=2", "progress=false"]
+FAST = [
+    "model=vit_micro",
+    "model.depth=1",
+    "model.embed_dim=48",
+    "model.patch_size=4",
+    "method.predictor.depth=1",
+    "method.predictor.width=24",
+    "data.image_size=32",
+    "data.num_train=32",
+    "data.num_val=16",
+    "pretrain.batch_size=8",
+    "pretrain.epochs=2",
+    "pretrain.warmup_epochs=1",
+    "pretrain.bf16=false",
+    "pretrain.log_every=1",
+    "pretrain.checkpoint_every=3",
+    "task=linear",
+    "tasks.linear.epochs=2",
+    "progress=false",
+]
 # Measured per run, not results: they differ between any two runs.
 TIMING = {"train_seconds", "images_per_second", "checkpoint"}
 
@@ -32,17 +48,27 @@ def bench(cwd: Path, cache: Path, *args: str, fault: str | None = None) -> subpr
     env.pop("BENCH_FAULT", None)
     if fault:
         env["BENCH_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "benchmark.cli", "run", *FAST, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmark.cli", "run", *FAST, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def outcome(run: Path) -> dict:
     state = ckpt.load(run / "checkpoints" / "last.pt")
     records = {p.stem: json.loads(p.read_text()) for p in (run / "records").glob("*.json")}
-    return {"step": state["step"], "weights": state["method"]["weights"], "optimizer": state["optimizer"],
-            "log": (run / "train_log.jsonl").read_text().splitlines(),
-            "metrics": {task: {k: v for k, v in r["metrics"].items() if k not in TIMING} for task, r in records.items()},
-            "status": {task: r["status"] for task, r in records.items()}}
+    return {
+        "step": state["step"],
+        "weights": state["method"]["weights"],
+        "optimizer": state["optimizer"],
+        "log": (run / "train_log.jsonl").read_text().splitlines(),
+        "metrics": {task: {k: v for k, v in r["metrics"].items() if k not in TIMING} for task, r in records.items()},
+        "status": {task: r["status"] for task, r in records.items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +132,9 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, cache, uninte
 def test_divergence_stops_with_the_step_keeps_a_good_checkpoint_and_records_the_failure(tmp_path, cache):
     # Warmup from a sane lr to an absurd one: step 1's update blows the weights up, so the
     # loss of step 2 is not finite.
-    proc = bench(tmp_path, cache, "run_dir=run", "pretrain.start_lr=1e-3", "pretrain.lr=1e35",
-                 "pretrain.checkpoint_every=1")
+    proc = bench(
+        tmp_path, cache, "run_dir=run", "pretrain.start_lr=1e-3", "pretrain.lr=1e35", "pretrain.checkpoint_every=1"
+    )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "DivergenceError: pretraining loss is nan at step 2" in errors[0], proc.stderr
@@ -121,7 +148,6 @@ def test_divergence_stops_with_the_step_keeps_a_good_checkpoint_and_records_the_
     assert all(torch.isfinite(w).all() for w in state["method"]["weights"].values() if w.is_floating_point())
 
 
-
 def test_non_finite_weights_are_never_checkpointed(tmp_path, cache):
     # A weight that overflowed (here set by hand: AdamW refuses an lr large enough to overflow
     # in one step, and any later step's loss would catch it first) must not reach a checkpoint.
@@ -129,8 +155,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, cache):
 
     from benchmark.config import load_config
     from benchmark.core.data import resolve_data
-    from benchmark.pretrain import pretrain
     from benchmark.core.errors import DivergenceError
+    from benchmark.pretrain import pretrain
     from methods import build_method
 
     cfg = load_config([*FAST, "data.num_train=8", "pretrain.epochs=1"])
@@ -139,6 +165,15 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, cache):
     with torch.no_grad():
         method.encoder.norm.weight[0] = float("inf")
     with pytest.raises(DivergenceError, match=r"weight encoder.norm.weight is not finite after step 0; no checkpoint"):
-        pretrain(method, resolve_data(cfg.data, cache), cfg.pretrain, 0, torch.device("cpu"), tmp_path / "checkpoints",
-                 config, show_progress=False, max_steps=0)
+        pretrain(
+            method,
+            resolve_data(cfg.data, cache),
+            cfg.pretrain,
+            0,
+            torch.device("cpu"),
+            tmp_path / "checkpoints",
+            config,
+            show_progress=False,
+            max_steps=0,
+        )
     assert not (tmp_path / "checkpoints" / "last.pt").exists()

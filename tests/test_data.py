@@ -8,8 +8,15 @@ import torch
 from PIL import Image
 
 from benchmark.core import synthetic
-from benchmark.core.data import (WORKER_NICENESS, DataError, ImageFolder, SeededBatches, crop_transform, eval_loader,
-                            train_loader)
+from benchmark.core.data import (
+    WORKER_NICENESS,
+    DataError,
+    ImageFolder,
+    SeededBatches,
+    crop_transform,
+    eval_loader,
+    train_loader,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +104,9 @@ def test_batches_do_not_depend_on_workers_and_resume_mid_epoch(shapes):
 
 def _worker_state(_image):
     """What a loader worker sees of its own process: pid, niceness, SIGTERM handler."""
-    return torch.tensor([os.getpid(), os.getpriority(os.PRIO_PROCESS, 0),
-                         int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)])
+    return torch.tensor(
+        [os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)]
+    )
 
 
 def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(shapes, monkeypatch):
@@ -110,8 +118,10 @@ def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(sh
         return torch.stack([v for v, _, _ in items])
 
     monkeypatch.setattr("benchmark.core.data.eval_transform", lambda size: _worker_state)
-    for loader in (train_loader(ds, _worker_state, collate, 4, seed=0, epoch=0, workers=1),
-                   eval_loader(ds, 32, 4, workers=1)):
+    for loader in (
+        train_loader(ds, _worker_state, collate, 4, seed=0, epoch=0, workers=1),
+        eval_loader(ds, 32, 4, workers=1),
+    ):
         batch = next(iter(loader))
         states = batch if isinstance(batch, torch.Tensor) else batch["images"]
         pid, nice, ignores_term = states[0].tolist()

@@ -7,6 +7,7 @@
 - a stop asked on ONE rank stops every rank at the same step, and the resumed run ends where an
   uninterrupted 2-rank run ends.
 """
+
 import json
 import os
 import shutil
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
 from benchmark.core.data import SeededBatches
-from conftest import ROOT, TINY
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 RUN = TINY + ["pretrain.batch_size=8", "data.num_train=64", "tasks.linear.epochs=1", "task=linear"]
@@ -47,8 +48,9 @@ def log_losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_rank_shards_make_up_the_single_process_batch(world_size):
     single = list(SeededBatches(40, 8, seed=3, epoch=1, start=1))
-    shards = [list(SeededBatches(40, 8, seed=3, epoch=1, start=1, rank=r, world_size=world_size))
-              for r in range(world_size)]
+    shards = [
+        list(SeededBatches(40, 8, seed=3, epoch=1, start=1, rank=r, world_size=world_size)) for r in range(world_size)
+    ]
     assert all(len(s) == len(single) for s in shards)
     for b, batch in enumerate(single):
         parts = [s[b] for s in shards]
@@ -63,8 +65,13 @@ def test_rank_shards_make_up_the_single_process_batch(world_size):
 
 @pytest.mark.slow
 def test_mae_on_two_ranks_follows_the_single_process_run(bench, tmp_path, cache_dir):
-    common = RUN + ["method=mae", "pretrain=mae_cpu", "pretrain.epochs=2", "pretrain.batch_size=8",
-                    "pretrain.log_every=1"]
+    common = RUN + [
+        "method=mae",
+        "pretrain=mae_cpu",
+        "pretrain.epochs=2",
+        "pretrain.batch_size=8",
+        "pretrain.log_every=1",
+    ]
     bench("run", *common, f"run_dir={tmp_path / 'one'}", check=0)
     proc = bench_torchrun(tmp_path, cache_dir, 2, *common, f"run_dir={tmp_path / 'two'}")
     assert proc.stdout.count("run folder:") == 1  # rank 0 reports, rank 1 stays quiet
@@ -101,8 +108,18 @@ def test_a_stop_asked_on_one_rank_stops_both_and_resumes_to_the_uninterrupted_re
 @pytest.mark.slow
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, cache_dir):
     env = dict(os.environ, BENCH_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "benchmark.cli", "run", *RUN,
-           "method=iwm", "pretrain.batch_size=9", f"run_dir={tmp_path / 'odd'}"]
+    cmd = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "benchmark.cli",
+        "run",
+        *RUN,
+        "method=iwm",
+        "pretrain.batch_size=9",
+        f"run_dir={tmp_path / 'odd'}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "pretrain.batch_size=9 does not split over 2 processes" in proc.stdout + proc.stderr
@@ -115,8 +132,17 @@ def test_a_two_task_submitit_local_job_is_one_data_parallel_run(bench, tmp_path)
     job environment; rank 0 returns the records, rank 1 trains beside it and returns none."""
     import pickle
 
-    proc = bench("run", *RUN, "method=mae", "pretrain=mae_cpu", "pretrain.log_every=1", "launcher=submitit_local",
-                 "launcher.tasks_per_node=2", f"run_dir={tmp_path / 'run'}", check=0)
+    proc = bench(
+        "run",
+        *RUN,
+        "method=mae",
+        "pretrain=mae_cpu",
+        "pretrain.log_every=1",
+        "launcher=submitit_local",
+        "launcher.tasks_per_node=2",
+        f"run_dir={tmp_path / 'run'}",
+        check=0,
+    )
     assert "linear" in proc.stdout
     results = sorted((tmp_path / ".submitit" / "run").glob("*_result.pkl"))
     assert [p.name.split("_")[1] for p in results] == ["0", "1"]

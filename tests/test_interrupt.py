@@ -1,13 +1,14 @@
 """A preemption signal mid-step: the loop checkpoints at that step and resumes to the same result."""
+
 import json
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from benchmark.config import load_config
 from benchmark.core import checkpoint as ckpt
 from benchmark.core import interrupt, synthetic
-from benchmark.config import load_config
 from benchmark.core.data import DataSource
 from benchmark.pretrain import pretrain
 from methods import build_method
@@ -21,10 +22,21 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    cfg = load_config(["model.depth=2", "model.patch_size=4", "method.predictor.depth=1",
-                       "method.predictor.width=48", "data.image_size=32", "pretrain.batch_size=8",
-                       "pretrain.epochs=2", "pretrain.warmup_epochs=1", "pretrain.bf16=false",
-                       "pretrain.log_every=1", "pretrain.checkpoint_every=0"])
+    cfg = load_config(
+        [
+            "model.depth=2",
+            "model.patch_size=4",
+            "method.predictor.depth=1",
+            "method.predictor.width=48",
+            "data.image_size=32",
+            "pretrain.batch_size=8",
+            "pretrain.epochs=2",
+            "pretrain.warmup_epochs=1",
+            "pretrain.bf16=false",
+            "pretrain.log_every=1",
+            "pretrain.checkpoint_every=0",
+        ]
+    )
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -52,8 +64,17 @@ class SignalledAt:
 
 
 def run(method, source, cfg, folder, **kw):
-    return pretrain(method, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), folder / "ckpt",
-                    cfg, show_progress=False, **kw)
+    return pretrain(
+        method,
+        source,
+        OmegaConf.create(cfg["pretrain"]),
+        0,
+        torch.device("cpu"),
+        folder / "ckpt",
+        cfg,
+        show_progress=False,
+        **kw,
+    )
 
 
 def test_stop_checkpoints_at_the_current_step_and_resumes_exactly(source, cfg, tmp_path):

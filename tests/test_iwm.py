@@ -1,24 +1,39 @@
 import json
 
 import torch
+from conftest import TINY
 from omegaconf import OmegaConf
 
 from benchmark.config import load_config
-from conftest import TINY
-from methods import build_method
 from benchmark.core.views import ACTION_DIM
+from methods import build_method
 
 
 def tiny_cfg(*overrides):
-    cfg = load_config(["method=iwm", "model.depth=2", "model.patch_size=4", "method.predictor.depth=1",
-                       "method.predictor.width=48", "data.image_size=32", *overrides])
+    cfg = load_config(
+        [
+            "method=iwm",
+            "model.depth=2",
+            "model.patch_size=4",
+            "method.predictor.depth=1",
+            "method.predictor.width=48",
+            "data.image_size=32",
+            *overrides,
+        ]
+    )
     return OmegaConf.to_container(cfg, resolve=True)
 
 
 def batch(method, target, source, action):
     ctx_idx, tgt_idx = method.masker.sample(target.size(0), torch.Generator().manual_seed(0))
-    return {"target": target, "source": source, "action": action, "ctx_idx": ctx_idx, "tgt_idx": tgt_idx,
-            "labels": torch.zeros(target.size(0), dtype=torch.long)}
+    return {
+        "target": target,
+        "source": source,
+        "action": action,
+        "ctx_idx": ctx_idx,
+        "tgt_idx": tgt_idx,
+        "labels": torch.zeros(target.size(0), dtype=torch.long),
+    }
 
 
 def test_unconditioned_iwm_on_identical_views_is_ijepa():
@@ -56,6 +71,7 @@ def test_collate_builds_paired_batches_from_real_views():
     cfg = tiny_cfg()
     iwm = build_method("iwm", cfg["model"], cfg["method"], 32)
     from PIL import Image
+
     img = Image.new("RGB", (50, 40), (200, 30, 60))
     torch.manual_seed(0)
     items = [(iwm.train_transform()(img), 1, 123), (iwm.train_transform()(img), 2, 123)]

@@ -3,6 +3,7 @@
 Layers, bottom to top: the foundation (benchmark/core), the methods, the tasks (which see the
 method contract only), the application (benchmark/*.py), dispatch (slurm/), and the CLI.
 """
+
 from __future__ import annotations
 
 import ast
@@ -54,8 +55,9 @@ def imported(tree: ast.AST, package: str) -> list[tuple[int, str]]:
                 base = ".".join(parent + ([base] if base else []))
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
-                is_module = (ROOT / candidate.replace(".", "/")).with_suffix(".py").exists() or \
-                    (ROOT / candidate.replace(".", "/")).is_dir()
+                is_module = (ROOT / candidate.replace(".", "/")).with_suffix(".py").exists() or (
+                    ROOT / candidate.replace(".", "/")
+                ).is_dir()
                 found.append((node.lineno, candidate if is_module else base))
     return found
 
@@ -73,16 +75,20 @@ def edges() -> list[tuple[str, int, str, str, str]]:
 
 
 def test_every_import_runs_down_the_layers():
-    wrong = [f"{path}:{line}: {source} ({layer}) imports {target} ({layer_of(target)})"
-             for path, line, source, target, layer in edges() if layer_of(target) not in ALLOWED[layer]]
+    wrong = [
+        f"{path}:{line}: {source} ({layer}) imports {target} ({layer_of(target)})"
+        for path, line, source, target, layer in edges()
+        if layer_of(target) not in ALLOWED[layer]
+    ]
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
 def test_the_walk_sees_the_imports_it_judges():
     # A walker that found nothing would pass the test above vacuously.
     found = {(source, target) for _, _, source, target, _ in edges()}
-    assert ("benchmark.runner", "methods") in found or any(s == "benchmark.runner" and t.startswith("methods")
-                                                           for s, t in found)
+    assert ("benchmark.runner", "methods") in found or any(
+        s == "benchmark.runner" and t.startswith("methods") for s, t in found
+    )
     assert any(s.startswith("tasks.") and t == "methods.base" for s, t in found)
     assert any(s.startswith("methods.") and t.startswith("benchmark.core") for s, t in found)
     assert layer_of("benchmark.core.data") == "core" and layer_of("benchmark.pretrain") == "app"

@@ -1,7 +1,8 @@
 """Leaderboards from hand-written records, and records written by many processes at once."""
+
 import json
-import multiprocessing as mp
 import math
+import multiprocessing as mp
 
 import pandas as pd
 import pytest
@@ -10,12 +11,37 @@ from benchmark import leaderboard as lb
 from benchmark.records import read_records, write_record
 
 
-def record(run_id, preset, task, seed, metrics, finished="2026-11-20T10:00:00+00:00", method=None, data="shapes",
-           status="ok", epochs=5):
-    return {"schema": 1, "run_id": run_id, "run_dir": f"/r/{run_id}", "status": status, "error": None,
-            "method": method or preset.split("_")[0], "preset": preset, "task": task, "model": "vit_micro",
-            "data": data, "seed": seed, "metrics": metrics, "checkpoint": {"path": None, "key": "target_encoder"},
-            "started": finished, "finished": finished, "wall_seconds": 1.0, "config": {"pretrain": {"epochs": epochs}}}
+def record(
+    run_id,
+    preset,
+    task,
+    seed,
+    metrics,
+    finished="2026-11-20T10:00:00+00:00",
+    method=None,
+    data="shapes",
+    status="ok",
+    epochs=5,
+):
+    return {
+        "schema": 1,
+        "run_id": run_id,
+        "run_dir": f"/r/{run_id}",
+        "status": status,
+        "error": None,
+        "method": method or preset.split("_")[0],
+        "preset": preset,
+        "task": task,
+        "model": "vit_micro",
+        "data": data,
+        "seed": seed,
+        "metrics": metrics,
+        "checkpoint": {"path": None, "key": "target_encoder"},
+        "started": finished,
+        "finished": finished,
+        "wall_seconds": 1.0,
+        "config": {"pretrain": {"epochs": epochs}},
+    }
 
 
 @pytest.fixture
@@ -27,14 +53,18 @@ def results(tmp_path):
     for preset in linear:
         for seed in range(3):
             run = f"{preset}-s{seed}"
-            write_record(tmp_path / "a" / run, record(run, preset, "linear", seed, {"top1": linear[preset][seed],
-                                                                                 "chance_top1": 16.7}))
+            write_record(
+                tmp_path / "a" / run,
+                record(run, preset, "linear", seed, {"top1": linear[preset][seed], "chance_top1": 16.7}),
+            )
             write_record(tmp_path / "b" / run, record(run, preset, "mrr", seed, {"mrr": mrr[preset][seed]}))
             write_record(tmp_path / "b" / run, record(run, preset, "predictor_ft", seed, {"top1": pft[preset][seed]}))
             write_record(tmp_path / "a" / run, record(run, preset, "pretrain", seed, {"final_loss": 0.5}))
     write_record(tmp_path / "a" / "broken", record("broken", "ijepa", "linear", 0, {}, status="failed"))
-    write_record(tmp_path / "a" / "old", record("old", "ijepa", "linear", 0, {"top1": 99.0},
-                                                finished="2025-01-01T00:00:00+00:00"))
+    write_record(
+        tmp_path / "a" / "old",
+        record("old", "ijepa", "linear", 0, {"top1": 99.0}, finished="2025-01-01T00:00:00+00:00"),
+    )
     return tmp_path
 
 
@@ -103,8 +133,16 @@ def test_headline_mapping():
 
 
 def test_leaderboard_cli(bench, results, tmp_path):
-    proc = bench("leaderboard", str(results / "a"), str(results / "b"), "--since", "2026-01-01",
-                 "--out", str(tmp_path / "cli"), check=0)
+    proc = bench(
+        "leaderboard",
+        str(results / "a"),
+        str(results / "b"),
+        "--since",
+        "2026-01-01",
+        "--out",
+        str(tmp_path / "cli"),
+        check=0,
+    )
     assert "correlation of mrr with linear top1: -0.8" in proc.stdout
     assert (tmp_path / "cli" / "spectrum.png").is_file() and (tmp_path / "cli" / "leaderboard.md").is_file()
     bad = bench("leaderboard", str(tmp_path / "nope"))
@@ -116,8 +154,14 @@ def test_leaderboard_cli(bench, results, tmp_path):
 def _writer(args):
     folder, worker = args
     for i in range(50):
-        rec = record(f"w{worker}-{i}", "ijepa", "linear", i, {"top1": float(worker * 100 + i)},
-                     finished=f"2026-11-20T10:{worker:02d}:{i:02d}+00:00")
+        rec = record(
+            f"w{worker}-{i}",
+            "ijepa",
+            "linear",
+            i,
+            {"top1": float(worker * 100 + i)},
+            finished=f"2026-11-20T10:{worker:02d}:{i:02d}+00:00",
+        )
         rec["config"] = {"padding": "x" * 20000}  # large enough that a torn write would show
         write_record(f"{folder}/w{worker}-{i}", rec)
     return worker
@@ -135,8 +179,9 @@ def test_records_written_by_8_processes_all_land_intact(tmp_path):
         assert sorted(pending.get()) == list(range(8))
     records = read_records(tmp_path)
     assert len(records) == 400
-    assert sorted(r["metrics"]["top1"] for r in records) == sorted(float(w * 100 + i) for w in range(8)
-                                                                   for i in range(50))
+    assert sorted(r["metrics"]["top1"] for r in records) == sorted(
+        float(w * 100 + i) for w in range(8) for i in range(50)
+    )
     assert not list(tmp_path.rglob("*.tmp"))
 
 

@@ -1,4 +1,5 @@
 """The whole point of the harness at small scale: pretraining must produce a better encoder."""
+
 import json
 
 import pytest
@@ -14,8 +15,9 @@ def test_linear_probe_after_pretraining_beats_the_random_encoder(bench, tmp_path
     bench("run", "method=ijepa", "task=linear", "run_dir=results/ijepa", "progress=false", check=0)
     bench("run", "method=iwm", "task=linear", "run_dir=results/iwm", "progress=false", check=0)
     # 0 epochs: the same encoder initialisation (same seed), untrained.
-    bench("run", "method=ijepa", "task=linear", "pretrain.epochs=0", "run_dir=results/random",
-          "progress=false", check=0)
+    bench(
+        "run", "method=ijepa", "task=linear", "pretrain.epochs=0", "run_dir=results/random", "progress=false", check=0
+    )
     ijepa, iwm, random = (top1(tmp_path, r) for r in ("ijepa", "iwm", "random"))
     assert ijepa["top1"] > ijepa["chance_top1"] + 40
     assert ijepa["top1"] > random["top1"] + 10, (ijepa["top1"], random["top1"])

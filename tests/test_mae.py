@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from conftest import TINY
 from omegaconf import OmegaConf
 
 from benchmark.config import load_config
-from conftest import TINY
 from methods import build_method
 from methods.losses import normalize_patches, patchify
 from methods.mae import MAEDecoder, sincos_with_cls
@@ -14,9 +14,20 @@ from methods.masks import random_masking
 
 
 def tiny_mae(*overrides, seed=0):
-    cfg = OmegaConf.to_container(load_config(["method=mae", "model.depth=2", "model.patch_size=8",
-                                              "method.predictor.depth=2", "method.predictor.width=32",
-                                              "data.image_size=32", *overrides]), resolve=True)
+    cfg = OmegaConf.to_container(
+        load_config(
+            [
+                "method=mae",
+                "model.depth=2",
+                "model.patch_size=8",
+                "method.predictor.depth=2",
+                "method.predictor.width=32",
+                "data.image_size=32",
+                *overrides,
+            ]
+        ),
+        resolve=True,
+    )
     torch.manual_seed(seed)
     mae = build_method("mae", cfg["model"], cfg["method"], 32).eval()
     with torch.no_grad():  # away from the init's zeros and ones, so every parameter matters
@@ -164,17 +175,26 @@ def test_mae_presets_carry_maes_optimiser_and_the_lr_scaling_rule():
     assert cpu.pretrain.lr == pytest.approx(cpu.pretrain.blr * 64 / 256)
     paper = load_config(["method=mae_paper", "pretrain=mae_paper", "model=vit_base"])
     assert paper.pretrain.lr == pytest.approx(1.5e-4 * 4096 / 256) and paper.pretrain.warmup_epochs == 40
-    assert (paper.method.predictor.depth, paper.method.predictor.width, paper.method.predictor.num_heads) == (8, 512, 16)
-    assert load_config(["method=mae", "pretrain=mae_paper", "pretrain.batch_size=1024"]).pretrain.lr == pytest.approx(6e-4)
+    assert (paper.method.predictor.depth, paper.method.predictor.width, paper.method.predictor.num_heads) == (
+        8,
+        512,
+        16,
+    )
+    assert load_config(["method=mae", "pretrain=mae_paper", "pretrain.batch_size=1024"]).pretrain.lr == pytest.approx(
+        6e-4
+    )
     assert load_config(["method=mae", "pretrain=cpu"]).choices.pretrain == "cpu"  # the command line wins
     assert load_config(["method=ijepa"]).choices.pretrain == "cpu"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["method.mask_ratio=1.0"], "mask_ratio"),
-    (["method.predictor.num_heads=5"], "not divisible by method.predictor.num_heads=5"),
-    (["checkpoint_key=target_encoder"], "method mae has no target encoder: use checkpoint_key=encoder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["method.mask_ratio=1.0"], "mask_ratio"),
+        (["method.predictor.num_heads=5"], "not divisible by method.predictor.num_heads=5"),
+        (["checkpoint_key=target_encoder"], "method mae has no target encoder: use checkpoint_key=encoder"),
+    ],
+)
 def test_bad_mae_settings_exit_2(bench, args, message):
     proc = bench("run", "method=mae", *TINY, *args)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

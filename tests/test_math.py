@@ -88,8 +88,16 @@ def test_pretraining_schedules_follow_the_official_loop(offset):
 
     from benchmark.pretrain import Schedule, set_hyperparameters
 
-    cfg = OmegaConf.create({"start_lr": 2e-4, "lr": 1e-3, "final_lr": 1e-6, "weight_decay": 0.04,
-                            "final_weight_decay": 0.4, "schedule_offset": offset})
+    cfg = OmegaConf.create(
+        {
+            "start_lr": 2e-4,
+            "lr": 1e-3,
+            "final_lr": 1e-6,
+            "weight_decay": 0.04,
+            "final_weight_decay": 0.4,
+            "schedule_offset": offset,
+        }
+    )
     schedule = Schedule(total_steps=40, warmup_steps=4000 // 400, steps_per_epoch=4)
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([{"params": [p], "apply_wd": True}, {"params": [], "apply_wd": False, "weight_decay": 0.0}])

@@ -1,18 +1,19 @@
 """The world-model MRR task: ranking maths, then the real task on a generated dataset."""
+
 import json
 
 import pytest
 import torch
+from conftest import TINY
 from omegaconf import OmegaConf
 from PIL import Image
 
-from benchmark.core import synthetic
 from benchmark.config import load_config
+from benchmark.core import synthetic
 from benchmark.core.data import DataSource
-from conftest import TINY
+from benchmark.core.layers import gather_tokens
 from methods import build_method
 from methods.iwm import IWM
-from benchmark.core.layers import gather_tokens
 from tasks import TaskContext, build_task
 from tasks.mrr import block_distances, chance_mrr, rank_of_first
 
@@ -66,11 +67,25 @@ def source(tmp_path_factory):
 
 
 def method_and_task(name, conditioning="feature", bank=8, images=40, cls=None):
-    cfg = OmegaConf.to_container(load_config(
-        [f"method={name}", "model.depth=2", "model.patch_size=4", "method.predictor.depth=1",
-         "method.predictor.width=48", "data.image_size=32", "task=mrr", f"tasks.mrr.bank_size={bank}",
-         f"tasks.mrr.num_images={images}", "tasks.mrr.bf16=false", "tasks.mrr.grid_images=3"]
-        + ([f"method.predictor.conditioning={conditioning}"] if name == "iwm" else [])), resolve=True)
+    cfg = OmegaConf.to_container(
+        load_config(
+            [
+                f"method={name}",
+                "model.depth=2",
+                "model.patch_size=4",
+                "method.predictor.depth=1",
+                "method.predictor.width=48",
+                "data.image_size=32",
+                "task=mrr",
+                f"tasks.mrr.bank_size={bank}",
+                f"tasks.mrr.num_images={images}",
+                "tasks.mrr.bf16=false",
+                "tasks.mrr.grid_images=3",
+            ]
+            + ([f"method.predictor.conditioning={conditioning}"] if name == "iwm" else [])
+        ),
+        resolve=True,
+    )
     torch.manual_seed(0)
     if cls is not None:
         method = cls(cfg["model"], cfg["method"], 32)
@@ -80,8 +95,14 @@ def method_and_task(name, conditioning="feature", bank=8, images=40, cls=None):
 
 
 def context(source, tmp_path):
-    return TaskContext(source=source, device=torch.device("cpu"), encoder_key="target_encoder", seed=0,
-                       run_dir=tmp_path, show_progress=False)
+    return TaskContext(
+        source=source,
+        device=torch.device("cpu"),
+        encoder_key="target_encoder",
+        seed=0,
+        run_dir=tmp_path,
+        show_progress=False,
+    )
 
 
 def test_oracle_world_model_ranks_the_true_view_first_and_draws_the_grid(source, tmp_path):
@@ -114,8 +135,16 @@ def test_mrr_is_deterministic_for_a_seed(source, tmp_path):
 
 
 def test_bench_run_iwm_task_mrr_writes_the_record_and_the_grid(bench, tmp_path):
-    proc = bench("run", "method=iwm", "task=mrr", "run_dir=results/iwm", "tasks.mrr.bank_size=16",
-                 "tasks.mrr.num_images=8", *[o for o in TINY if not o.startswith("tasks.")], check=0)
+    proc = bench(
+        "run",
+        "method=iwm",
+        "task=mrr",
+        "run_dir=results/iwm",
+        "tasks.mrr.bank_size=16",
+        "tasks.mrr.num_images=8",
+        *[o for o in TINY if not o.startswith("tasks.")],
+        check=0,
+    )
     rec = json.loads((tmp_path / "results/iwm/records/mrr.json").read_text())
     m = rec["metrics"]
     assert 0 < m["mrr"] <= 1 and m["chance_mrr"] == pytest.approx(chance_mrr(16))

@@ -1,34 +1,42 @@
 """Released I-JEPA and MAE layouts, built at tiny size with timm as the independent reference."""
+
 import json
 
 import pytest
 import torch
+from conftest import TINY
 from omegaconf import OmegaConf
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from benchmark.core import checkpoint as ckpt
 from benchmark.config import load_config
+from benchmark.core import checkpoint as ckpt
 from benchmark.official import method_from_official, to_official
-from conftest import TINY
+from benchmark.step import make_optimizer
 from methods import build_method
 from methods.mae import MAEDecoder
-from benchmark.step import make_optimizer
 from methods.vit import Predictor
 
 # The TINY model: vit_micro at depth 2 (192 wide, 3 heads, patch 8), predictor 1 x 48, 64 px.
 DIM, DEPTH, HEADS, PATCH, WIDTH, PDEPTH = 192, 2, 3, 8, 48, 1
-CFG = ["model=vit_micro", f"model.depth={DEPTH}", f"method.predictor.depth={PDEPTH}",
-       f"method.predictor.width={WIDTH}"]
+CFG = ["model=vit_micro", f"model.depth={DEPTH}", f"method.predictor.depth={PDEPTH}", f"method.predictor.width={WIDTH}"]
 MAE_CFG = [*CFG, "method=mae"]
 IJEPA_CFG = [*CFG, "method=ijepa"]
 
 
 def timm_vit(img: int, cls: bool) -> TimmViT:
     """The reference encoder: timm's ViT with (MAE) or without (I-JEPA) a class token."""
-    return TimmViT(img_size=img, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
-                   class_token=cls, global_pool="token" if cls else "avg", fc_norm=False,
-                   num_classes=0).eval()
+    return TimmViT(
+        img_size=img,
+        patch_size=PATCH,
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=HEADS,
+        class_token=cls,
+        global_pool="token" if cls else "avg",
+        fc_norm=False,
+        num_classes=0,
+    ).eval()
 
 
 def randomized(module: torch.nn.Module, seed: int) -> dict:
@@ -38,12 +46,22 @@ def randomized(module: torch.nn.Module, seed: int) -> dict:
 
 
 def ijepa_file(path, img=64, predictor=None):
-    parts = {"encoder": randomized(timm_vit(img, False), 1), "target_encoder": randomized(timm_vit(img, False), 2),
-             "predictor": predictor or randomized(Predictor(
-                 (img // PATCH) ** 2, img // PATCH, DIM, WIDTH, PDEPTH, HEADS), 3)}
+    parts = {
+        "encoder": randomized(timm_vit(img, False), 1),
+        "target_encoder": randomized(timm_vit(img, False), 2),
+        "predictor": predictor
+        or randomized(Predictor((img // PATCH) ** 2, img // PATCH, DIM, WIDTH, PDEPTH, HEADS), 3),
+    }
     state = {part: {f"module.{k}": v for k, v in sd.items()} for part, sd in parts.items()}
-    state.update(opt={"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}, scaler=None, epoch=300,
-                 loss=0.17, batch_size=2048, world_size=16, lr=1e-3)
+    state.update(
+        opt={"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+        scaler=None,
+        epoch=300,
+        loss=0.17,
+        batch_size=2048,
+        world_size=16,
+        lr=1e-3,
+    )
     torch.save(state, path)
     return parts
 
@@ -66,9 +84,13 @@ def reference_tokens(weights: dict, img: int, cls: bool, x: torch.Tensor, file_g
     ref = timm_vit(img, cls)
     enc = {k: v for k, v in weights.items() if not k.startswith(("decoder_", "mask_token"))}
     if file_grid != img // PATCH:
-        enc["pos_embed"] = resample_abs_pos_embed(enc["pos_embed"], new_size=(img // PATCH,) * 2,
-                                                  num_prefix_tokens=int(cls), interpolation="bicubic",
-                                                  antialias=False)
+        enc["pos_embed"] = resample_abs_pos_embed(
+            enc["pos_embed"],
+            new_size=(img // PATCH,) * 2,
+            num_prefix_tokens=int(cls),
+            interpolation="bicubic",
+            antialias=False,
+        )
     ref.load_state_dict(enc, strict=True)
     with torch.no_grad():
         return ref.forward_features(x)
@@ -118,6 +140,7 @@ def test_encoder_only_mae_file_loads_without_a_decoder(tmp_path):
 
 def test_pos_embed_resampling_is_bicubic_on_the_grid():
     from methods.vit import resample_pos_embed
+
     pos = torch.randn(1, 1 + 16, 8)
     ours = resample_pos_embed(pos, 6, 6, 1)
     ref = resample_abs_pos_embed(pos, new_size=(6, 6), num_prefix_tokens=1, interpolation="bicubic", antialias=False)
@@ -129,15 +152,22 @@ def _wrong_shape(w):
     w["blocks.1.attn.proj.weight"] = torch.zeros(DIM, DIM - 1)
 
 
-@pytest.mark.parametrize("edit, overrides, message", [
-    (_wrong_shape, MAE_CFG, "mis-shaped (1): blocks.1.attn.proj.weight (192, 191) vs (192, 192)"),
-    (lambda w: w.pop("norm.bias"), MAE_CFG, "missing (1): norm.bias"),
-    (lambda w: w.update({"head.weight": torch.zeros(10, DIM)}), MAE_CFG, "unexpected (1): head.weight"),
-    (lambda w: w.pop("decoder_norm.bias"), MAE_CFG, "decoder does not match the model: missing (1): decoder_norm.bias"),
-    (None, [*MAE_CFG, "model.depth=3"], "depth=2 (config model.depth=3)"),
-    (None, [*MAE_CFG, "method.predictor.width=64"], "width=48 (config method.predictor.width=64)"),
-    (None, IJEPA_CFG, "is an MAE checkpoint ({'model': ...}): use method=mae, not method=ijepa"),
-])
+@pytest.mark.parametrize(
+    "edit, overrides, message",
+    [
+        (_wrong_shape, MAE_CFG, "mis-shaped (1): blocks.1.attn.proj.weight (192, 191) vs (192, 192)"),
+        (lambda w: w.pop("norm.bias"), MAE_CFG, "missing (1): norm.bias"),
+        (lambda w: w.update({"head.weight": torch.zeros(10, DIM)}), MAE_CFG, "unexpected (1): head.weight"),
+        (
+            lambda w: w.pop("decoder_norm.bias"),
+            MAE_CFG,
+            "decoder does not match the model: missing (1): decoder_norm.bias",
+        ),
+        (None, [*MAE_CFG, "model.depth=3"], "depth=2 (config model.depth=3)"),
+        (None, [*MAE_CFG, "method.predictor.width=64"], "width=48 (config method.predictor.width=64)"),
+        (None, IJEPA_CFG, "is an MAE checkpoint ({'model': ...}): use method=mae, not method=ijepa"),
+    ],
+)
 def test_mae_file_mismatches_are_named(tmp_path, edit, overrides, message):
     path = tmp_path / "m.pth"
     mae_file(path, edit=edit)
@@ -161,8 +191,11 @@ def test_ijepa_file_mismatches_are_named(tmp_path):
         load(path, IJEPA_CFG)
     state["predictor"] = {f"module.{k}": v for k, v in parts["predictor"].items()}
     torch.save(state, path)
-    with pytest.raises(ckpt.CheckpointError, match=r"'target_encoder' does not match the model: mis-shaped \(1\): "
-                                                   r"blocks.0.norm1.weight \(193,\) vs \(192,\)"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"'target_encoder' does not match the model: mis-shaped \(1\): "
+        r"blocks.0.norm1.weight \(193,\) vs \(192,\)",
+    ):
         load(path, IJEPA_CFG)
     torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
     with pytest.raises(ckpt.CheckpointError, match="unknown checkpoint layout"):
@@ -218,14 +251,23 @@ def our_checkpoint(path, method_name, extra=()):
     for group in opt.param_groups:
         group.update(lr=1e-3, weight_decay=0.04 if group["apply_wd"] else 0.0)
     for _ in range(2):
-        sum((p ** 3).mean() for p in method.parameters() if p.requires_grad).backward()
+        sum((p**3).mean() for p in method.parameters() if p.requires_grad).backward()
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
         for p in method.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ckpt.save(path, {"method": method.checkpoint_state(), "optimizer": opt.state_dict(), "step": 12,
-                     "total_steps": 12, "recent_losses": [0.5, 0.25], "config": cfg})
+    ckpt.save(
+        path,
+        {
+            "method": method.checkpoint_state(),
+            "optimizer": opt.state_dict(),
+            "step": 12,
+            "total_steps": 12,
+            "recent_losses": [0.5, 0.25],
+            "config": cfg,
+        },
+    )
     return method, opt
 
 
@@ -245,11 +287,18 @@ def test_export_then_import_gives_back_every_weight(tmp_path, name):
 
 def official_optimizer(method) -> torch.optim.AdamW:
     """The official I-JEPA optimiser over a method's networks: its four groups, by its own rule."""
+
     def part(module, decayed):
         return [p for n, p in module.named_parameters() if ("bias" not in n and len(p.shape) != 1) == decayed]
-    return torch.optim.AdamW([{"params": part(method.encoder, True)}, {"params": part(method.predictor, True)},
-                              {"params": part(method.encoder, False), "WD_exclude": True, "weight_decay": 0},
-                              {"params": part(method.predictor, False), "WD_exclude": True, "weight_decay": 0}])
+
+    return torch.optim.AdamW(
+        [
+            {"params": part(method.encoder, True)},
+            {"params": part(method.predictor, True)},
+            {"params": part(method.encoder, False), "WD_exclude": True, "weight_decay": 0},
+            {"params": part(method.predictor, False), "WD_exclude": True, "weight_decay": 0},
+        ]
+    )
 
 
 def test_exported_optimizer_resumes_in_the_official_four_groups(tmp_path):
@@ -271,8 +320,7 @@ def test_exported_optimizer_resumes_in_the_official_four_groups(tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.04, 0.04, 0.0, 0.0] and groups[2]["WD_exclude"]
     assert all(g["lr"] == 1e-3 and not g["fused"] for g in groups)
     # bf16 runs: the official loop has a GradScaler, and loads its state from the file.
-    assert set(payload["scaler"]) == {"scale", "growth_factor", "backoff_factor", "growth_interval",
-                                      "_growth_tracker"}
+    assert set(payload["scaler"]) == {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
 
 
 def test_bench_export_writes_files_other_tools_read(bench, tmp_path):
@@ -282,16 +330,28 @@ def test_bench_export_writes_files_other_tools_read(bench, tmp_path):
         state = torch.load(tmp_path / f"{name}.pth", weights_only=True)
         ref = timm_vit(64, name == "mae")
         if name == "ijepa":
-            assert set(state) == {"encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
-                                  "batch_size", "world_size", "lr"}
-            assert all(k.startswith("module.") for part in ("encoder", "predictor", "target_encoder")
-                       for k in state[part])
-            ref.load_state_dict({k[len("module."):]: v for k, v in state["target_encoder"].items()}, strict=True)
+            assert set(state) == {
+                "encoder",
+                "predictor",
+                "target_encoder",
+                "opt",
+                "scaler",
+                "epoch",
+                "loss",
+                "batch_size",
+                "world_size",
+                "lr",
+            }
+            assert all(
+                k.startswith("module.") for part in ("encoder", "predictor", "target_encoder") for k in state[part]
+            )
+            ref.load_state_dict({k[len("module.") :]: v for k, v in state["target_encoder"].items()}, strict=True)
             ours = method.target_encoder
         else:
             assert set(state) == {"model"} and "decoder_pred.weight" in state["model"]
-            ref.load_state_dict({k: v for k, v in state["model"].items()
-                                 if not k.startswith(("decoder_", "mask_token"))}, strict=True)
+            ref.load_state_dict(
+                {k: v for k, v in state["model"].items() if not k.startswith(("decoder_", "mask_token"))}, strict=True
+            )
             ours = method.encoder.forward_with_cls
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 Speed itself is never asserted: it depends on the machine and its load.
 """
+
 import json
 import statistics
 
@@ -10,26 +11,39 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmark import perf
-from benchmark.core import synthetic
 from benchmark.config import load_config
+from benchmark.core import synthetic
 from benchmark.core.data import DataSource
+from benchmark.core.layers import gather_tokens
 from benchmark.pretrain import pretrain
 from methods import build_method
 from methods.mae import MAEDecoder
-from benchmark.core.layers import gather_tokens
 from methods.vit import PatchEmbed, Predictor
 from tasks.linear import train_heads
 
 # A case small enough to time in seconds: 32 px, 4 px patches, a 2-block encoder.
-TINY_STEP = ["model=vit_micro", "model.depth=2", "model.patch_size=4", "data.image_size=32",
-             "method.predictor.depth=1", "method.predictor.width=48", "method.mask.min_keep=4",
-             "pretrain.batch_size=4", "data.num_train=16", "data.num_val=4"]
+TINY_STEP = [
+    "model=vit_micro",
+    "model.depth=2",
+    "model.patch_size=4",
+    "data.image_size=32",
+    "method.predictor.depth=1",
+    "method.predictor.width=48",
+    "method.mask.min_keep=4",
+    "pretrain.batch_size=4",
+    "data.num_train=16",
+    "data.num_val=4",
+]
 
 
 def test_predictor_last_block_on_mask_tokens_only_equals_full_sequence():
     torch.manual_seed(0)
-    for depth, conditioning, fused in ((0, "none", True), (1, "feature", True), (3, "sequence", True),
-                                       (2, "feature", False)):
+    for depth, conditioning, fused in (
+        (0, "none", True),
+        (1, "feature", True),
+        (3, "sequence", True),
+        (2, "feature", False),
+    ):
         p = Predictor(64, 8, 32, 48, depth, 4, conditioning=conditioning, action_dim=7)
         for block in p.predictor_blocks:
             block.attn.fused_attn = fused
@@ -44,7 +58,7 @@ def test_predictor_last_block_on_mask_tokens_only_equals_full_sequence():
         if conditioning == "feature":
             queries = p.action_mixer(torch.cat([queries, action.unsqueeze(1).expand(-1, 9, -1)], -1))
         if conditioning == "sequence":
-            parts.append(torch.stack([proj(action[:, i:i + 1]) for i, proj in enumerate(p.action_proj)], 1))
+            parts.append(torch.stack([proj(action[:, i : i + 1]) for i, proj in enumerate(p.action_proj)], 1))
         x = torch.cat([*parts, queries], 1)
         for block in p.predictor_blocks:
             x = block(x)
@@ -53,7 +67,6 @@ def test_predictor_last_block_on_mask_tokens_only_equals_full_sequence():
         assert fast.shape == (3, 9, 32)
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-4, atol=1e-6)
-
 
 
 def test_mae_decoder_last_block_on_queries_only_equals_full_sequence():
@@ -99,7 +112,7 @@ def test_head_grid_in_one_pass_equals_heads_one_at_a_time():
     grid = train_heads(x, y, 4, [0.01, 0.3], [0.0, 1e-2], epochs=3, batch_size=32, seed=1)
     assert [(lr, wd) for lr, wd, _ in grid] == [(0.01, 0.0), (0.01, 1e-2), (0.3, 0.0), (0.3, 1e-2)]
     for lr, wd, head in grid:
-        (_, _, alone), = train_heads(x, y, 4, [lr], [wd], epochs=3, batch_size=32, seed=1)
+        ((_, _, alone),) = train_heads(x, y, 4, [lr], [wd], epochs=3, batch_size=32, seed=1)
         assert head.weight.abs().max() > 1e-3
         torch.testing.assert_close(head.weight, alone.weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(head.bias, alone.bias, rtol=0, atol=1e-6)
@@ -120,7 +133,7 @@ def test_head_grid_follows_torch_sgd():
         torch.testing.assert_close(head.weight, ref.weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(head.bias, ref.bias, rtol=0, atol=1e-6)
     # A last batch smaller than the others (64 = 3 x 20 + 4) is handled like torch does.
-    (_, _, head), = train_heads(x, y, 3, [0.5], [0.0], epochs=2, batch_size=20, seed=4)
+    ((_, _, head),) = train_heads(x, y, 3, [0.5], [0.0], epochs=2, batch_size=20, seed=4)
     ref = perf.sgd_head(x, y, 3, 0.5, 0.0, epochs=2, batch_size=20, seed=4)
     torch.testing.assert_close(head.weight, ref.weight, rtol=0, atol=1e-6)
 
@@ -137,15 +150,26 @@ def test_fast_defaults_train_like_the_plain_loop(source, tmp_path, method, bf16)
     losses, weights = {}, {}
     for fused in (False, True):
         plain = [] if fused else ["pretrain.fused_adamw=false", "pretrain.attention=fused"]
-        cfg = OmegaConf.to_container(load_config([f"method={method}", *TINY_STEP, "pretrain.epochs=2",
-                                                  f"pretrain.bf16={bf16}", *plain,
-                                                  "pretrain.log_every=1", "pretrain.checkpoint_every=0"]))
+        cfg = OmegaConf.to_container(
+            load_config(
+                [
+                    f"method={method}",
+                    *TINY_STEP,
+                    "pretrain.epochs=2",
+                    f"pretrain.bf16={bf16}",
+                    *plain,
+                    "pretrain.log_every=1",
+                    "pretrain.checkpoint_every=0",
+                ]
+            )
+        )
         torch.manual_seed(0)
         m = build_method(method, cfg["model"], cfg["method"], 32)
         start = m.encoder.patch_embed.proj.weight.detach().clone()
         run = tmp_path / str(fused)
-        pretrain(m, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), run / "ckpt", cfg,
-                 show_progress=False)
+        pretrain(
+            m, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), run / "ckpt", cfg, show_progress=False
+        )
         losses[fused] = [json.loads(line)["loss"] for line in open(run / "train_log.jsonl")]
         weights[fused] = m.encoder.patch_embed.proj.weight.detach()
         # Evaluation gets timm's kernels back, as a loaded checkpoint would.
@@ -166,7 +190,7 @@ def test_timed_step_reports_every_measure(tmp_path, monkeypatch):
     # Two timed steps alone on built batches, two in the loop fed by the workers; a loss for each.
     assert len(out["seconds"]) == len(out["loop_seconds"]) == len(out["waits"]) == len(out["flops"]) == 2
     assert len(out["losses"]) == 4
-    assert all(s > 0 for s in out["seconds"] + out["loop_seconds"]) and all(l > 0 for l in out["losses"])
+    assert all(s > 0 for s in out["seconds"] + out["loop_seconds"]) and all(v > 0 for v in out["losses"])
     # FLOPs of a 2-block 32x32 ViT step: at least the target encoder's matmuls over 64 tokens x 4 images.
     cfg = load_config(overrides)
     d, tokens = cfg.model.embed_dim, 4 * 64
@@ -179,15 +203,32 @@ def test_timed_step_reports_every_measure(tmp_path, monkeypatch):
 def test_numerics_check_and_summary():
     def case(variant, losses, precision="fp32"):
         return {"method": "ijepa", "precision": precision, "variant": variant, "losses": losses}
-    cases = [case("eager", [1.0, 0.5]), case("fast", [1.0, 0.50001]), case("eager", [1.0], "bf16"),
-             case("fast", [1.1], "bf16")]
+
+    cases = [
+        case("eager", [1.0, 0.5]),
+        case("fast", [1.0, 0.50001]),
+        case("eager", [1.0], "bf16"),
+        case("fast", [1.1], "bf16"),
+    ]
     perf.check_numerics(cases, {"fp32": 1e-4, "bf16": 2e-2})
     assert cases[1]["equal_numerics"] and cases[1]["loss_rel_diff_vs_eager"] == pytest.approx(2e-5)
     assert not cases[3]["equal_numerics"] and "equal_numerics" not in cases[0]
 
-    row = perf.summarise({"method": "ijepa", "precision": "fp32", "gpu": False, "batch_size": 8,
-                          "seconds": [1.0, 2.0, 1.5], "loop_seconds": [1.2, 2.2, 1.7], "waits": [0.0, 0.01, 0.0], "flops": [100e9, 200e9, 150e9],
-                          "data_seconds_per_batch": 0.1}, {"fp32": 200.0, "bf16": 400.0}, peak_tflops=1.0)
+    row = perf.summarise(
+        {
+            "method": "ijepa",
+            "precision": "fp32",
+            "gpu": False,
+            "batch_size": 8,
+            "seconds": [1.0, 2.0, 1.5],
+            "loop_seconds": [1.2, 2.2, 1.7],
+            "waits": [0.0, 0.01, 0.0],
+            "flops": [100e9, 200e9, 150e9],
+            "data_seconds_per_batch": 0.1,
+        },
+        {"fp32": 200.0, "bf16": 400.0},
+        peak_tflops=1.0,
+    )
     assert row["s_per_step"] == 1.5 and row["loop_s_per_step"] == 1.7 and row["images_per_s"] == pytest.approx(8 / 1.5)
     assert row["gflops"] == pytest.approx(100.0) and row["ceiling_fraction"] == pytest.approx(0.5)
     assert row["mfu"] == pytest.approx(0.1) and row["speedup_vs_reference"] == pytest.approx(1.62 / 1.5)
@@ -201,8 +242,18 @@ def test_matmul_ceiling_is_a_rate():
 def test_perf_cli_rejects_bad_input_before_compute(bench):
     proc = bench("perf", "--methods", "ijepa,simclr", check=2)
     assert "simclr" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = bench("perf", "--methods", "ijepa", "--precision", "fp32", "--steps", "1", "--no-probe",
-                 "pretrain.batch_siz=3", check=2)
+    proc = bench(
+        "perf",
+        "--methods",
+        "ijepa",
+        "--precision",
+        "fp32",
+        "--steps",
+        "1",
+        "--no-probe",
+        "pretrain.batch_siz=3",
+        check=2,
+    )
     assert "pretrain.batch_size" in proc.stderr
 
 
@@ -210,14 +261,25 @@ def test_perf_cli_rejects_bad_input_before_compute(bench):
 def test_compiled_step_trains_like_the_eager_step(source, tmp_path):
     losses = {}
     for compiled in (False, True):
-        cfg = OmegaConf.to_container(load_config(["method=iwm", *TINY_STEP, "pretrain.epochs=1", "pretrain.bf16=false",
-                                                  f"pretrain.compile={compiled}", "pretrain.log_every=1",
-                                                  "pretrain.checkpoint_every=0"]))
+        cfg = OmegaConf.to_container(
+            load_config(
+                [
+                    "method=iwm",
+                    *TINY_STEP,
+                    "pretrain.epochs=1",
+                    "pretrain.bf16=false",
+                    f"pretrain.compile={compiled}",
+                    "pretrain.log_every=1",
+                    "pretrain.checkpoint_every=0",
+                ]
+            )
+        )
         torch.manual_seed(0)
         m = build_method("iwm", cfg["model"], cfg["method"], 32)
         run = tmp_path / str(compiled)
-        pretrain(m, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), run / "ckpt", cfg,
-                 show_progress=False)
+        pretrain(
+            m, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), run / "ckpt", cfg, show_progress=False
+        )
         losses[compiled] = [json.loads(line)["loss"] for line in open(run / "train_log.jsonl")]
     assert len(losses[True]) == 8
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
@@ -225,11 +287,36 @@ def test_compiled_step_trains_like_the_eager_step(source, tmp_path):
 
 def test_perf_cli_times_step_and_loop_over_interleaved_rounds(bench, tmp_path):
     """The whole benchmark on a tiny MAE: every case and round in its own process, one JSON."""
-    tiny_mae = ["model=vit_micro", "model.depth=2", "model.patch_size=4", "data.image_size=32",
-                "method.predictor.depth=1", "method.predictor.width=48", "pretrain.batch_size=4"]
+    tiny_mae = [
+        "model=vit_micro",
+        "model.depth=2",
+        "model.patch_size=4",
+        "data.image_size=32",
+        "method.predictor.depth=1",
+        "method.predictor.width=48",
+        "pretrain.batch_size=4",
+    ]
     out = tmp_path / "perf.json"
-    proc = bench("perf", "--methods", "mae", "--precision", "fp32", "--steps", "2", "--warmup", "1", "--rounds", "2",
-                 "--threads", "1", "--no-probe", "--out", str(out), *tiny_mae, check=0)
+    proc = bench(
+        "perf",
+        "--methods",
+        "mae",
+        "--precision",
+        "fp32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+        "--threads",
+        "1",
+        "--no-probe",
+        "--out",
+        str(out),
+        *tiny_mae,
+        check=0,
+    )
     assert "loop s/step" in proc.stdout and "rounds" in proc.stdout
     result = json.loads(out.read_text())
     eager, fast = result["cases"]

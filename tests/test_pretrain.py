@@ -4,12 +4,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from benchmark.config import load_config
 from benchmark.core import checkpoint as ckpt
 from benchmark.core import synthetic
-from benchmark.config import load_config
 from benchmark.core.data import DataSource
-from benchmark.pretrain import pretrain
 from benchmark.core.errors import DivergenceError
+from benchmark.pretrain import pretrain
 from methods import build_method, method_from_state
 
 
@@ -20,10 +20,21 @@ def source(tmp_path_factory):
 
 
 def tiny(**pretrain_overrides):
-    cfg = load_config(["model.depth=2", "model.patch_size=4", "method.predictor.depth=1",
-                       "method.predictor.width=48", "data.image_size=32", "pretrain.batch_size=8",
-                       "pretrain.epochs=2", "pretrain.warmup_epochs=1", "pretrain.bf16=false",
-                       "pretrain.log_every=1", "pretrain.checkpoint_every=0"])
+    cfg = load_config(
+        [
+            "model.depth=2",
+            "model.patch_size=4",
+            "method.predictor.depth=1",
+            "method.predictor.width=48",
+            "data.image_size=32",
+            "pretrain.batch_size=8",
+            "pretrain.epochs=2",
+            "pretrain.warmup_epochs=1",
+            "pretrain.bf16=false",
+            "pretrain.log_every=1",
+            "pretrain.checkpoint_every=0",
+        ]
+    )
     cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg["pretrain"].update(pretrain_overrides)
     return cfg
@@ -43,8 +54,16 @@ def test_training_changes_weights_and_ema_follows(source, tmp_path):
     method = fresh(cfg)
     enc0 = [p.detach().clone() for p in method.encoder.parameters()]
     tgt0 = [p.detach().clone() for p in method.target_encoder.parameters()]
-    out = pretrain(method, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"),
-                   tmp_path / "ckpt", cfg, show_progress=False)
+    out = pretrain(
+        method,
+        source,
+        OmegaConf.create(cfg["pretrain"]),
+        0,
+        torch.device("cpu"),
+        tmp_path / "ckpt",
+        cfg,
+        show_progress=False,
+    )
     assert out["steps"] == 12 and out["total_steps"] == 12
     moved_online = sum((p - q).abs().sum().item() for p, q in zip(method.encoder.parameters(), enc0))
     moved_target = sum((p - q).abs().sum().item() for p, q in zip(method.target_encoder.parameters(), tgt0))
@@ -59,8 +78,9 @@ def test_resume_reaches_the_same_losses_and_weights(source, tmp_path):
     pretrain(straight, source, pcfg, 0, torch.device("cpu"), tmp_path / "a" / "ckpt", cfg, show_progress=False)
 
     first = fresh(cfg)
-    pretrain(first, source, pcfg, 0, torch.device("cpu"), tmp_path / "b" / "ckpt", cfg, show_progress=False,
-             max_steps=5)
+    pretrain(
+        first, source, pcfg, 0, torch.device("cpu"), tmp_path / "b" / "ckpt", cfg, show_progress=False, max_steps=5
+    )
     state = ckpt.load(tmp_path / "b" / "ckpt" / "last.pt")
     assert state["step"] == 5 and state["config"]["pretrain"]["epochs"] == 2
     assert {"optimizer", "rng", "method", "total_steps"} <= set(state)
@@ -75,8 +95,9 @@ def test_resume_reaches_the_same_losses_and_weights(source, tmp_path):
 def test_checkpoint_round_trip_rebuilds_the_method(source, tmp_path):
     cfg = tiny(epochs=1)
     method = fresh(cfg)
-    pretrain(method, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), tmp_path, cfg,
-             show_progress=False)
+    pretrain(
+        method, source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), tmp_path, cfg, show_progress=False
+    )
     state = ckpt.load(tmp_path / "last.pt")
     loaded = method_from_state(state["method"])
     x = torch.randn(2, 3, 32, 32)
@@ -93,8 +114,16 @@ def test_checkpoint_round_trip_rebuilds_the_method(source, tmp_path):
 def test_non_finite_loss_stops_with_the_step(source, tmp_path):
     cfg = tiny(lr=1e30, start_lr=1e30, epochs=2)
     with pytest.raises(DivergenceError, match="at step"):
-        pretrain(fresh(cfg), source, OmegaConf.create(cfg["pretrain"]), 0, torch.device("cpu"), tmp_path, cfg,
-                 show_progress=False)
+        pretrain(
+            fresh(cfg),
+            source,
+            OmegaConf.create(cfg["pretrain"]),
+            0,
+            torch.device("cpu"),
+            tmp_path,
+            cfg,
+            show_progress=False,
+        )
 
 
 def test_loading_refuses_pickled_code(tmp_path):

@@ -4,6 +4,7 @@ A tiny sweep goes through pretraining -> dependent evaluation array -> leaderboa
 submits nothing; a job sent the preemption signal mid-pretraining is checkpointed at that step,
 requeued, and ends with the same records as its uninterrupted twin.
 """
+
 import json
 import shutil
 import subprocess
@@ -24,13 +25,17 @@ def _cluster_up() -> bool:
         acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return False
-    return nodes.returncode == 0 and any(s.startswith(("idle", "mixed", "alloc")) for s in nodes.stdout.split()) \
+    return (
+        nodes.returncode == 0
+        and any(s.startswith(("idle", "mixed", "alloc")) for s in nodes.stdout.split())
         and acct.returncode == 0
+    )
 
 
 if not _cluster_up():
-    pytest.skip("no SLURM cluster with accounting runs here (start one: sudo slurm/cluster.sh start)",
-                allow_module_level=True)
+    pytest.skip(
+        "no SLURM cluster with accounting runs here (start one: sudo slurm/cluster.sh start)", allow_module_level=True
+    )
 
 LAUNCHER = "launcher=slurm_localhost"
 
@@ -57,8 +62,16 @@ def sacct_times(job_id: str, timeout: float = 120) -> tuple[str, str, str]:
     """(state, start, end) once the job has ended: a record is written a moment before its job exits."""
     deadline = time.time() + timeout
     while True:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "State,Start,End", "-j", job_id],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                ["sacct", "-n", "-P", "-X", "-o", "State,Start,End", "-j", job_id],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         state, start, end = out[-1].split("|")
         if end != "Unknown" or time.time() > deadline:
             return state, start, end
@@ -76,8 +89,11 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
         pre, lin = jobs[f"{cell}/pretrain"]["job_id"], jobs[f"{cell}/linear"]["job_id"]
         assert jobs[f"{cell}/linear"]["after"] == pre
         shown = subprocess.run(["scontrol", "show", "job", lin], capture_output=True, text=True).stdout
-        assert f"Dependency=afterok:{pre}" in shown or "Dependency=(null)" in shown and \
-            sacct_times(pre, timeout=0)[0] == "COMPLETED", shown
+        assert (
+            f"Dependency=afterok:{pre}" in shown
+            or "Dependency=(null)" in shown
+            and sacct_times(pre, timeout=0)[0] == "COMPLETED"
+        ), shown
 
     states = wait_for_sweep(bench, sweep_dir, timeout=900)
     assert all(s.state == "done" for s in states.values()), {u: (s.state, s.reason, s.log) for u, s in states.items()}
@@ -92,7 +108,7 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
     status = bench("status", str(sweep_dir), check=0)
     assert "8 done, 0 running, 0 pending, 0 failed" in " ".join(status.stdout.split())
 
-    board = bench("leaderboard", str(sweep_dir), "--out", str(tmp_path / "board"), check=0)
+    bench("leaderboard", str(sweep_dir), "--out", str(tmp_path / "board"), check=0)
     table = (tmp_path / "board" / "leaderboard.md").read_text()
     for preset in ("ijepa / ijepa", "iwm / iwm"):
         assert preset in table
@@ -124,38 +140,64 @@ def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
     assert stopped, out
     step = int(stopped[0].split("at step ")[1].split(";")[0])
     assert 2 <= step < 30  # a checkpoint mid-run, not at an epoch end or the end
-    restarts = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "State", "-j", job_id],
-                              capture_output=True, text=True).stdout.split()
+    restarts = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True
+    ).stdout.split()
     assert "REQUEUED" in restarts or len(restarts) > 1, restarts
 
     for task in ("pretrain", "linear"):
         a, b = states[f"ijepa_seed3/{task}"].record, twin_states[f"ijepa_seed3/{task}"].record
         assert a["status"] == b["status"] == "ok"
         keep = ("train_seconds", "images_per_second", "checkpoint")
-        assert {k: v for k, v in a["metrics"].items() if k not in keep} == \
-            {k: v for k, v in b["metrics"].items() if k not in keep}
+        assert {k: v for k, v in a["metrics"].items() if k not in keep} == {
+            k: v for k, v in b["metrics"].items() if k not in keep
+        }
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    twin_losses = [json.loads(line)["loss"] for line in
-                   (twin / "ijepa_seed3.pretrain" / "train_log.jsonl").read_text().splitlines()]
+    twin_losses = [
+        json.loads(line)["loss"]
+        for line in (twin / "ijepa_seed3.pretrain" / "train_log.jsonl").read_text().splitlines()
+    ]
     assert losses == twin_losses  # every step logged once, with the twin's loss
 
 
 def test_a_two_task_job_pretrains_data_parallel_like_one_process(bench, tmp_path):
     """launcher.tasks_per_node=2: submitit starts two ranks, which meet through the job environment
     (gloo) and train MAE on halves of every batch; the result follows the one-process run."""
-    common = ["model=vit_micro", "model.depth=2", "method=mae", "pretrain=mae_cpu", "method.predictor.depth=1",
-              "method.predictor.width=48", "data.num_train=64", "data.num_val=48", "pretrain.epochs=1",
-              "pretrain.batch_size=8", "pretrain.log_every=1", "task=linear", "tasks.linear.epochs=1",
-              "progress=false"]
+    common = [
+        "model=vit_micro",
+        "model.depth=2",
+        "method=mae",
+        "pretrain=mae_cpu",
+        "method.predictor.depth=1",
+        "method.predictor.width=48",
+        "data.num_train=64",
+        "data.num_val=48",
+        "pretrain.epochs=1",
+        "pretrain.batch_size=8",
+        "pretrain.log_every=1",
+        "task=linear",
+        "tasks.linear.epochs=1",
+        "progress=false",
+    ]
     bench("run", *common, f"run_dir={tmp_path / 'one'}", check=0)
-    proc = bench("run", *common, LAUNCHER, "launcher.tasks_per_node=2", "launcher.wait=true",
-                 f"run_dir={tmp_path / 'two'}", check=0)
+    proc = bench(
+        "run",
+        *common,
+        LAUNCHER,
+        "launcher.tasks_per_node=2",
+        "launcher.wait=true",
+        f"run_dir={tmp_path / 'two'}",
+        check=0,
+    )
     job_id = proc.stdout.split("submitted job ")[1].split()[0]
-    tasks = subprocess.run(["sacct", "-n", "-P", "-o", "NTasks", "-j", f"{job_id}.0"],
-                           capture_output=True, text=True).stdout.split()
+    tasks = subprocess.run(
+        ["sacct", "-n", "-P", "-o", "NTasks", "-j", f"{job_id}.0"], capture_output=True, text=True
+    ).stdout.split()
     assert tasks and tasks[0] == "2", tasks  # the job step really ran two tasks
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
     assert len(losses[0]) == 8
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     rec = json.loads((tmp_path / "two" / "records" / "linear.json").read_text())

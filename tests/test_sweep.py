@@ -1,4 +1,5 @@
 """Sweep expansion, what a resubmission submits, and a local sweep that skips and resumes units."""
+
 import json
 import shutil
 
@@ -6,14 +7,30 @@ import pytest
 
 from benchmark.core.errors import ConfigError
 from slurm.jobs import overrides_for
-from slurm.sweep import (DONE, FAILED, NOT_SUBMITTED, PENDING, RUNNING, Cell, UnitState, decide, expand_grid,
-                         format_value, load_sweep, split_overrides)
+from slurm.sweep import (
+    DONE,
+    FAILED,
+    NOT_SUBMITTED,
+    PENDING,
+    RUNNING,
+    Cell,
+    UnitState,
+    decide,
+    expand_grid,
+    format_value,
+    load_sweep,
+    split_overrides,
+)
 
 
 def test_grid_expands_every_combination_in_order():
     cells = expand_grid({"method": ["ijepa", "iwm"], "seed": [0, 1], "pretrain.lr": [1e-3]}, ["model=vit_micro"])
-    assert [name for name, _ in cells] == ["ijepa_seed0_lr0.001", "ijepa_seed1_lr0.001",
-                                           "iwm_seed0_lr0.001", "iwm_seed1_lr0.001"]
+    assert [name for name, _ in cells] == [
+        "ijepa_seed0_lr0.001",
+        "ijepa_seed1_lr0.001",
+        "iwm_seed0_lr0.001",
+        "iwm_seed1_lr0.001",
+    ]
     assert cells[3][1] == ["model=vit_micro", "method=iwm", "seed=1", "pretrain.lr=0.001"]
     assert format_value([0.1, True, None]) == "[0.1,true,null]"
     with pytest.raises(ConfigError, match="grid.seed must be a non-empty list"):
@@ -23,8 +40,9 @@ def test_grid_expands_every_combination_in_order():
 
 
 def test_overrides_are_split_and_task_settings_go_to_their_task():
-    sweep, launcher, cell = split_overrides(["grid.seed=[0,1]", "launcher=slurm", "launcher.qos=high",
-                                             "sweep_dir=/x", "pretrain.epochs=2"])
+    sweep, launcher, cell = split_overrides(
+        ["grid.seed=[0,1]", "launcher=slurm", "launcher.qos=high", "sweep_dir=/x", "pretrain.epochs=2"]
+    )
     assert sweep == ["grid.seed=[0,1]", "sweep_dir=/x"] and launcher == ["launcher=slurm", "launcher.qos=high"]
     assert cell == ["pretrain.epochs=2"]
     shared = ["seed=0", "tasks.linear.epochs=3", "tasks.mrr.bank=8"]
@@ -36,11 +54,13 @@ def test_sweep_config_is_checked_before_anything_is_written(tmp_path):
     sweep = load_sweep("ci", ["grid.seed=[7]", f"sweep_dir={tmp_path / 's'}"])
     assert [c.name for c in sweep.cells] == ["ijepa_seed7", "iwm_seed7"] and sweep.tasks == ["linear"]
     assert sweep.cells[0].tasks == ["linear"] and sweep.launcher["name"] == "local"
-    for args, message in [(["tasks=[nope]"], "unknown task 'nope'"),
-                          (["grid.method=[nope]"], "unknown method 'nope'"),
-                          (["pretrain.epoch=1"], "unknown config key 'pretrain.epoch'"),
-                          (["launcher=submitit_local"], "sweeps run with launcher=local or launcher=slurm"),
-                          (["task=linear"], "is set by the sweep itself")]:
+    for args, message in [
+        (["tasks=[nope]"], "unknown task 'nope'"),
+        (["grid.method=[nope]"], "unknown method 'nope'"),
+        (["pretrain.epoch=1"], "unknown config key 'pretrain.epoch'"),
+        (["launcher=submitit_local"], "sweeps run with launcher=local or launcher=slurm"),
+        (["task=linear"], "is set by the sweep itself"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_sweep("ci", args)
     with pytest.raises(ConfigError, match="unknown sweep 'nope'"):
@@ -58,20 +78,24 @@ def states(cell, pre, linear, retry_record=False):
         record = {"status": "failed"} if state == FAILED and retry_record else None
         reason = NOT_SUBMITTED if job is None and state == PENDING else ""
         return UnitState(f"{cell.name}/{unit}", state, reason, job, None, record)
+
     return {f"{cell.name}/pretrain": st("pretrain", pre), f"{cell.name}/linear": st("linear", linear)}
 
 
-@pytest.mark.parametrize("pre, linear, retry, record, expected", [
-    ((PENDING, None), (PENDING, None), False, False, (True, None, ["linear"])),     # fresh
-    ((DONE, "1"), (DONE, "2"), False, False, (False, None, [])),                      # all done
-    ((DONE, "1"), (PENDING, None), False, False, (False, None, ["linear"])),          # eval only, no wait
-    ((RUNNING, "1"), (PENDING, None), False, False, (False, "1", ["linear"])),        # waits for running job
-    ((RUNNING, "1"), (PENDING, "2"), False, False, (False, "1", [])),                 # both queued
-    ((FAILED, "1"), (FAILED, "2"), False, False, (True, None, ["linear"])),           # killed, no record: resume
-    ((FAILED, "1"), (FAILED, "2"), False, True, (False, None, [])),                   # failed record: left alone
-    ((FAILED, "1"), (FAILED, "2"), True, True, (True, None, ["linear"])),             # ... unless retry
-    ((DONE, "1"), (FAILED, "2"), True, True, (False, None, ["linear"])),
-])
+@pytest.mark.parametrize(
+    "pre, linear, retry, record, expected",
+    [
+        ((PENDING, None), (PENDING, None), False, False, (True, None, ["linear"])),  # fresh
+        ((DONE, "1"), (DONE, "2"), False, False, (False, None, [])),  # all done
+        ((DONE, "1"), (PENDING, None), False, False, (False, None, ["linear"])),  # eval only, no wait
+        ((RUNNING, "1"), (PENDING, None), False, False, (False, "1", ["linear"])),  # waits for running job
+        ((RUNNING, "1"), (PENDING, "2"), False, False, (False, "1", [])),  # both queued
+        ((FAILED, "1"), (FAILED, "2"), False, False, (True, None, ["linear"])),  # killed, no record: resume
+        ((FAILED, "1"), (FAILED, "2"), False, True, (False, None, [])),  # failed record: left alone
+        ((FAILED, "1"), (FAILED, "2"), True, True, (True, None, ["linear"])),  # ... unless retry
+        ((DONE, "1"), (FAILED, "2"), True, True, (False, None, ["linear"])),
+    ],
+)
 def test_decide(pre, linear, retry, record, expected):
     cell = Cell("c", [], ["linear"])
     d = decide(cell, states(cell, pre, linear, retry_record=record), retry)
@@ -106,6 +130,7 @@ def test_local_sweep_skips_done_units_and_resumes_unfinished_ones(bench, tmp_pat
 
     status = bench("status", str(sweep_dir), check=0)
     assert "2 done" in status.stdout
-    changed = bench("sweep", "ci", "grid.method=[ijepa]", "grid.seed=[0]", f"sweep_dir={sweep_dir}",
-                    "pretrain.epochs=2")
+    changed = bench(
+        "sweep", "ci", "grid.method=[ijepa]", "grid.seed=[0]", f"sweep_dir={sweep_dir}", "pretrain.epochs=2"
+    )
     assert changed.returncode == 2 and "already holds cell ijepa_seed0 with other settings" in changed.stderr

@@ -1,20 +1,26 @@
 """`bench run task=all` with every adapter, as a user runs it, and bad task settings."""
+
 import json
 
 import pytest
-
 from conftest import TINY, TINY_MODEL
 
 ADAPTERS = ["attentive", "predictor_ft", "predictor_ft_random", "encoder_ft", "end_to_end", "multitask"]
 SHORT = [f"tasks.{t}.{k}={v}" for t in ADAPTERS for k, v in (("epochs", 1), ("batch_size", 16))] + [
-    "tasks.mrr.bank_size=16", "tasks.mrr.num_images=8", "tasks.ade20k.iters=10", "tasks.ade20k.backend=native"]
+    "tasks.mrr.bank_size=16",
+    "tasks.mrr.num_images=8",
+    "tasks.ade20k.iters=10",
+    "tasks.ade20k.backend=native",
+]
 
 
 @pytest.mark.slow
 def test_task_all_runs_every_adapter_and_prints_the_paper_table(bench, tmp_path):
     proc = bench("run", "method=iwm", "task=all", "run_dir=results/all", *TINY, *SHORT, check=0)
-    records = {t: json.loads((tmp_path / f"results/all/records/{t}.json").read_text())
-               for t in ["linear", *ADAPTERS, "mrr", "ade20k"]}
+    records = {
+        t: json.loads((tmp_path / f"results/all/records/{t}.json").read_text())
+        for t in ["linear", *ADAPTERS, "mrr", "ade20k"]
+    }
     assert all(r["status"] == "ok" for r in records.values())
     assert 0 < records["mrr"]["metrics"]["mrr"] <= 1 and 0 <= records["ade20k"]["metrics"]["miou"] <= 100
     for task in ADAPTERS:
@@ -23,7 +29,7 @@ def test_task_all_runs_every_adapter_and_prints_the_paper_table(bench, tmp_path)
     assert records["predictor_ft"]["metrics"]["predictor"] == "pretrained"
     assert records["predictor_ft_random"]["metrics"]["predictor"] == "random"
     # One row per method, one column per task, headline top-1 in the cells.
-    table = proc.stdout[proc.stdout.index("results (top-1 %"):]
+    table = proc.stdout[proc.stdout.index("results (top-1 %") :]
     row = next(line for line in table.splitlines() if "iwm" in line)
     for task in ["linear", *ADAPTERS]:
         assert task[:6] in table
@@ -33,13 +39,16 @@ def test_task_all_runs_every_adapter_and_prints_the_paper_table(bench, tmp_path)
     assert f"{records['mrr']['metrics']['mrr']:.3f}" in row
 
 
-@pytest.mark.parametrize("args, message", [
-    (["tasks.encoder_ft.head=mlp"], "tasks.encoder_ft.head must be one of attentive, pooled"),
-    (["tasks.predictor_ft.label_smoothing=2"], "tasks.predictor_ft.label_smoothing must be in [0, 1]"),
-    (["tasks.end_to_end.layer_decay=1.5"], "tasks.end_to_end.layer_decay must be in (0, 1] or null"),
-    (["tasks.attentive.lr=fast"], "tasks.attentive.lr must be a number"),
-    (["token_cache_gb=-1"], "token_cache_gb must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tasks.encoder_ft.head=mlp"], "tasks.encoder_ft.head must be one of attentive, pooled"),
+        (["tasks.predictor_ft.label_smoothing=2"], "tasks.predictor_ft.label_smoothing must be in [0, 1]"),
+        (["tasks.end_to_end.layer_decay=1.5"], "tasks.end_to_end.layer_decay must be in (0, 1] or null"),
+        (["tasks.attentive.lr=fast"], "tasks.attentive.lr must be a number"),
+        (["token_cache_gb=-1"], "token_cache_gb must be >= 0"),
+    ],
+)
 def test_bad_task_settings_exit_2_before_any_compute(bench, tmp_path, args, message):
     proc = bench("run", "method=iwm", "task=all", *TINY_MODEL, *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -1,11 +1,13 @@
 """The finetuning adapters on a tiny method: what trains, what stays frozen, where metrics come from."""
+
+import copy
+
 import pytest
 import torch
+from tasks_helpers import context, same, snapshot, tiny_config, tiny_data, tiny_method
 
 from benchmark.core.data import derive_seed
 from tasks import build_task
-import copy
-from tasks_helpers import context, same, snapshot, tiny_config, tiny_data, tiny_method
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +105,11 @@ def test_end_to_end_trains_encoder_and_predictor(cfg, source, tmp_path):
     method, ctx, m, model = tune("end_to_end", cfg, source, tmp_path)
     assert changed(params(model.encoder), params(method.target_encoder))
     assert changed(params(model.world_model.predictor), params(method.predictor))
-    n = sum(p.numel() for p in [*model.head.parameters(), *model.encoder.parameters(),
-                                *model.world_model.predictor.parameters()] if p.requires_grad)
+    n = sum(
+        p.numel()
+        for p in [*model.head.parameters(), *model.encoder.parameters(), *model.world_model.predictor.parameters()]
+        if p.requires_grad
+    )
     assert m["trainable_params"] == n
 
 

@@ -1,9 +1,10 @@
 """Multitask predictor tuning and the task tokens it hands the predictor."""
+
 import pytest
 import torch
+from tasks_helpers import context, same, snapshot, tiny_config, tiny_data, tiny_method
 
 from tasks import build_task
-from tasks_helpers import context, same, snapshot, tiny_config, tiny_data, tiny_method
 
 
 def test_task_tokens_change_the_world_model_output_and_none_changes_nothing():

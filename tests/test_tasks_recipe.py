@@ -1,9 +1,10 @@
 """The finetuning recipe's maths against hand-computed cases."""
+
 import pytest
 import torch
 
-from methods.vit import VisionTransformer
 from benchmark.core.optim import block_layers, param_groups
+from methods.vit import VisionTransformer
 from tasks.core import set_drop_path
 from tasks.finetune import train_pool
 from tasks.heads import AttentiveClassifier
@@ -18,8 +19,8 @@ def test_layer_ids_and_layer_decay_scales():
     assert layers["norm.weight"] == 4
     groups = param_groups(vit, 0.05, 2.0, 0.5)
     scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
-    assert scale[id(vit.patch_embed.proj.weight)] == (2.0 * 0.5 ** 4, 0.05)
-    assert scale[id(vit.blocks[0].attn.qkv.weight)] == (2.0 * 0.5 ** 3, 0.05)
+    assert scale[id(vit.patch_embed.proj.weight)] == (2.0 * 0.5**4, 0.05)
+    assert scale[id(vit.blocks[0].attn.qkv.weight)] == (2.0 * 0.5**3, 0.05)
     assert scale[id(vit.blocks[2].attn.qkv.bias)] == (2.0 * 0.5, 0.0)  # no decay on biases
     assert scale[id(vit.norm.weight)] == (2.0, 0.0)
     assert id(vit.pos_embed) not in scale  # fixed sin-cos table
@@ -95,16 +96,29 @@ def official_mae_finetune_groups(model, weight_decay, layer_decay):
 
 
 def test_mae_encoder_ft_groups_match_the_official_mae_finetuning_recipe(tmp_path):
+    from omegaconf import OmegaConf
+
     from benchmark.config import load_config
     from methods import build_method
-    from omegaconf import OmegaConf
     from tasks import build_task
     from tasks.base import TaskContext
 
-    cfg = OmegaConf.to_container(load_config(["method=mae", "task=encoder_ft", "model.patch_size=8",
-                                              "model.embed_dim=48", "model.num_heads=3", "model.depth=3",
-                                              "method.predictor.depth=1", "method.predictor.width=24",
-                                              "data.image_size=32"]), resolve=True)
+    cfg = OmegaConf.to_container(
+        load_config(
+            [
+                "method=mae",
+                "task=encoder_ft",
+                "model.patch_size=8",
+                "model.embed_dim=48",
+                "model.num_heads=3",
+                "model.depth=3",
+                "method.predictor.depth=1",
+                "method.predictor.width=24",
+                "data.image_size=32",
+            ]
+        ),
+        resolve=True,
+    )
     method = build_method("mae", cfg["model"], cfg["method"], 32)
     task_cfg = dict(cfg["tasks"]["encoder_ft"], weight_decay=0.05, layer_decay=0.65)
     ctx = TaskContext(source=None, device=torch.device("cpu"), encoder_key="encoder", seed=0, run_dir=tmp_path)

@@ -1,21 +1,32 @@
 """The method contract suffices: a toy method in one file (tests/toy_method.py), registered
 through the registry alone, pretrains and runs every task that applies to it end to end."""
+
 import math
 
 import pytest
 import torch
+from tasks_helpers import context, tiny_config, tiny_data
+from toy_method import Toy
 
 import methods
 from benchmark.core.checkpoint import load, save
 from benchmark.pretrain import pretrain
 from benchmark.records import headline
 from tasks import TASKS, build_task
-from tasks_helpers import context, tiny_config, tiny_data
-from toy_method import Toy
 
 TOY_MODEL = {"patch_size": 8, "embed_dim": 48, "depth": 2}
-SEG = {"crop_size": 32, "scale": [128, 32], "stride": 16, "iters": 3, "batch_size": 4, "channels": 16,
-       "aux_channels": 8, "vis_images": 1, "warmup_iters": 1, "bf16": False}
+SEG = {
+    "crop_size": 32,
+    "scale": [128, 32],
+    "stride": 16,
+    "iters": 3,
+    "batch_size": 4,
+    "channels": 16,
+    "aux_channels": 8,
+    "vis_images": 1,
+    "warmup_iters": 1,
+    "bf16": False,
+}
 
 
 @pytest.fixture
@@ -34,8 +45,16 @@ def test_toy_method_pretrains_and_runs_every_task_that_applies(registered, tmp_p
     toy = methods.build_method("toy", TOY_MODEL, {}, 32)
     before = toy.encoder.blocks[0].mlp.fc1.weight.detach().clone()
     pre = OmegaConf.create(dict(cfg["pretrain"], epochs=2, batch_size=8, checkpoint_every=0, bf16=False))
-    stats = pretrain(toy, source, pre, 0, torch.device("cpu"), tmp_path / "run" / "checkpoints",
-                     {"pretrain": dict(pre)}, show_progress=False)
+    stats = pretrain(
+        toy,
+        source,
+        pre,
+        0,
+        torch.device("cpu"),
+        tmp_path / "run" / "checkpoints",
+        {"pretrain": dict(pre)},
+        show_progress=False,
+    )
     assert stats["steps"] == 8 and math.isfinite(stats["final_loss"])
     assert not torch.equal(before, toy.encoder.blocks[0].mlp.fc1.weight)
     # Its checkpoint rebuilds it through the registry, weights and all.

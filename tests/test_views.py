@@ -4,8 +4,15 @@ import torch
 from PIL import Image
 
 from benchmark.core.data import Transformed, to_rgb
-from benchmark.core.views import (ACTION_DIM, PairedViews, Photometric, ViewConfig, action, apply_photometric,
-                           draw_source)
+from benchmark.core.views import (
+    ACTION_DIM,
+    PairedViews,
+    Photometric,
+    ViewConfig,
+    action,
+    apply_photometric,
+    draw_source,
+)
 
 NONE = dict(jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0)
 ALL = dict(jitter=1.0, grayscale=1.0, blur=1.0, solarize=1.0)
@@ -67,7 +74,7 @@ def test_source_transforms_change_the_pixels_the_way_they_should():
 def test_odd_images_give_rgb_views_of_the_configured_size(mode, size):
     img = picture(size, "RGB" if mode == "I;16" else mode)
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(picture(size, "L"), dtype=np.uint16) * 257))
+        img = Image.fromarray(np.asarray(picture(size, "L"), dtype=np.uint16) * 257)
     out = PairedViews(ViewConfig(image_size=24, **ALL))(to_rgb(img))
     for key in ("target", "source"):
         assert out[key].shape == (3, 24, 24) and torch.isfinite(out[key]).all()
@@ -105,6 +112,7 @@ def test_bad_view_settings_are_refused():
 def torchvision_chain(crop, p, threshold=0.5):
     """The same treatment through torchvision's per-image functions, one view at a time."""
     import torchvision.transforms.functional as TF
+
     x = TF.adjust_brightness(crop, p.brightness)
     x = TF.adjust_contrast(x, p.contrast)
     x = TF.adjust_saturation(x, p.saturation)

@@ -1,5 +1,6 @@
 """Readers racing writers never see a half-written record; a write that fails midway (a full
 disk, a file size limit) leaves the previous file as it was."""
+
 import json
 import multiprocessing as mp
 import os
@@ -19,9 +20,20 @@ PAYLOAD = 100_000  # large enough that a plain write takes several system calls
 
 
 def record(writer: int, rnd: int) -> dict:
-    return {"run_id": f"w{writer}", "status": "ok", "method": "ijepa", "preset": "ijepa", "task": "linear",
-            "seed": 0, "metrics": {}, "finished": f"{rnd:04d}", "writer": writer, "round": rnd,
-            "payload": "x" * (PAYLOAD + rnd), "end": "complete"}
+    return {
+        "run_id": f"w{writer}",
+        "status": "ok",
+        "method": "ijepa",
+        "preset": "ijepa",
+        "task": "linear",
+        "seed": 0,
+        "metrics": {},
+        "finished": f"{rnd:04d}",
+        "writer": writer,
+        "round": rnd,
+        "payload": "x" * (PAYLOAD + rnd),
+        "end": "complete",
+    }
 
 
 def torn_write(run_dir, rec):
@@ -109,8 +121,14 @@ def _file_size_limit():
 def test_a_write_that_fails_midway_keeps_the_previous_file(tmp_path):
     write_record(tmp_path, record(0, 1))
     ckpt.save(tmp_path / "last.pt", {"step": 1, "w": torch.ones(4)})
-    proc = subprocess.run([sys.executable, "-c", FAILING_WRITES, str(tmp_path)], preexec_fn=_file_size_limit,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", FAILING_WRITES, str(tmp_path)],
+        preexec_fn=_file_size_limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "records" / "linear.json").read_text())["round"] == 1
     assert ckpt.load(tmp_path / "last.pt")["step"] == 1

@@ -5,6 +5,7 @@ own normalised tokens, without gradient, are the targets) and a small MLP predic
 mean of the visible tokens and a learned query per position. Nothing else in the harness knows
 it: registering it is enough for pretraining, checkpoints and every task that applies.
 """
+
 from __future__ import annotations
 
 import torch
@@ -77,6 +78,7 @@ class ToyPredictor(nn.Module):
 
 class Toy(Method):
     """Toy masked latent prediction: patch-MLP encoder, MLP predictor, no target encoder."""
+
     name = "toy"
     default_encoder_key = "encoder"
 
@@ -100,8 +102,12 @@ class Toy(Method):
         gen = torch.Generator().manual_seed(seeds[0])
         order = torch.rand(len(items), self.encoder.num_patches, generator=gen).argsort(dim=1)
         keep = self.encoder.num_patches // 2
-        return {"images": torch.stack(views), "labels": torch.tensor(labels),
-                "keep": order[:, :keep].sort(dim=1).values, "removed": order[:, keep:].sort(dim=1).values}
+        return {
+            "images": torch.stack(views),
+            "labels": torch.tensor(labels),
+            "keep": order[:, :keep].sort(dim=1).values,
+            "removed": order[:, keep:].sort(dim=1).values,
+        }
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():

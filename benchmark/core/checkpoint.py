@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, weights-only reads, corruption detected before use."""
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,10 @@ def load(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for torn, foreign or code-carrying files
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if code:
-            raise CheckpointError(f"cannot read checkpoint {path}: loading it would run pickled code "
-                                  f"({code.group(1)}), refused (checkpoints are read weights-only)") from None
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: loading it would run pickled code "
+                f"({code.group(1)}), refused (checkpoints are read weights-only)"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
 
@@ -109,11 +112,16 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what
     own = module.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
-    misshaped = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
-                 for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                if keys]
+    misshaped = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
     if problems:
         raise CheckpointError(f"{what} does not match the model: {'; '.join(problems)}")
     non_finite = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -125,5 +133,5 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what
 def strip_prefix(weights: dict, prefix: str = "module.") -> dict:
     """Drop the DistributedDataParallel prefix when every key carries it."""
     if weights and all(k.startswith(prefix) for k in weights):
-        return {k[len(prefix):]: v for k, v in weights.items()}
+        return {k[len(prefix) :]: v for k, v in weights.items()}
     return dict(weights)

@@ -11,15 +11,16 @@ fails the run before training, naming the file; a file whose header is fine but 
 are not (a truncated download) fails when the loader decodes it, again naming the file. With
 `skip_unreadable`, both kinds are skipped instead and listed in the run's unreadable.txt.
 """
+
 from __future__ import annotations
 
 import csv
 import os
 import signal
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +36,26 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Modes that to_rgb turns into 8-bit RGB; anything else (LAB, HSV, multi-band TIFF) is refused.
-READABLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
-                  "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+READABLE_MODES = {
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "I",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I;16N",
+    "F",
+}
 # Header reads wait on storage (often a network file system), not on the CPU.
 SCAN_THREADS = 8
 # The run folder's list of skipped files, one path per line (a file may appear more than once).
@@ -86,8 +105,13 @@ class ImageFolder(Dataset):
     or are skipped with `skip_unreadable` (listed in `skipped`; see `log_skipped`).
     """
 
-    def __init__(self, root: str | Path, labels: dict[Path, str] | None = None, skip_unreadable: bool = False,
-                 check_headers: bool = True):
+    def __init__(
+        self,
+        root: str | Path,
+        labels: dict[Path, str] | None = None,
+        skip_unreadable: bool = False,
+        check_headers: bool = True,
+    ):
         self.root = Path(root)
         self.skip_unreadable = skip_unreadable
         self.skip_log: Path | None = None
@@ -96,8 +120,12 @@ class ImageFolder(Dataset):
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             raise DataError(f"data folder has no class subfolders: {self.root}")
-        found = [(path, name) for name in folders for path in sorted((self.root / name).rglob("*"))
-                 if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+        found = [
+            (path, name)
+            for name in folders
+            for path in sorted((self.root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        ]
         if not found:
             raise DataError(f"data folder holds no images ({', '.join(IMAGE_EXTENSIONS)}): {self.root}")
         if labels is not None:
@@ -111,8 +139,10 @@ class ImageFolder(Dataset):
                 problems = list(pool.map(header_problem, [path for path, _ in found]))
             bad = [(path, why) for (path, _), why in zip(found, problems) if why]
             if bad and not skip_unreadable:
-                raise DataError(f"unreadable image {bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable under "
-                                f"{self.root}; data.skip_unreadable=true skips them)")
+                raise DataError(
+                    f"unreadable image {bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable under "
+                    f"{self.root}; data.skip_unreadable=true skips them)"
+                )
             self.skipped = [path for path, _ in bad]
             found = [item for item, why in zip(found, problems) if not why]
             if not found:
@@ -145,8 +175,9 @@ class ImageFolder(Dataset):
                     return to_rgb(img), label
             except DECODE_ERRORS as exc:
                 if not self.skip_unreadable:
-                    raise DataError(f"cannot decode image {path}: {_reason(exc)} "
-                                    "(data.skip_unreadable=true skips such files)") from None
+                    raise DataError(
+                        f"cannot decode image {path}: {_reason(exc)} (data.skip_unreadable=true skips such files)"
+                    ) from None
                 self._log([path])
         raise DataError(f"no image under {self.root} can be decoded")
 
@@ -154,6 +185,7 @@ class ImageFolder(Dataset):
 @dataclass
 class DataSource:
     """A configured dataset: where its splits live and at what resolution it is used."""
+
     name: str
     root: Path
     train_split: str
@@ -196,8 +228,17 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
         root = Path(cache_dir).expanduser() / name
         if generate:
             synthetic.generate(root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
-        return DataSource(cfg.name, root, "train", "val", cfg.image_size, root / "labels.csv", cfg.label,
-                          cfg.skip_unreadable, cfg.check_headers)
+        return DataSource(
+            cfg.name,
+            root,
+            "train",
+            "val",
+            cfg.image_size,
+            root / "labels.csv",
+            cfg.label,
+            cfg.skip_unreadable,
+            cfg.check_headers,
+        )
     if cfg.kind == "folder":
         if cfg.root is None:
             raise DataError(f"data={cfg.name} needs a folder: add data.root=/path/to/dataset")
@@ -210,13 +251,23 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
             label_file = root / str(cfg.labels_csv)
             if not label_file.is_file():
                 raise DataError(f"labels file not found: {label_file}")
-        return DataSource(cfg.name, root, cfg.train_split, cfg.val_split, cfg.image_size, label_file, cfg.label_column,
-                          cfg.skip_unreadable, cfg.check_headers)
+        return DataSource(
+            cfg.name,
+            root,
+            cfg.train_split,
+            cfg.val_split,
+            cfg.image_size,
+            label_file,
+            cfg.label_column,
+            cfg.skip_unreadable,
+            cfg.check_headers,
+        )
     raise DataError(f"unknown data kind {cfg.kind!r} (builtin or folder)")
 
 
-def check_label_png(path: str | Path, num_classes: int, ignore_values: Sequence[int] = (0,),
-                    size: tuple[int, int] | None = None) -> np.ndarray:
+def check_label_png(
+    path: str | Path, num_classes: int, ignore_values: Sequence[int] = (0,), size: tuple[int, int] | None = None
+) -> np.ndarray:
     """The class-index array of a segmentation label PNG, after checking it can be one.
 
     Valid values are 1..num_classes and `ignore_values` (ADE20k: 0 = ignore, 1..150 the
@@ -239,8 +290,10 @@ def check_label_png(path: str | Path, num_classes: int, ignore_values: Sequence[
     allowed = (present >= 1) & (present <= num_classes) | np.isin(present, list(ignore_values))
     if not allowed.all():
         bad = present[~allowed]
-        raise DataError(f"label {path} holds values {', '.join(map(str, bad[:5].tolist()))} outside 1..{num_classes} "
-                        f"(ignore: {', '.join(map(str, ignore_values))})")
+        raise DataError(
+            f"label {path} holds values {', '.join(map(str, bad[:5].tolist()))} outside 1..{num_classes} "
+            f"(ignore: {', '.join(map(str, ignore_values))})"
+        )
     return values
 
 
@@ -252,8 +305,18 @@ class SeededBatches(Sampler):
     over ranks is the single-process batch; the batch seed (masks) is drawn per rank.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} does not split over {world_size} processes")
         self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
@@ -275,7 +338,7 @@ class SeededBatches(Sampler):
             batch_seed = derive_seed(self.seed, self.epoch, b)
             shard_seed = batch_seed if self.world_size == 1 else derive_seed(batch_seed, self.rank)
             first = b * self.batch_size + self.rank * share
-            chunk = order[first:min(first + share, (b + 1) * self.batch_size)]
+            chunk = order[first : min(first + share, (b + 1) * self.batch_size)]
             yield [(i, derive_seed(batch_seed, self.rank * share + j), shard_seed) for j, i in enumerate(chunk)]
 
 
@@ -297,9 +360,19 @@ class Transformed(Dataset):
         return view, label, batch_seed
 
 
-def train_loader(dataset: Dataset, transform: Callable, collate: Callable, batch_size: int, seed: int,
-                 epoch: int, start: int = 0, workers: int = 0, pin_memory: bool = False,
-                 rank: int = 0, world_size: int = 1) -> DataLoader:
+def train_loader(
+    dataset: Dataset,
+    transform: Callable,
+    collate: Callable,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """This rank's share of each of the epoch's batches (batch_size is the global batch)."""
     batches = SeededBatches(len(dataset), batch_size, seed, epoch, start, rank=rank, world_size=world_size)
     # Workers build views and masks while the step runs; pinned pages make the copy to a GPU async.
@@ -326,11 +399,18 @@ def init_loader_worker(_worker_id: int) -> None:
     os.nice(WORKER_NICENESS)
 
 
-def make_loader(dataset: Dataset, batch_sampler, collate: Callable, workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_sampler, collate: Callable, workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """The one DataLoader construction every loop uses (workers set up by init_loader_worker)."""
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin_memory, worker_init_fn=init_loader_worker if workers else None)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=init_loader_worker if workers else None,
+    )
 
 
 def eval_loader(dataset: Dataset, image_size: int, batch_size: int, workers: int = 0) -> DataLoader:
@@ -350,8 +430,14 @@ def normalize() -> T.Normalize:
 
 def eval_transform(image_size: int) -> Callable:
     # Resize by the standard 224/256 ratio, then centre crop.
-    return T.Compose([T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.ToTensor(), normalize()])
+    return T.Compose(
+        [
+            T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            normalize(),
+        ]
+    )
 
 
 def crop_transform(image_size: int, scale: Sequence[float], flip: bool = False) -> Callable:

@@ -15,6 +15,7 @@ loss is the mean over ranks, and only rank 0 writes checkpoints, logs and record
 tasks run on rank 0 only. A preemption or timeout signal is agreed across ranks at every step, so
 all of them stop at the same step boundary.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -90,8 +91,13 @@ def setup(device: torch.device, timeout_s: float = 1800) -> tuple[World, torch.d
         if device.type == "cuda":
             torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.size,
-                                timeout=dt.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=world.rank,
+            world_size=world.size,
+            timeout=dt.timedelta(seconds=timeout_s),
+        )
         _world = world
         _comm_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda" and device.index is None:
@@ -143,8 +149,9 @@ def check_in_sync(module: torch.nn.Module) -> None:
     if not _world.active:
         return
     with torch.no_grad():
-        local = torch.stack([t.double().sum() for t in module.state_dict().values()
-                             if t.is_floating_point()]).to(_comm_device)
+        local = torch.stack([t.double().sum() for t in module.state_dict().values() if t.is_floating_point()]).to(
+            _comm_device
+        )
     ref = local.clone()
     dist.broadcast(ref, src=0)
     differ = int(not torch.equal(local, ref))

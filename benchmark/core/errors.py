@@ -2,6 +2,7 @@
 
 Raised before compute (bad input: the CLI exits 2 with the message) or during it (exit 1).
 """
+
 from __future__ import annotations
 
 

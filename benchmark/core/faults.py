@@ -11,6 +11,7 @@ Points:
 It lets tests kill a real `bench run` deterministically at the moments that matter. Unset (as
 always outside tests) it costs one environment lookup per point and does nothing.
 """
+
 from __future__ import annotations
 
 import os

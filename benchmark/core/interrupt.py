@@ -5,13 +5,14 @@ no consistent state exists. So handlers only leave a request here; the loop read
 step boundary, writes its checkpoint there and, for STOP, raises Interrupted. Jobs that can be
 preempted (slurm/jobs.py) install the handlers; a plain `bench run` never sees a request.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
 
 CHECKPOINT = "checkpoint"  # save now, keep training (SIGTERM: the job may be killed soon)
-STOP = "stop"              # save now and stop (preemption / timeout: the job is requeued)
+STOP = "stop"  # save now and stop (preemption / timeout: the job is requeued)
 
 _request: str | None = None
 _listening = False

@@ -1,4 +1,5 @@
 """Small tensor and module helpers shared by the methods and the task heads."""
+
 from __future__ import annotations
 
 from functools import partial

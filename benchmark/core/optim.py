@@ -3,9 +3,10 @@
 Pretraining, every finetuning protocol, multitask tuning and segmentation build their groups
 here, so no two stages disagree on which parameters are decayed.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -51,8 +52,14 @@ def block_layers(module: nn.Module) -> dict[str, int]:
     return layers
 
 
-def param_groups(module: nn.Module, weight_decay: float, lr_scale: float = 1.0, layer_decay: float | None = None,
-                 tokens: bool = True, named: Iterable[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
+def param_groups(
+    module: nn.Module,
+    weight_decay: float,
+    lr_scale: float = 1.0,
+    layer_decay: float | None = None,
+    tokens: bool = True,
+    named: Iterable[tuple[str, nn.Parameter]] | None = None,
+) -> list[dict]:
     """AdamW groups of a module's trainable parameters (`named` narrows them to a subset).
 
     Each group: params, lr_scale (the loop multiplies its lr by it), weight_decay and apply_wd
@@ -68,8 +75,9 @@ def param_groups(module: nn.Module, weight_decay: float, lr_scale: float = 1.0, 
             continue
         scale = lr_scale * (layer_decay ** (top - layers[name]) if layer_decay is not None else 1.0)
         on = decays(name, p, tokens)
-        group = groups.setdefault((scale, on), {"params": [], "lr_scale": scale,
-                                                "weight_decay": weight_decay if on else 0.0, "apply_wd": on})
+        group = groups.setdefault(
+            (scale, on), {"params": [], "lr_scale": scale, "weight_decay": weight_decay if on else 0.0, "apply_wd": on}
+        )
         group["params"].append(p)
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 

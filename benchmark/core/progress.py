@@ -1,4 +1,5 @@
 """Rich progress bars and the shared console."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -25,8 +26,14 @@ def progress_bar(description: str, total: int, completed: int = 0, enabled: bool
     if not enabled or not console.is_terminal:
         yield _Bar(None, None)
         return
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, completed=completed, info="")
         yield _Bar(progress, task)

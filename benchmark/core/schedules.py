@@ -1,4 +1,5 @@
 """Per-iteration schedules as pure functions of the step (so a resumed run needs only the step)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Seeds derived from a run's seed, and the global RNG states a checkpoint carries."""
+
 from __future__ import annotations
 
 import hashlib

@@ -19,6 +19,7 @@ The segmentation classes are the colour classes, like the default classification
 models do not learn the shape classes (see docs/results.md), and a segmentation task where every model
 predicts background everywhere would compare nothing.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -47,6 +48,7 @@ DONE_FILE = "DONE.json"
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     """Vertices of the polygonal shapes (square, triangle, hexagon, star, cross)."""
+
     def ring_points(n, radii):
         pts = []
         for i in range(n * len(radii)):
@@ -65,15 +67,28 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         return ring_points(5, [r, 0.42 * r])
     if kind == "cross":
         w = 0.33 * r
-        arm = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w),
-               (-r, w), (-r, -w), (-w, -w)]
+        arm = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in arm]
     raise ValueError(kind)
 
 
-def _draw_shape(draws: list[ImageDraw.ImageDraw], fills: list, kind: str, cx: float, cy: float,
-                r: float, angle: float) -> None:
+def _draw_shape(
+    draws: list[ImageDraw.ImageDraw], fills: list, kind: str, cx: float, cy: float, r: float, angle: float
+) -> None:
     """Draw one shape with the matching fill on each canvas (image and label map)."""
     box = (cx - r, cy - r, cx + r, cy + r)
     for draw, fill in zip(draws, fills):
@@ -144,7 +159,9 @@ def render(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, I
     objects = [(shape, colour, rng.uniform(0.08, 0.16)) for _ in range(int(rng.integers(3, 7)))]
     if rng.random() < 0.3:
         other = int((shape + rng.integers(1, len(SHAPES))) % len(SHAPES))
-        objects.insert(int(rng.integers(len(objects) + 1)), (other, int(rng.integers(len(COLOURS))), rng.uniform(0.06, 0.1)))
+        objects.insert(
+            int(rng.integers(len(objects) + 1)), (other, int(rng.integers(len(COLOURS))), rng.uniform(0.06, 0.1))
+        )
     for kind_id, colour_id, radius in objects:
         kind = SHAPES[kind_id]
         r = radius * big
@@ -165,8 +182,9 @@ def render(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, I
 
 
 def dataset_id(num_train: int, num_val: int, image_size: int, seed: int) -> str:
-    spec = json.dumps(dict(v=GENERATOR_VERSION, train=num_train, val=num_val, size=image_size, seed=seed),
-                      sort_keys=True)
+    spec = json.dumps(
+        dict(v=GENERATOR_VERSION, train=num_train, val=num_val, size=image_size, seed=seed), sort_keys=True
+    )
     return f"shapes-{image_size}px-{num_train}-{num_val}-s{seed}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 
@@ -189,8 +207,11 @@ def generate(root: str | Path, num_train: int, num_val: int, image_size: int, se
         rows = []
         for split, count in (("train", num_train), ("val", num_val)):
             ade = SPLITS[split]
-            for d in (tmp / split, tmp / "ADEChallengeData2016" / "images" / ade,
-                      tmp / "ADEChallengeData2016" / "annotations" / ade):
+            for d in (
+                tmp / split,
+                tmp / "ADEChallengeData2016" / "images" / ade,
+                tmp / "ADEChallengeData2016" / "annotations" / ade,
+            ):
                 d.mkdir(parents=True, exist_ok=True)
             for name in SHAPES:
                 (tmp / split / name).mkdir(exist_ok=True)
@@ -206,9 +227,17 @@ def generate(root: str | Path, num_train: int, num_val: int, image_size: int, se
             writer = csv.writer(f)
             writer.writerow(["split", "file", "shape", "colour"])
             writer.writerows(rows)
-        meta = dict(generator_version=GENERATOR_VERSION, num_train=num_train, num_val=num_val,
-                    image_size=image_size, seed=seed, shapes=list(SHAPES), colours=list(COLOURS),
-                    segmentation_classes=["background", *COLOURS], ignore_index=0)
+        meta = dict(
+            generator_version=GENERATOR_VERSION,
+            num_train=num_train,
+            num_val=num_val,
+            image_size=image_size,
+            seed=seed,
+            shapes=list(SHAPES),
+            colours=list(COLOURS),
+            segmentation_classes=["background", *COLOURS],
+            ignore_index=0,
+        )
         (tmp / DONE_FILE).write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, root)

@@ -10,10 +10,11 @@ Jitter factors are applied in one fixed order (brightness, contrast, saturation,
 parameter vector defines its transform: `apply_photometric(crop, params)` re-creates any view,
 which is what the MRR bank of transformations needs.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -62,6 +63,7 @@ class ViewConfig:
 @dataclass(frozen=True)
 class Photometric:
     """One photometric treatment: jitter factors (identity = 1, 1, 1, 0) and destructive strengths."""
+
     brightness: float = 1.0
     contrast: float = 1.0
     saturation: float = 1.0
@@ -88,10 +90,12 @@ def draw_jitter(cfg: ViewConfig) -> Photometric:
     """Jitter factors like torchvision's ColorJitter, applied with probability cfg.jitter."""
     if torch.rand(()).item() >= cfg.jitter:
         return Photometric()
-    return Photometric(brightness=_uniform(1 - cfg.brightness, 1 + cfg.brightness),
-                       contrast=_uniform(1 - cfg.contrast, 1 + cfg.contrast),
-                       saturation=_uniform(1 - cfg.saturation, 1 + cfg.saturation),
-                       hue=_uniform(-cfg.hue, cfg.hue))
+    return Photometric(
+        brightness=_uniform(1 - cfg.brightness, 1 + cfg.brightness),
+        contrast=_uniform(1 - cfg.contrast, 1 + cfg.contrast),
+        saturation=_uniform(1 - cfg.saturation, 1 + cfg.saturation),
+        hue=_uniform(-cfg.hue, cfg.hue),
+    )
 
 
 def draw_source(cfg: ViewConfig) -> Photometric:
@@ -122,8 +126,11 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     safe_chroma = torch.where(grey, torch.ones_like(chroma), chroma)
     saturation = chroma / torch.where(value == 0, torch.ones_like(value), value)
     # Hue in sixths of a turn, from whichever channel holds the maximum (red wins ties).
-    hue = torch.where(value == r, (g - b) / safe_chroma,
-                      torch.where(value == g, 2.0 + (b - r) / safe_chroma, 4.0 + (r - g) / safe_chroma))
+    hue = torch.where(
+        value == r,
+        (g - b) / safe_chroma,
+        torch.where(value == g, 2.0 + (b - r) / safe_chroma, 4.0 + (r - g) / safe_chroma),
+    )
     hue = torch.where(grey, torch.zeros_like(hue), hue)
     return torch.stack([torch.remainder(hue / 6.0, 1.0), saturation, value], -3)
 
@@ -139,8 +146,9 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, -3)
 
 
-def apply_photometric(crops: torch.Tensor, treatments: Photometric | Sequence[Photometric],
-                      solarize_threshold: float = 0.5) -> torch.Tensor:
+def apply_photometric(
+    crops: torch.Tensor, treatments: Photometric | Sequence[Photometric], solarize_threshold: float = 0.5
+) -> torch.Tensor:
     """Apply treatments to RGB crops in [0, 1]; fixed order, deterministic.
 
     One crop [3, H, W] with one treatment gives one view [3, H, W]; crops [B, 3, H, W] (or one
@@ -185,8 +193,9 @@ class PairedViews:
 
     def __init__(self, cfg: ViewConfig):
         self.cfg = cfg
-        self.crop = T.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.crop_scale),
-                                        interpolation=T.InterpolationMode.BICUBIC)
+        self.crop = T.RandomResizedCrop(
+            cfg.image_size, scale=tuple(cfg.crop_scale), interpolation=T.InterpolationMode.BICUBIC
+        )
         self.normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def shared_crop(self, image: Image.Image) -> torch.Tensor:
@@ -198,8 +207,10 @@ class PairedViews:
     def __call__(self, image: Image.Image) -> dict:
         crop = self.shared_crop(image)
         target, source = draw_jitter(self.cfg), draw_source(self.cfg)
-        return {"target": self.normalize(apply_photometric(crop, target, self.cfg.solarize_threshold)),
-                "source": self.normalize(apply_photometric(crop, source, self.cfg.solarize_threshold)),
-                "action": action(target, source),
-                "target_params": asdict(target),
-                "crop": crop}
+        return {
+            "target": self.normalize(apply_photometric(crop, target, self.cfg.solarize_threshold)),
+            "source": self.normalize(apply_photometric(crop, source, self.cfg.solarize_threshold)),
+            "action": action(target, source),
+            "target_params": asdict(target),
+            "crop": crop,
+        }

@@ -6,11 +6,11 @@ layer. `Pyramid` rescales four maps x4, x2, x1, x0.5 by deconvolution / identity
 max-pooling, as the BEiT/MAE mmseg backbones do. The predictor's prediction of the whole image
 (`method.predict_full`) is one level: all four maps come from it then (a simple feature pyramid).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 SCALES = (4, 2, 1, 0.5)
 
@@ -26,8 +26,9 @@ def level_blocks(depth: int, blocks: list[int] | None = None) -> list[int]:
 
 def rescaler(dim: int, scale: float) -> nn.Module:
     if scale == 4:
-        return nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
-                             nn.ConvTranspose2d(dim, dim, 2, 2))
+        return nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, 2)
+        )
     if scale == 2:
         return nn.ConvTranspose2d(dim, dim, 2, 2)
     if scale == 1:

@@ -9,12 +9,13 @@ The training pipeline is the one of mmseg's ADE20k configs: random rescale by a 
 [0.5, 2.0] of the base scale, random crop (redrawn while one class covers more than
 cat_max_ratio of it), horizontal flip, photometric distortion, padding to the crop size.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -45,17 +46,23 @@ class ADE20k(Dataset):
         images, labels = base / "images" / SPLITS[split], base / "annotations" / SPLITS[split]
         for folder in (images, labels):
             if not folder.is_dir():
-                raise DataError(f"segmentation folder not found: {folder} (expected {ADE_DIR}/images|annotations/"
-                                f"training|validation under {root})")
+                raise DataError(
+                    f"segmentation folder not found: {folder} (expected {ADE_DIR}/images|annotations/"
+                    f"training|validation under {root})"
+                )
         label_files = {p.stem: p for p in labels.glob("*.png")}
-        self.samples = [(p, label_files.get(p.stem)) for p in sorted(images.iterdir())
-                        if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        self.samples = [
+            (p, label_files.get(p.stem))
+            for p in sorted(images.iterdir())
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        ]
         if not self.samples:
             raise DataError(f"no images in {images}")
         unlabelled = [p.name for p, lab in self.samples if lab is None]
         if unlabelled:
-            raise DataError(f"{len(unlabelled)} images in {images} have no annotation png in {labels}, "
-                            f"e.g. {unlabelled[0]}")
+            raise DataError(
+                f"{len(unlabelled)} images in {images} have no annotation png in {labels}, e.g. {unlabelled[0]}"
+            )
         self.reduce_zero = reduce_zero
 
     def __len__(self) -> int:
@@ -76,6 +83,7 @@ class ADE20k(Dataset):
 @dataclass
 class Pipeline:
     """Sizes of the mmseg pipeline: scale (long, short) is the base rescale target (2048, 512)."""
+
     scale: tuple[int, int]
     crop: int
     ratio_range: tuple[float, float] = (0.5, 2.0)
@@ -142,8 +150,9 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((img - mean) / std).transpose(2, 0, 1).copy()).float()
 
 
-def train_sample(image: Image.Image, label: np.ndarray, p: Pipeline, rng: random.Random
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_sample(
+    image: Image.Image, label: np.ndarray, p: Pipeline, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented crop: image [3, crop, crop] normalised, label [crop, crop] (255 = ignore)."""
     h, w = rescale_size(image.height, image.width, p.scale, rng.uniform(*p.ratio_range))
     img = np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float64)
@@ -151,11 +160,11 @@ def train_sample(image: Image.Image, label: np.ndarray, p: Pipeline, rng: random
     ch, cw = min(p.crop, h), min(p.crop, w)
     for _ in range(10):
         y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
-        window = lab[y:y + ch, x:x + cw]
+        window = lab[y : y + ch, x : x + cw]
         _, counts = np.unique(window[window != IGNORE_INDEX], return_counts=True)
         if p.cat_max_ratio >= 1 or (len(counts) > 1 and counts.max() / counts.sum() < p.cat_max_ratio):
             break
-    img, lab = img[y:y + ch, x:x + cw], lab[y:y + ch, x:x + cw]
+    img, lab = img[y : y + ch, x : x + cw], lab[y : y + ch, x : x + cw]
     if rng.random() < p.flip:
         img, lab = img[:, ::-1], lab[:, ::-1]
     if p.photometric:
@@ -199,8 +208,9 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return sorted({max(min(i * stride, size - crop), 0) for i in range(n)})
 
 
-def slide_inference(logits_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, num_classes: int,
-                    crop: int, stride: int) -> torch.Tensor:
+def slide_inference(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, num_classes: int, crop: int, stride: int
+) -> torch.Tensor:
     """Logits [B, C, H, W] averaged over crop x crop windows every `stride` pixels.
 
     Windows smaller than the crop (images smaller than it) are zero-padded to the crop size and
@@ -211,9 +221,9 @@ def slide_inference(logits_fn: Callable[[torch.Tensor], torch.Tensor], image: to
     count = image.new_zeros(1, 1, h, w)
     for y in window_starts(h, crop, stride):
         for x in window_starts(w, crop, stride):
-            window = image[:, :, y:y + crop, x:x + crop]
+            window = image[:, :, y : y + crop, x : x + crop]
             wh, ww = window.shape[-2:]
             window = F.pad(window, (0, crop - ww, 0, crop - wh))
-            total[:, :, y:y + wh, x:x + ww] += logits_fn(window)[:, :, :wh, :ww].float()
-            count[:, :, y:y + wh, x:x + ww] += 1
+            total[:, :, y : y + wh, x : x + ww] += logits_fn(window)[:, :, :wh, :ww].float()
+            count[:, :, y : y + wh, x : x + ww] += 1
     return total / count

@@ -5,6 +5,7 @@
 fused by a 3x3 convolution (the layout of mmseg's UPerHead). `FCNHead`: the auxiliary head
 (one 3x3 conv block on one level), whose loss is added with a weight (0.4).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -32,8 +34,14 @@ class LinearHead(nn.Module):
 
 
 class UperNetHead(nn.Module):
-    def __init__(self, in_dims: list[int], channels: int, num_classes: int,
-                 pool_scales: tuple[int, ...] = (1, 2, 3, 6), dropout: float = 0.1):
+    def __init__(
+        self,
+        in_dims: list[int],
+        channels: int,
+        num_classes: int,
+        pool_scales: tuple[int, ...] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.pool_scales = pool_scales
         self.ppm = nn.ModuleList(conv_bn_relu(in_dims[-1], channels, 1) for _ in pool_scales)

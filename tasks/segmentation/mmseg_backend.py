@@ -5,6 +5,7 @@ it lazily, so the rest of the harness never needs it. The heads are built direct
 fed our feature maps; checkpoints are never loaded through mmengine (its torch.load defaults
 break on torch >= 2.6), weights stay in our own state dicts.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,22 +38,42 @@ def _norm_cfg() -> dict:
     return dict(type="BN", requires_grad=True)
 
 
-def uper_head(in_dims: list[int], channels: int, num_classes: int, pool_scales: tuple[int, ...],
-              dropout: float) -> nn.Module:
+def uper_head(
+    in_dims: list[int], channels: int, num_classes: int, pool_scales: tuple[int, ...], dropout: float
+) -> nn.Module:
     from mmseg.models.decode_heads import UPerHead
 
-    head = UPerHead(in_channels=list(in_dims), in_index=list(range(len(in_dims))), pool_scales=tuple(pool_scales),
-                    channels=channels, dropout_ratio=dropout, num_classes=num_classes, norm_cfg=_norm_cfg(),
-                    align_corners=False, ignore_index=IGNORE_INDEX, loss_decode=LOSS)
+    head = UPerHead(
+        in_channels=list(in_dims),
+        in_index=list(range(len(in_dims))),
+        pool_scales=tuple(pool_scales),
+        channels=channels,
+        dropout_ratio=dropout,
+        num_classes=num_classes,
+        norm_cfg=_norm_cfg(),
+        align_corners=False,
+        ignore_index=IGNORE_INDEX,
+        loss_decode=LOSS,
+    )
     return _Levels(_init_classifier(head))
 
 
 def fcn_head(in_dim: int, channels: int, num_classes: int, dropout: float) -> nn.Module:
     from mmseg.models.decode_heads import FCNHead
 
-    head = FCNHead(in_channels=in_dim, in_index=0, channels=channels, num_convs=1, concat_input=False,
-                   dropout_ratio=dropout, num_classes=num_classes, norm_cfg=_norm_cfg(), align_corners=False,
-                   ignore_index=IGNORE_INDEX, loss_decode=LOSS)
+    head = FCNHead(
+        in_channels=in_dim,
+        in_index=0,
+        channels=channels,
+        num_convs=1,
+        concat_input=False,
+        dropout_ratio=dropout,
+        num_classes=num_classes,
+        norm_cfg=_norm_cfg(),
+        align_corners=False,
+        ignore_index=IGNORE_INDEX,
+        loss_decode=LOSS,
+    )
     return _Single(_init_classifier(head))
 
 
@@ -93,7 +114,9 @@ class MMSegIoU:
 
     def add(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """pred, label [B, H, W]."""
-        samples = [{"pred_sem_seg": {"data": p[None]}, "gt_sem_seg": {"data": lab[None]}} for p, lab in zip(pred, label)]
+        samples = [
+            {"pred_sem_seg": {"data": p[None]}, "gt_sem_seg": {"data": lab[None]}} for p, lab in zip(pred, label)
+        ]
         self.metric.process({}, samples)
 
     def scores(self) -> dict:
@@ -102,6 +125,9 @@ class MMSegIoU:
         totals = [sum(r[i] for r in self.metric.results) for i in range(4)]
         m = self.metric.total_area_to_metrics(*totals, ["mIoU"], None, 1)
         iou, acc = np.asarray(m["IoU"], dtype=np.float64), np.asarray(m["Acc"], dtype=np.float64)
-        return {"miou": 100 * float(np.nanmean(iou)), "macc": 100 * float(np.nanmean(acc)),
-                "pixel_acc": 100 * float(m["aAcc"]),
-                "per_class_iou": [None if np.isnan(v) else 100 * float(v) for v in iou]}
+        return {
+            "miou": 100 * float(np.nanmean(iou)),
+            "macc": 100 * float(np.nanmean(acc)),
+            "pixel_acc": 100 * float(m["aAcc"]),
+            "per_class_iou": [None if np.isnan(v) else 100 * float(v) for v in iou],
+        }

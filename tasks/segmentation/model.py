@@ -8,6 +8,7 @@ Modes (what trains; the head always trains):
 - end_to_end: encoder and predictor, same features as `predictor`.
 The method is deep-copied first: finetuning never changes the weights later tasks evaluate.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,17 @@ def uses_predictor(mode: str) -> bool:
 
 
 class Segmenter(nn.Module):
-    def __init__(self, method: Method, encoder_key: str, mode: str, head: str, num_classes: int, cfg: dict,
-                 backend: str, seed: int = 0):
+    def __init__(
+        self,
+        method: Method,
+        encoder_key: str,
+        mode: str,
+        head: str,
+        num_classes: int,
+        cfg: dict,
+        backend: str,
+        seed: int = 0,
+    ):
         super().__init__()
         self.mode, self.head_kind, self.encoder_key = mode, head, encoder_key
         self.train_encoder, self.train_predictor = TRAINS[mode]
@@ -56,13 +66,18 @@ class Segmenter(nn.Module):
             self.head, self.aux = heads.LinearHead(dim, num_classes), None
         elif backend == "mmseg":
             from tasks.segmentation import mmseg_backend as mm
-            self.head = mm.uper_head([dim] * len(SCALES), cfg["channels"], num_classes, tuple(cfg["pool_scales"]),
-                                     cfg["dropout"])
+
+            self.head = mm.uper_head(
+                [dim] * len(SCALES), cfg["channels"], num_classes, tuple(cfg["pool_scales"]), cfg["dropout"]
+            )
             self.aux = mm.fcn_head(dim, cfg["aux_channels"], num_classes, cfg["dropout"]) if cfg["aux_weight"] else None
         else:
-            self.head = heads.UperNetHead([dim] * len(SCALES), cfg["channels"], num_classes,
-                                          tuple(cfg["pool_scales"]), cfg["dropout"])
-            self.aux = heads.FCNHead(dim, cfg["aux_channels"], num_classes, cfg["dropout"]) if cfg["aux_weight"] else None
+            self.head = heads.UperNetHead(
+                [dim] * len(SCALES), cfg["channels"], num_classes, tuple(cfg["pool_scales"]), cfg["dropout"]
+            )
+            self.aux = (
+                heads.FCNHead(dim, cfg["aux_channels"], num_classes, cfg["dropout"]) if cfg["aux_weight"] else None
+            )
 
     @property
     def encoder(self) -> nn.Module:
