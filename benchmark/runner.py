@@ -170,7 +170,7 @@ def plan_run(cfg: DictConfig) -> Plan:
             f"(task={cfg.choices.task}, checkpoint={cfg.checkpoint}, pretrain.epochs={cfg.pretrain.epochs})"
         )
     encoder_key = cfg.checkpoint_key or method.default_encoder_key
-    if encoder_key == "target_encoder" and method.target_encoder is None:
+    if encoder_key == "target_encoder" and not method.capabilities.target_encoder:
         raise ConfigError(f"method {cfg.method.name} has no target encoder: use checkpoint_key=encoder")
     # The key actually used goes into the saved config and every record, never a bare null.
     config["checkpoint_key"] = encoder_key

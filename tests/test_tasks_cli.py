@@ -54,3 +54,36 @@ def test_bad_task_settings_exit_2_before_any_compute(bench, tmp_path, args, mess
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+# The tiny settings without task keys (a `tasks.linear.*` override needs the linear task selected).
+NO_TASK = [o for o in TINY if not o.startswith("tasks.")]
+
+
+def test_a_named_task_that_does_not_apply_is_an_error_before_compute(bench, tmp_path):
+    proc = bench("run", "method=mae", "task=mrr", "run_dir=results/m", *NO_TASK)
+    assert proc.returncode == 2 and not (tmp_path / "results/m").exists()
+    assert "task mrr does not apply: method mae: it has no target encoder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_task_set_skips_what_does_not_apply_and_says_why(tmp_path, monkeypatch):
+    from benchmark.config import load_config
+    from benchmark.runner import plan_run
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    plan = plan_run(load_config(["method=mae", "task=all", f"results_dir={tmp_path}", *TINY]))
+    assert plan.skipped == {"mrr": "method mae: it has no target encoder"}
+    assert plan.task_names == ["linear", *ADAPTERS, "ade20k"]
+    plan = plan_run(load_config(["method=iwm", "task=all", f"results_dir={tmp_path}", *TINY]))
+    assert plan.skipped == {} and "mrr" in plan.task_names
+
+
+def test_task_none_pretrains_alone(bench, tmp_path):
+    proc = bench("run", "method=ijepa", "task=none", "run_dir=results/p", *NO_TASK, check=0)
+    assert sorted(p.name for p in (tmp_path / "results/p/records").iterdir()) == ["pretrain.json"]
+    assert (tmp_path / "results/p/checkpoints/last.pt").is_file() and "pretrain" in proc.stdout
+    again = bench(
+        "run", "method=ijepa", "task=none", f"checkpoint={tmp_path / 'results/p/checkpoints/last.pt'}", *NO_TASK
+    )
+    assert again.returncode == 2 and "nothing to run" in again.stderr
