@@ -4,7 +4,7 @@ Per iteration: learning rate (warmup + cosine) and weight decay (cosine) set fro
 forward + loss under optional bf16 autocast, backward, optional gradient clipping, AdamW, then
 the method's post-step update (EMA). Checkpoints are written atomically every
 `checkpoint_every` steps, at the end, and at the step boundary right after a preemption or
-timeout signal (benchmark/interrupt.py), and hold everything needed to continue exactly:
+timeout signal (benchmark/core/interrupt.py), and hold everything needed to continue exactly:
 weights (EMA included), optimiser, step, RNG states, the losses a resumed run reports and the
 resolved config. Schedules are pure functions of the step, so the step is their whole state.
 
@@ -85,7 +85,7 @@ def pretrain(
 
     max_steps stops early (after writing a checkpoint) without changing the schedules; it exists
     so that an interrupted run can be reproduced exactly. In a data-parallel world (several
-    processes, benchmark/distributed.py) every rank calls this; only rank 0 writes files.
+    processes, benchmark/core/distributed.py) every rank calls this; only rank 0 writes files.
     """
     world = distributed.current()  # plan_run has checked that the batch splits over its ranks
     dataset = source.split("train")

@@ -205,7 +205,7 @@ def _create_run_dir(plan: Plan) -> None:
 def execute(plan: Plan) -> list[dict]:
     """Run the plan; returns the records written (a failed step writes a failed record, then raises).
 
-    One rank of a data-parallel job (benchmark/distributed.py) pretrains with the others; rank 0
+    One rank of a data-parallel job (benchmark/core/distributed.py) pretrains with the others; rank 0
     alone creates the run folder, writes records and runs the evaluation tasks.
     """
     cfg = plan.cfg

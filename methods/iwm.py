@@ -2,7 +2,7 @@
 
 Same encoder, EMA target, masking and optimisation as I-JEPA; what changes is the data and
 the predictor. Each image gives a target view and a source view of one shared crop (see
-methods/views.py); the encoder sees the masked SOURCE, the EMA target encoder sees the TARGET
+benchmark/core/views.py); the encoder sees the masked SOURCE, the EMA target encoder sees the TARGET
 view, and the predictor, conditioned on the action relating them, must predict the target
 view's latents at the masked positions. L2 on layer-normed targets by default.
 """

@@ -3,7 +3,7 @@
 A job is a submitit Checkpointable, so it is requeued on preemption and timeout. Submitit's own
 handler would checkpoint (pickle this object) and exit from inside the signal handler, at any
 point of a training step; here the preemption signal (SIGUSR2, `--signal=USR2@90`) first asks the
-pretraining loop to write its checkpoint at the next step boundary (benchmark/interrupt.py), and
+pretraining loop to write its checkpoint at the next step boundary (benchmark/core/interrupt.py), and
 only then hands over to submitit's handler, which requeues. SIGTERM (sent first on preemption,
 and by scancel) writes a checkpoint at the step boundary and keeps going: SLURM decides whether
 the job ends or comes back. A requeued job re-enters __call__ and resumes from the run folder.

@@ -1,7 +1,7 @@
 """A real `bench run` killed with SIGKILL at chosen points loses nothing, and resuming it reaches
 the weights, losses and metrics of the uninterrupted run; a diverging run stops cleanly.
 
-The kills land deterministically through the documented BENCH_FAULT hook (benchmark/faults.py):
+The kills land deterministically through the documented BENCH_FAULT hook (benchmark/core/faults.py):
 the process sends itself SIGKILL at a named point, with no cleanup, as a node failure would.
 """
 

@@ -1,4 +1,4 @@
-"""Data-parallel pretraining (benchmark/distributed.py): real processes, gloo on CPU, via torchrun.
+"""Data-parallel pretraining (benchmark/core/distributed.py): real processes, gloo on CPU, via torchrun.
 
 - a batch splits over ranks into exactly the single-process batch (samples and their seeds);
 - MAE on 2 ranks follows the single-process run with the same global batch (its masks are drawn
