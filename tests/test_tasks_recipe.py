@@ -149,9 +149,29 @@ def test_the_protocol_core_stops_on_a_non_finite_loss_naming_the_step():
         return (layer.weight.sum() * 0 + losses[step]).requires_grad_()
 
     with pytest.raises(DivergenceError, match=r"probe: training loss is nan at step 2"):
-        train(param_groups(layer, 0.0), range(3), 3, lambda s: 0.1, loss, betas=(0.9, 0.999), clip_grad=0.0,
-              device=torch.device("cpu"), bf16=False, label="probe")
+        train(
+            param_groups(layer, 0.0),
+            range(3),
+            3,
+            lambda s: 0.1,
+            loss,
+            betas=(0.9, 0.999),
+            clip_grad=0.0,
+            device=torch.device("cpu"),
+            bf16=False,
+            label="probe",
+        )
     before = layer.weight.detach().clone()
-    curve = train(param_groups(layer, 0.0), range(2), 5, lambda s: 0.1, lambda s: layer.weight.pow(2).sum(),
-                  betas=(0.9, 0.999), clip_grad=1.0, device=torch.device("cpu"), bf16=False, label="probe")
+    curve = train(
+        param_groups(layer, 0.0),
+        range(2),
+        5,
+        lambda s: 0.1,
+        lambda s: layer.weight.pow(2).sum(),
+        betas=(0.9, 0.999),
+        clip_grad=1.0,
+        device=torch.device("cpu"),
+        bf16=False,
+        label="probe",
+    )
     assert len(curve) == 2 and curve[1] < curve[0] and not torch.equal(before, layer.weight)
