@@ -8,6 +8,8 @@
     bench sweep SWEEP [overrides] submit a grid of runs (launcher=slurm) or run it here (launcher=local)
     bench status SWEEP            every unit of a sweep: pending / running / done / failed
     bench leaderboard FOLDERS...  tables (Markdown, LaTeX, HTML, CSV) and the MRR spectrum plot
+    bench compare A B             paired difference per task with a 95% CI: A better / B better / not
+                                  distinguishable
 
 Exit codes: 0 done, 1 a run failed while computing (its record says why), 2 bad input
 (unknown name, bad override, missing data folder, unreadable or mismatched checkpoint),
@@ -35,16 +37,20 @@ def _fail(message: str, code: int) -> int:
 
 
 def _headline(record: dict) -> str:
+    """'top1 74.0 [71.2, 76.8]': the headline with its 95% bootstrap interval over the val examples."""
     from benchmark.records import headline
 
     key, value = headline(record)
-    return "" if value is None else f"{key} {value:.4g}"
+    if value is None:
+        return ""
+    ci = record["metrics"].get("ci95")
+    return f"{key} {value:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
 
 
 def summary_table(records: list[dict]) -> Table:
     first = records[0]
     table = Table(title=f"{first['preset']} / {first['model']} / {first['data']} / seed {first['seed']}")
-    for column in ("task", "result", "chance", "seconds", "status"):
+    for column in ("task", "result [95% CI over val examples]", "chance", "seconds", "status"):
         table.add_column(column, justify="right" if column in ("chance", "seconds") else "left", no_wrap=True)
     for r in records:
         m = r["metrics"]
@@ -302,6 +308,41 @@ def cmd_status(name: str) -> int:
     return EXIT_OK
 
 
+def cmd_compare(a: list[str], b: list[str]) -> int:
+    from pathlib import Path
+
+    from benchmark.compare import CompareError, compare
+
+    missing = [f for f in (*a, *b) if not Path(f).is_dir()]
+    if missing:
+        return _fail(f"results folder not found: {missing[0]}", EXIT_USAGE)
+    try:
+        rows, refused = compare(a, b)
+    except CompareError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    table = Table(title="A - B, paired over the same val examples (95% bootstrap CI over examples and seeds)")
+    for column in ("task", "metric", "A", "B", "A - B", "95% CI", "seeds", "examples", "verdict"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "verdict") else "right", no_wrap=True)
+    for r in rows:
+        d, digits = r.difference, 4 if r.metric in ("mrr", "final_loss") else 2
+        table.add_row(
+            r.task,
+            r.metric,
+            f"{r.a:.{digits}f}",
+            f"{r.b:.{digits}f}",
+            f"{d.mean:+.{digits}f}",
+            f"[{d.low:+.{digits}f}, {d.high:+.{digits}f}]",
+            str(len(r.seeds)),
+            str(d.examples),
+            r.verdict,
+        )
+    if rows:
+        Console(width=max(out.width, 150)).print(table)
+    for line in refused:
+        err.print(f"refused {line}", highlight=False, soft_wrap=True)
+    return EXIT_USAGE if refused else EXIT_OK
+
+
 def cmd_leaderboard(args) -> int:
     from pathlib import Path
 
@@ -407,6 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--retry", action="store_true", help="resubmit units whose record says failed")
     status = sub.add_parser("status", help="state of every job of a sweep")
     status.add_argument("sweep", help="sweep folder, or sweep name under results/sweeps")
+    comp = sub.add_parser(
+        "compare",
+        help="paired difference of two sides task by task, with a 95%% CI and a verdict",
+        description="A and B: folders of records (run, sweep or results folders), one configuration per side; "
+        "several folders per side with --a/--b.",
+    )
+    comp.add_argument("a", nargs="?", help="side A (a folder)")
+    comp.add_argument("b", nargs="?", help="side B (a folder)")
+    comp.add_argument("--a", dest="a_more", action="append", default=[], help="another folder of side A")
+    comp.add_argument("--b", dest="b_more", action="append", default=[], help="another folder of side B")
     board = sub.add_parser("leaderboard", help="tables and the MRR spectrum plot from result folders")
     board.add_argument("folders", nargs="+")
     board.add_argument("--method", action="append", help="method or preset (repeatable)")
@@ -434,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_sweep(args.sweep, args.overrides, args.retry)
     if args.command == "status":
         return cmd_status(args.sweep)
+    if args.command == "compare":
+        a, b = [args.a] if args.a else [], [args.b] if args.b else []
+        if not (a + args.a_more) or not (b + args.b_more):
+            return _fail("bench compare needs two sides: bench compare A B", EXIT_USAGE)
+        return cmd_compare(a + args.a_more, b + args.b_more)
     if args.command == "leaderboard":
         return cmd_leaderboard(args)
     return cmd_list()

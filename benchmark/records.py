@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from benchmark.core.checkpoint import atomic_write
+from benchmark.core.stats import Evidence
 from tasks import TASKS
 
 SCHEMA_VERSION = 1
@@ -63,6 +64,7 @@ def make_record(
     checkpoint_key: str,
     device: str,
     error: str | None = None,
+    examples: dict | None = None,
 ) -> dict[str, Any]:
     choices = config["choices"]
     return {
@@ -78,6 +80,7 @@ def make_record(
         "data": config["data"]["name"],
         "seed": config["seed"],
         "metrics": metrics,
+        "examples": examples,
         "checkpoint": {"path": checkpoint_path, "key": checkpoint_key},
         "started": started,
         "finished": now(),
@@ -116,6 +119,31 @@ def non_finite_metrics(metrics, prefix: str = "") -> list[str]:
     if isinstance(metrics, float) and not math.isfinite(metrics):
         return [prefix.rstrip(".")]
     return []
+
+
+EXAMPLES_SUFFIX = ".examples.npz"
+
+
+def write_evidence(run_dir: Path, task: str, evidence: Evidence) -> dict:
+    """Store a task's per-example evidence beside its record; returns what the record says of it."""
+    name = f"{task}{EXAMPLES_SUFFIX}"
+    data = evidence.to_bytes()
+    atomic_write(Path(run_dir) / "records" / name, lambda f: f.write(data))
+    return {
+        "file": name,
+        "kind": evidence.kind,
+        "n": evidence.n,
+        "fingerprint": evidence.fingerprint,
+        "bytes": len(data),
+    }
+
+
+def read_evidence(record: dict) -> Evidence | None:
+    """The per-example evidence a record points to; None for a record without any."""
+    examples = record.get("examples")
+    if not examples:
+        return None
+    return Evidence.from_bytes((Path(record["run_dir"]) / "records" / examples["file"]).read_bytes())
 
 
 def write_record(run_dir: Path, record: dict) -> Path:

@@ -22,8 +22,9 @@ from benchmark.core import distributed
 from benchmark.core.data import DataSource, resolve_data
 from benchmark.core.errors import CheckpointError, ConfigError, DataError
 from benchmark.core.progress import console
+from benchmark.core.stats import bootstrap_ci
 from benchmark.pretrain import LAST, pretrain
-from benchmark.records import make_record, non_finite_metrics, now, write_record
+from benchmark.records import make_record, non_finite_metrics, now, write_evidence, write_record
 from methods import METHODS, build_method, method_from_state
 from methods.base import Method
 from tasks import TASKS, TaskContext, build_task
@@ -230,7 +231,13 @@ def execute(plan: Plan) -> list[dict]:
     records = []
 
     def record(
-        task: str, metrics: dict, started: str, seconds: float, status: str = "ok", error: str | None = None
+        task: str,
+        metrics: dict,
+        started: str,
+        seconds: float,
+        status: str = "ok",
+        error: str | None = None,
+        examples: dict | None = None,
     ) -> dict:
         ckpt_path = plan.checkpoint_path or plan.run_dir / "checkpoints" / LAST
         rec = make_record(
@@ -246,6 +253,7 @@ def execute(plan: Plan) -> list[dict]:
             checkpoint_key=plan.encoder_key,
             device=str(plan.device),
             error=error,
+            examples=examples,
         )
         write_record(plan.run_dir, rec)
         records.append(rec)
@@ -253,15 +261,20 @@ def execute(plan: Plan) -> list[dict]:
 
     def guarded(task: str, fn):
         started, t0 = now(), time.perf_counter()
+        examples = None
         try:
             metrics = fn()
+            evidence = metrics.pop("evidence", None)
             bad = non_finite_metrics(metrics)
             if bad:  # a NaN accuracy or loss would rank silently on a leaderboard
                 raise FloatingPointError(f"non-finite metrics: {', '.join(bad[:5])}")
+            if evidence is not None:
+                metrics["ci95"] = list(bootstrap_ci(evidence))
+                examples = write_evidence(plan.run_dir, task, evidence)
         except Exception as exc:
             record(task, {}, started, time.perf_counter() - t0, status="failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        return record(task, metrics, started, time.perf_counter() - t0)
+        return record(task, metrics, started, time.perf_counter() - t0, examples=examples)
 
     if plan.checkpoint_path is None:
         console.print(f"[bold]pretraining[/] {cfg.choices.method} on {cfg.data.name} -> {plan.run_dir}", soft_wrap=True)

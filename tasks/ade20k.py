@@ -25,12 +25,13 @@ from benchmark.core.errors import ConfigError, DataError
 from benchmark.core.optim import count_parameters
 from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import warmup_poly
+from benchmark.core.stats import Evidence, fingerprint
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
 from tasks.core import loss_summary, train
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.data import ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs
-from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU
+from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU, confusion
 from tasks.segmentation.model import HEADS, MODES, Segmenter, uses_predictor
 
 BACKENDS = ("auto", "native", "mmseg")
@@ -211,6 +212,7 @@ class ADE20kSegmentation(Task):
         model.eval()
         meter = mmseg_backend.MMSegIoU(c["num_classes"]) if backend == "mmseg" else ConfusionIoU(c["num_classes"])
         shown = []
+        intersections, unions = [], []
         batch: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
         def flush() -> None:
@@ -218,6 +220,10 @@ class ADE20kSegmentation(Task):
             labels = torch.stack([b[2] for b in batch])
             preds = self.predict(model, images, tuple(labels.shape[-2:])).cpu()
             meter.add(preds, labels)
+            for pred, label in zip(preds, labels):  # per image, for intervals and paired comparisons
+                conf = confusion(pred, label, c["num_classes"])
+                intersections.append(conf.diag().numpy())
+                unions.append((conf.sum(0) + conf.sum(1) - conf.diag()).numpy())
             shown.extend((i, lab, p) for (i, _, lab), p in zip(batch, preds) if i < c["vis_images"])
             batch.clear()
 
@@ -234,6 +240,10 @@ class ADE20kSegmentation(Task):
             if batch:
                 flush()
         metrics = meter.scores()
+        examples = fingerprint([p.name for p, _ in val.samples], c["num_classes"], c["reduce_zero_label"])
+        metrics["evidence"] = Evidence(
+            "iou_counts", {"intersection": np.stack(intersections), "union": np.stack(unions)}, examples
+        )
         if shown:
             metrics["visualisation"] = str(self._visualise(val, shown, ctx.run_dir))
         return metrics

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from benchmark.core.data import DataSource, Transformed, eval_loader, eval_transform, make_loader, stack_views
 from benchmark.core.layers import to_device
 from benchmark.core.progress import progress_bar
+from benchmark.core.stats import fingerprint
 from methods.base import Method
 
 
@@ -49,6 +50,12 @@ class TaskContext:
         source = self.source if column is None else replace(self.source, label_column=column)
         dataset = source.split(split)
         return torch.tensor([label for _, label in dataset.samples]), len(dataset.classes)
+
+    def val_fingerprint(self, column: str | None = None) -> str:
+        """Names the val examples (files, labels, order) a classification task scores."""
+        source = self.source if column is None else replace(self.source, label_column=column)
+        dataset = source.split("val")
+        return fingerprint(source.name, [(str(p.relative_to(dataset.root)), y) for p, y in dataset.samples])
 
     def frozen_tokens(self, method: Method, split: str) -> torch.Tensor | None:
         """Last-layer patch tokens [n, N, D] of the frozen eval encoder over a split, extracted once.

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Subset
@@ -36,6 +37,7 @@ from benchmark.core.layers import to_device
 from benchmark.core.optim import count_parameters, param_groups
 from benchmark.core.schedules import warmup_cosine
 from benchmark.core.seeding import derive_seed, seeded
+from benchmark.core.stats import Evidence
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
 from tasks.core import (
@@ -169,15 +171,14 @@ def train_classifier(
 
 def evaluate(
     model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, bf16: bool
-) -> tuple[float, int]:
-    """(top-1 in percent, number of samples) over the batches."""
-    correct = seen = 0
+) -> np.ndarray:
+    """Whether each sample, in order, is classified right (top-1)."""
+    correct = []
     model.eval()
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         for x, y in batches:
-            correct += (model(x).argmax(dim=-1).cpu() == y.cpu()).sum().item()
-            seen += len(y)
-    return 100.0 * correct / max(1, seen), seen
+            correct.append((model(x).argmax(dim=-1).cpu() == y.cpu()).numpy())
+    return np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -367,9 +368,10 @@ class Finetune(Task):
             model, groups, train_batches, steps, num_classes, cfg, seed, ctx.device, self.name, ctx.show_progress
         )
         train_seconds = time.perf_counter() - started
-        top1, seen = evaluate(model, val_batches(), ctx.device, bool(cfg["bf16"]))
+        correct = evaluate(model, val_batches(), ctx.device, bool(cfg["bf16"]))
         metrics = {
-            "top1": top1,
+            "top1": 100.0 * float(correct.mean()),
+            "evidence": Evidence("correct", {"correct": correct}, ctx.val_fingerprint(column)),
             "chance_top1": 100.0 / num_classes,
             "num_classes": num_classes,
             "trainable_params": count_parameters(groups),
@@ -378,7 +380,7 @@ class Finetune(Task):
             "lr": cfg["lr"],
             **stats,
             "train_samples": steps * bs,
-            "val_samples": seen,
+            "val_samples": len(correct),
             "encoder": "trained" if self.train_encoder else "frozen",
             "inputs": "images"
             if self.train_encoder

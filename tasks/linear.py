@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import cosine
+from benchmark.core.stats import Evidence
 from tasks.base import Task, TaskContext
 
 
@@ -132,8 +133,12 @@ class LinearProbe(Task):
                         "val_top1": 100 * accuracy(head(x_val), y_val),
                     }
                 )
-        best = max(grid, key=lambda row: row["heldout_top1"])
+        best_index = max(range(len(grid)), key=lambda i: grid[i]["heldout_top1"])
+        best = grid[best_index]
+        with torch.no_grad():
+            correct = (heads[best_index][2](x_val).argmax(dim=-1) == y_val).numpy()
         return {
+            "evidence": Evidence("correct", {"correct": correct}, ctx.val_fingerprint()),
             "top1": best["val_top1"],
             "heldout_top1": best["heldout_top1"],
             "best_lr": best["lr"],

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from benchmark.core.progress import progress_bar
 from benchmark.core.seeding import derive_seed
+from benchmark.core.stats import Evidence, fingerprint
 from benchmark.core.views import (
     PairedViews,
     Photometric,
@@ -149,8 +150,11 @@ class WorldModelMRR(Task):
         grid_path = ctx.run_dir / GRID_FILE
         if grid_rows:
             retrieval_grid(grid_rows, grid_path)
+        # The examples: which images, and the seed of their crops and banks, under the same views.
+        examples = fingerprint(ctx.val_fingerprint(), chosen, ctx.seed, bank_size, sorted(self.cfg["views"].items()))
         return {
             "mrr": reciprocal.mean().item(),
+            "evidence": Evidence("reciprocal_rank", {"reciprocal_rank": reciprocal.numpy()}, examples),
             "mrr_stderr": (reciprocal.std(unbiased=True) / math.sqrt(len(ranks))).item() if len(ranks) > 1 else 0.0,
             "chance_mrr": chance_mrr(bank_size),
             "top1_retrieval": 100.0 * (ranks_t == 1).double().mean().item(),

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from benchmark.core.errors import ConfigError
 from benchmark.core.optim import count_parameters, param_groups
 from benchmark.core.seeding import derive_seed, seeded
+from benchmark.core.stats import Evidence, fingerprint
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
 from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, set_drop_path, train, working_copy
@@ -102,7 +104,7 @@ class MultitaskPredictor(Task):
         multi, trainable, seconds = self.tune_jointly(method, ctx, sets)
         per_task = {
             c: {
-                "multitask_top1": multi[c],
+                "multitask_top1": 100.0 * float(multi[c].mean()),
                 "separate_top1": separate[c]["top1"],
                 "chance_top1": separate[c]["chance_top1"],
                 "num_classes": separate[c]["num_classes"],
@@ -110,8 +112,15 @@ class MultitaskPredictor(Task):
             for c in sets
         }
         mean = lambda key: sum(row[key] for row in per_task.values()) / len(per_task)  # noqa: E731
+        # Every label set scores the same val images: the headline is the mean over (set, image).
+        evidence = Evidence(
+            "correct",
+            {"correct": np.concatenate([multi[c] for c in sets])},
+            fingerprint(*(ctx.val_fingerprint(c) for c in sets)),
+        )
         return {
             "top1": mean("multitask_top1"),
+            "evidence": evidence,
             "separate_top1": mean("separate_top1"),
             "chance_top1": mean("chance_top1"),
             "label_sets": sets,
@@ -124,7 +133,7 @@ class MultitaskPredictor(Task):
         }
 
     def tune_jointly(self, method: Method, ctx: TaskContext, sets: list[str]) -> tuple[dict, int, float]:
-        """Train the shared predictor; returns (val top-1 per label set, trainable parameters, seconds)."""
+        """Train the shared predictor; returns (val correctness per label set, trainable parameters, seconds)."""
         cfg, seed = self.cfg, derive_seed(ctx.seed, sum(map(ord, self.name)))
         train_sets = [ctx.labels("train", c) for c in sets]
         val = [ctx.labels("val", c)[0] for c in sets]
@@ -177,13 +186,13 @@ class MultitaskPredictor(Task):
             show_progress=ctx.show_progress,
         )
         seconds = time.perf_counter() - started
-        top1 = {
+        correct = {
             c: evaluate(
                 model.for_task(t), frozen_inputs(method, ctx, "val", val[t], bs, None), ctx.device, bool(cfg["bf16"])
-            )[0]
+            )
             for t, c in enumerate(sets)
         }
-        return top1, count_parameters(groups), seconds
+        return correct, count_parameters(groups), seconds
 
     def build(self, method: Method, ctx: TaskContext, classes: list[int], seed: int) -> MultitaskModel:
         work = working_copy(method, [method.predictor])

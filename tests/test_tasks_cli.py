@@ -87,3 +87,27 @@ def test_task_none_pretrains_alone(bench, tmp_path):
         "run", "method=ijepa", "task=none", f"checkpoint={tmp_path / 'results/p/checkpoints/last.pt'}", *NO_TASK
     )
     assert again.returncode == 2 and "nothing to run" in again.stderr
+
+
+def test_records_carry_intervals_and_bench_compare_pairs_them(bench, tmp_path):
+    linear = [*NO_TASK, "task=linear", "tasks.linear.epochs=3"]
+    bench("run", "method=ijepa", "run_dir=a", *linear, check=0)
+    proc = bench("run", "method=iwm", "run_dir=b", *linear, check=0)
+    record = json.loads((tmp_path / "a/records/linear.json").read_text())
+    low, high = record["metrics"]["ci95"]
+    assert low <= record["metrics"]["top1"] <= high and high - low > 0
+    assert record["examples"]["kind"] == "correct" and record["examples"]["n"] == 48
+    assert (tmp_path / "a/records/linear.examples.npz").is_file() and "[" in proc.stdout  # the CI in the summary
+
+    same = bench("compare", "a", "a", check=0)
+    assert "linear" in same.stdout and "+0.00" in same.stdout and "not distinguishable" in same.stdout
+    both = bench("compare", "a", "b", check=0)
+    assert "linear" in both.stdout and any(v in both.stdout for v in ("A better", "B better", "not distinguishable"))
+
+    bench("run", "method=ijepa", "run_dir=c", *linear, "data.num_val=40", check=0)
+    refused = bench("compare", "a", "c")
+    assert refused.returncode == 2 and "refused linear: cannot pair runs evaluated on different val examples" in (
+        refused.stderr
+    )
+    mixed = bench("compare", ".", "a")
+    assert mixed.returncode == 2 and "several configurations" in mixed.stderr

@@ -1,0 +1,76 @@
+"""`bench compare A B`: is one side better than the other, task by task, and by how much?
+
+Each side is any set of folders holding records (a run folder, a sweep folder, a results
+folder) with the runs of ONE configuration, possibly at several seeds. For every task both sides
+have, runs are paired by seed, each pair must have been evaluated on the same val examples (the
+evidence fingerprints agree), and the difference A - B of the headline gets a 95% interval
+from a bootstrap that resamples the seed pairs and, within each, the val examples (paired:
+the same examples for A and B). The verdict says whether the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmark.core.stats import Difference, paired_difference
+from benchmark.records import LOWER_IS_BETTER, headline, read_evidence, read_records
+from tasks import TASKS
+
+
+class CompareError(ValueError):
+    """Sides that cannot be compared (nothing in common, several configurations on one side)."""
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    a: float
+    b: float
+    seeds: list[int]
+    difference: Difference | None  # None: refused
+    verdict: str
+
+
+def side(folders: list[str | Path], label: str) -> dict[str, dict[int, dict]]:
+    """task -> seed -> the latest successful record, for one configuration."""
+    records = [r for r in read_records(*folders) if r.get("status") == "ok"]
+    if not records:
+        raise CompareError(f"{label}: no successful records under {', '.join(map(str, folders))}")
+    configs = {(r["preset"], r["model"], r["data"]) for r in records}
+    if len(configs) > 1:
+        names = ", ".join(" / ".join(c) for c in sorted(configs))
+        raise CompareError(f"{label} holds runs of several configurations ({names}): give each side one of them")
+    out: dict[str, dict[int, dict]] = {}
+    for r in sorted(records, key=lambda r: r["finished"]):
+        out.setdefault(r["task"], {})[r["seed"]] = r
+    return out
+
+
+def compare(a_folders: list[str | Path], b_folders: list[str | Path]) -> tuple[list[Row], list[str]]:
+    """(one row per task both sides hold, the reasons of any refusal)."""
+    a, b = side(a_folders, "A"), side(b_folders, "B")
+    rows, refused = [], []
+    # Evaluation tasks only: pretraining's headline is a training loss, with no val examples.
+    for task in [t for t in a if t in b and t in TASKS]:
+        seeds = sorted(set(a[task]) & set(b[task]))
+        metric = headline(next(iter(a[task].values())))[0]
+        if not seeds:
+            refused.append(f"{task}: no seed in common (A: {sorted(a[task])}, B: {sorted(b[task])})")
+            continue
+        pairs = [(read_evidence(a[task][s]), read_evidence(b[task][s])) for s in seeds]
+        mean_a = sum(headline(a[task][s])[1] for s in seeds) / len(seeds)
+        mean_b = sum(headline(b[task][s])[1] for s in seeds) / len(seeds)
+        if any(x is None or y is None for x, y in pairs):
+            refused.append(f"{task}: a record has no per-example evidence (written before the harness kept it)")
+            continue
+        try:
+            diff = paired_difference(pairs)
+        except ValueError as exc:
+            refused.append(f"{task}: {exc}")
+            continue
+        rows.append(Row(task, metric, mean_a, mean_b, seeds, diff, diff.verdict(metric in LOWER_IS_BETTER)))
+    if not rows and not refused:
+        raise CompareError(f"A and B have no evaluation task in common (A: {', '.join(a)}; B: {', '.join(b)})")
+    return rows, refused
