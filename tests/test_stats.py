@@ -35,8 +35,9 @@ def test_metrics_recomputed_from_weights_match_the_direct_ones():
     assert rr.metric() == pytest.approx((1 + 0.5 + 0.25 + 1 / 3) / 4)
     assert rr.metric(np.array([[2.0, 0, 0, 2.0]]))[0] == pytest.approx((1 + 1 / 3) / 2)
     # Two images, three classes: class 2 is nowhere (left out), class 1 is predicted but absent (IoU 0).
-    seg = Evidence("iou_counts", {"intersection": np.array([[4, 0, 0], [2, 0, 0]]),
-                                  "union": np.array([[5, 1, 0], [3, 0, 0]])}, "s")
+    seg = Evidence(
+        "iou_counts", {"intersection": np.array([[4, 0, 0], [2, 0, 0]]), "union": np.array([[5, 1, 0], [3, 0, 0]])}, "s"
+    )
     assert seg.metric() == pytest.approx(100 * (6 / 8 + 0) / 2)
     assert seg.metric(np.array([[0.0, 1.0]]))[0] == pytest.approx(100 * 2 / 3)  # image 2 alone: class 1 undefined
     w = resample_weights(4, 3, seed=1)
