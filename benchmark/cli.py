@@ -93,30 +93,60 @@ def print_tables(records: list[dict]) -> None:
         Console(width=max(out.width, needed)).print(results)
 
 
+def seeds_table(records: list[dict]) -> Table:
+    """Per task: the headline's mean with a 95% Student-t interval over seeds, and each seed's value."""
+    from benchmark.core.stats import t_interval
+    from benchmark.records import headline
+
+    by_task: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        metric, value = headline(r)
+        if r["status"] == "ok" and value is not None:
+            by_task.setdefault(f"{r['task']} {metric}", []).append((r["seed"], value))
+    first = records[0]
+    table = Table(title=f"{first['preset']} / {first['model']} / {first['data']}: mean [95% CI over seeds]")
+    for column in ("task", "mean [95% CI]", "seeds", "per seed"):
+        table.add_column(column, no_wrap=column != "per seed")
+    for task, values in by_task.items():
+        mean, low, high = t_interval([v for _, v in values])
+        per_seed = ", ".join(f"{s}: {v:.4g}" for s, v in values)
+        table.add_row(task, f"{mean:.4g} [{low:.4g}, {high:.4g}]", str(len(values)), per_seed)
+    return table
+
+
 def cmd_run(overrides: list[str]) -> int:
     # torch loads here, not at import time: `bench --help` and argument errors answer at once.
-    from benchmark.config import load_config
+    from benchmark.config import load_config, seed_overrides
     from benchmark.core.errors import CheckpointError, ConfigError, DataError
     from benchmark.runner import execute, plan_run
 
     try:
-        plan = plan_run(load_config(overrides))
+        runs = seed_overrides(load_config(overrides), overrides)
+        # Every seed's run is checked before the first one computes.
+        plans = [(own, plan_run(load_config(own))) for own in runs]
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    for task, why in plan.skipped.items():
+    for task, why in plans[0][1].skipped.items():
         out.print(f"skipping task {task}: does not apply ({why})", highlight=False, soft_wrap=True)
-    if plan.cfg.launcher.name != "local":
-        return _submit(overrides, plan)
-    try:
-        records = execute(plan)
-    except KeyboardInterrupt:
-        return _fail(f"interrupted; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
-    except Exception as exc:
-        return _fail(f"run failed: {type(exc).__name__}: {exc} (records in {plan.run_dir / 'records'})", EXIT_FAILED)
-    if not records:  # a non-zero rank of a data-parallel run: rank 0 reports
-        return EXIT_OK
-    print_tables(records)
-    out.print(f"run folder: {plan.run_dir}", highlight=False, soft_wrap=True)
+    if plans[0][1].cfg.launcher.name != "local":
+        return max(_submit(own, plan) for own, plan in plans)
+    every = []
+    for _, plan in plans:
+        try:
+            records = execute(plan)
+        except KeyboardInterrupt:
+            return _fail(f"interrupted; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
+        except Exception as exc:
+            return _fail(
+                f"run failed: {type(exc).__name__}: {exc} (records in {plan.run_dir / 'records'})", EXIT_FAILED
+            )
+        if not records:  # a non-zero rank of a data-parallel run: rank 0 reports
+            return EXIT_OK
+        print_tables(records)
+        out.print(f"run folder: {plan.run_dir}", highlight=False, soft_wrap=True)
+        every += records
+    if len(plans) > 1:
+        Console(width=max(out.width, 120)).print(seeds_table(every))
     return EXIT_OK
 
 

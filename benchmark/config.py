@@ -116,6 +116,37 @@ def _number(
         _require(not bad, f"{key} must be {'>' if strictly else '>='} {minimum}, got {value}")
 
 
+def seed_list(cfg: DictConfig) -> list[int] | None:
+    """The seeds of a multi-seed job (`seeds=N` or `seeds=[...]`), None for a single run."""
+    seeds = cfg.seeds
+    if seeds is None:
+        return None
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        _require(seeds >= 1, f"seeds must be a count >= 1 or a list of seeds, got {seeds}")
+        return list(range(cfg.seed, cfg.seed + seeds))
+    values = list(seeds) if OmegaConf.is_list(seeds) else None
+    ok = values and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    _require(
+        bool(ok) and len(set(values)) == len(values),
+        f"seeds must be a count >= 1 or a list of distinct seeds >= 0, got {seeds!r}",
+    )
+    return values
+
+
+def seed_overrides(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
+    """The overrides of each seed's run, or [overrides] for a single run."""
+    seeds = seed_list(cfg)
+    if seeds is None:
+        return [overrides]
+    runs = []
+    for seed in seeds:
+        own = [*overrides, f"seed={seed}", "seeds=null"]
+        if cfg.run_dir:
+            own.append(f"run_dir={Path(str(cfg.run_dir)).expanduser() / f'seed{seed}'}")
+        runs.append(own)
+    return runs
+
+
 def validate(cfg: DictConfig) -> None:
     """Types and ranges of the values a run depends on; registries are checked by the runner."""
     for key in ("pretrain.lr", "pretrain.batch_size"):
@@ -139,6 +170,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "pretrain.checkpoint_every", 0, integer=True)
     _number(cfg, "pretrain.log_every", 0, integer=True, strictly=True)
     _number(cfg, "seed", 0, integer=True)
+    seed_list(cfg)
     _number(cfg, "workers", 0, integer=True)
     _number(cfg, "token_cache_gb", 0)
     _number(cfg, "data.image_size", 0, integer=True, strictly=True)

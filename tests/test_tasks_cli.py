@@ -111,3 +111,16 @@ def test_records_carry_intervals_and_bench_compare_pairs_them(bench, tmp_path):
     )
     mixed = bench("compare", ".", "a")
     assert mixed.returncode == 2 and "several configurations" in mixed.stderr
+
+
+def test_seeds_run_the_job_once_per_seed_and_summarise_over_them(bench, tmp_path):
+    proc = bench("run", "method=ijepa", "seeds=2", "run_dir=results/s", *NO_TASK, "task=linear", check=0)
+    values = []
+    for seed in (0, 1):
+        rec = json.loads((tmp_path / f"results/s/seed{seed}/records/linear.json").read_text())
+        assert rec["seed"] == seed and rec["config"]["seeds"] is None
+        values.append(rec["metrics"]["top1"])
+    assert "mean [95% CI over seeds]" in proc.stdout and "linear top1" in proc.stdout
+    assert f"0: {values[0]:.4g}, 1: {values[1]:.4g}" in proc.stdout
+    bad = bench("run", "method=ijepa", "seeds=[1,1]", *NO_TASK)
+    assert bad.returncode == 2 and "list of distinct seeds" in bad.stderr
