@@ -402,9 +402,11 @@ def cmd_leaderboard(args) -> int:
         return _fail(f"no successful records match in {', '.join(args.folders)}", EXIT_USAGE)
     board = lb.board(frame, by=args.by)
     out_dir = Path(args.out) if args.out else Path(args.folders[0]) / "leaderboard"
-    written = lb.write_tables(board, out_dir, args.digits)
+    board.sources = [str(Path(f).resolve()) for f in args.folders]
+    title = f"Leaderboard: {', '.join(Path(f).resolve().name for f in args.folders)}"
+    written = lb.write_tables(board, out_dir, args.digits, title)
     runs = frame["run_dir"].nunique()
-    out.print(lb.to_rich(board, f"{runs} runs, mean ± std over seeds, best in bold"))
+    out.print(lb.to_rich(board, f"{runs} runs: mean [95% CI]; bold: best and distinguishable; ≈: not"))
     points = lb.spectrum_points(frame, by=args.by)
     if not points.empty and len(points.columns) > 1:
         plot = out_dir / "spectrum.png"
@@ -497,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     board.add_argument("--until", help="records finished at or before this ISO date/time")
     board.add_argument("--by", action="append", help="config key that splits rows, e.g. pretrain.epochs")
     board.add_argument("--all-metrics", action="store_true", help="every numeric metric, not only each task's headline")
-    board.add_argument("--digits", type=int, default=2)
+    board.add_argument("--digits", type=int, default=None, help="decimals (default: 1 for %%, 3 for MRR and losses)")
     board.add_argument("--out", help="folder for the tables and plot (default: FIRST_FOLDER/leaderboard)")
     try:
         args = parser.parse_args(argv)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from benchmark.core.stats import Evidence, paired_difference, t_interval
 from benchmark.records import LOWER_IS_BETTER, headline, headline_metric, read_records  # noqa: F401 (API)
 from tasks import TASKS
 
@@ -68,6 +69,9 @@ def load_frame(
         if start and finished < start or end and finished > end:
             continue
         metrics = r["metrics"] if all_metrics else dict([headline(r)])
+        head = headline(r)[0]
+        ci = r["metrics"].get("ci95") or [math.nan, math.nan]
+        evidence = str(Path(r["run_dir"]) / "records" / r["examples"]["file"]) if r.get("examples") else None
         extra = {key: str(_config_value(r.get("config", {}), key)) for key in by or []}
         for metric, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value is None:
@@ -83,9 +87,30 @@ def load_frame(
                     "run_id": r["run_id"],
                     "finished": r["finished"],
                     "run_dir": r.get("run_dir"),
+                    # The headline's own interval over val examples and the evidence behind it.
+                    "ci_low": ci[0] if metric == head else math.nan,
+                    "ci_high": ci[1] if metric == head else math.nan,
+                    "evidence": evidence if metric == head else None,
+                    "git_commit": r.get("git_commit"),
                 }
             )
-    columns = ROW_KEYS + list(by or []) + ["task", "metric", "value", "seed", "run_id", "finished", "run_dir"]
+    columns = (
+        ROW_KEYS
+        + list(by or [])
+        + [
+            "task",
+            "metric",
+            "value",
+            "seed",
+            "run_id",
+            "finished",
+            "run_dir",
+            "ci_low",
+            "ci_high",
+            "evidence",
+            "git_commit",
+        ]
+    )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -113,11 +138,21 @@ def paper_table(records: list[dict]) -> pd.DataFrame:
 
 @dataclass
 class Board:
-    """mean / std / n over seeds, indexed by row keys, one column per (task, metric)."""
+    """Statistics over seeds, indexed by row keys, one column per (task, metric).
+
+    low / high: the 95% interval of the mean, Student-t over seeds when a cell has several, the
+    record's own bootstrap interval over val examples when it has one. `separated` says, per
+    column, whether the best row is distinguishable from the runner-up (see `significance`).
+    """
 
     mean: pd.DataFrame
     std: pd.DataFrame
     n: pd.DataFrame
+    low: pd.DataFrame
+    high: pd.DataFrame
+    separated: dict = field(default_factory=dict)
+    sources: list = field(default_factory=list)
+    commits: list = field(default_factory=list)
 
     def best(self) -> dict[tuple, set]:
         """For each column, the rows holding the best mean (all of them on a tie)."""
@@ -129,6 +164,29 @@ class Board:
                 out[column] = set(values.index[values == top])
         return out
 
+    def runner_up(self, column: tuple) -> tuple | None:
+        values = self.mean[column].dropna().sort_values(ascending=column[1] in LOWER_IS_BETTER)
+        return values.index[1] if len(values) > 1 else None
+
+    def bold(self) -> dict[tuple, set]:
+        """The best cell of each column, when it is distinguishable from the runner-up."""
+        return {c: rows for c, rows in self.best().items() if len(rows) == 1 and self.separated.get(c, False)}
+
+    def tied(self) -> dict[tuple, set]:
+        """Cells not distinguishable from their column's best: the best and the runner-up."""
+        out = {}
+        for column, rows in self.best().items():
+            second = self.runner_up(column)
+            if second is not None and not self.separated.get(column, False):
+                out[column] = rows | {second}
+        return out
+
+
+def _seed_interval(values: pd.Series, ci_low: pd.Series, ci_high: pd.Series) -> tuple[float, float]:
+    if len(values) > 1:
+        return t_interval(list(values))[1:]
+    return float(ci_low.iloc[0]), float(ci_high.iloc[0])
+
 
 def board(frame: pd.DataFrame, by: list[str] | None = None) -> Board:
     if frame.empty:
@@ -136,43 +194,138 @@ def board(frame: pd.DataFrame, by: list[str] | None = None) -> Board:
     keys = ROW_KEYS + list(by or [])
     # Several records of one seed (a cell evaluated twice): the latest counts.
     latest = frame.sort_values("finished").groupby(keys + ["task", "metric", "seed"], as_index=False).last()
-    grouped = latest.groupby(keys + ["task", "metric"])["value"]
-    stats = grouped.agg(["mean", "std", "count"])
-    pivot = {name: stats[name].unstack(["task", "metric"]) for name in ("mean", "std", "count")}
-    return Board(pivot["mean"], pivot["std"], pivot["count"])
+    grouped = latest.groupby(keys + ["task", "metric"])
+    stats = grouped["value"].agg(["mean", "std", "count"])
+    bounds = grouped.apply(
+        lambda g: pd.Series(_seed_interval(g["value"], g["ci_low"], g["ci_high"]), index=["low", "high"]),
+        include_groups=False,
+    )
+    stats = stats.join(bounds)
+    pivot = {name: stats[name].unstack(["task", "metric"]) for name in ("mean", "std", "count", "low", "high")}
+    b = Board(pivot["mean"], pivot["std"], pivot["count"], pivot["low"], pivot["high"])
+    b.separated = significance(b, latest, keys)
+    b.commits = sorted({str(c) for c in frame["git_commit"].dropna()})
+    return b
 
 
-def cell_text(mean: float, std: float, n: float, digits: int = 2) -> str:
+def _evidence_by_seed(pick: pd.DataFrame, keys: list[str], row: tuple) -> dict[int, str]:
+    """seed -> evidence file of one board row's records in `pick`."""
+    mine = pick[(pick[keys].astype(str) == pd.Series(row, index=keys).astype(str)).all(axis=1)]
+    return {seed: path for seed, path in zip(mine["seed"], mine["evidence"]) if path}
+
+
+def significance(b: Board, latest: pd.DataFrame, keys: list[str]) -> dict[tuple, bool]:
+    """Per column: is the best row distinguishable from the runner-up?
+
+    With per-example evidence on both rows: the paired bootstrap over the seeds they share and the
+    val examples (benchmark/core/stats.py), distinguishable when the 95% interval of the difference
+    excludes 0. Without it (records of older versions, training losses): when both rows have
+    several seeds and their 95% intervals over seeds do not overlap. Otherwise: not shown as
+    distinguishable.
+    """
+    out = {}
+    for column, rows in b.best().items():
+        second = b.runner_up(column)
+        if second is None or len(rows) > 1:
+            out[column] = False
+            continue
+        (top,) = rows
+        pick = latest[(latest["task"] == column[0]) & (latest["metric"] == column[1])]
+        a_runs, b_runs = _evidence_by_seed(pick, keys, top), _evidence_by_seed(pick, keys, second)
+        seeds = sorted(set(a_runs) & set(b_runs))
+        if seeds:
+            try:
+                pairs = [
+                    (
+                        Evidence.from_bytes(Path(a_runs[s]).read_bytes()),
+                        Evidence.from_bytes(Path(b_runs[s]).read_bytes()),
+                    )
+                    for s in seeds
+                ]
+                out[column] = paired_difference(pairs).verdict() != "not distinguishable"
+                continue
+            except (OSError, ValueError):
+                pass  # evidence missing or on other examples: fall back to the seeds
+        if b.n.at[top, column] > 1 and b.n.at[second, column] > 1:
+            lower = column[1] in LOWER_IS_BETTER
+            out[column] = (
+                (b.high.at[top, column] < b.low.at[second, column])
+                if lower
+                else (b.low.at[top, column] > b.high.at[second, column])
+            )
+        else:
+            out[column] = False
+    return out
+
+
+# Decimals per metric: percentages to a tenth, MRR and losses to a thousandth.
+DIGITS = {"mrr": 3, "final_loss": 3}
+
+
+def digits_of(metric: str, override: int | None = None) -> int:
+    return override if override is not None else DIGITS.get(metric, 1)
+
+
+def cell_text(mean: float, low: float, high: float, digits: int = 1) -> str:
+    """'82.0 [77.0, 87.0]': the mean and its 95% interval (the mean alone when there is none)."""
     if math.isnan(mean):
         return ""
-    if n > 1 and not math.isnan(std):
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return f"{mean:.{digits}f}"
+    if math.isnan(low) or math.isnan(high):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def _cells(b: Board, digits: int) -> tuple[list[str], list[str], list[list[str]], list[list[bool]]]:
-    """(row labels, column labels, texts, is-best) shared by every format."""
-    best = b.best()
+def column_label(task: str, metric: str) -> str:
+    return task if metric == task else f"{task} {metric}"
+
+
+def _cells(b: Board, digits: int | None) -> tuple[list[str], list[str], list[list[str]], list[list[str]]]:
+    """(row labels, column labels, texts, marks: 'best' / 'tied' / '') shared by every format."""
+    bold, tied = b.bold(), b.tied()
     rows = [" / ".join(str(v) for v in (idx if isinstance(idx, tuple) else (idx,))) for idx in b.mean.index]
-    columns = [f"{task} {metric}" for task, metric in b.mean.columns]
+    columns = [column_label(task, metric) for task, metric in b.mean.columns]
     texts, marks = [], []
     for idx in b.mean.index:
-        texts.append([cell_text(b.mean.at[idx, c], b.std.at[idx, c], b.n.at[idx, c], digits) for c in b.mean.columns])
-        marks.append([idx in best.get(c, ()) for c in b.mean.columns])
+        texts.append(
+            [
+                cell_text(b.mean.at[idx, c], b.low.at[idx, c], b.high.at[idx, c], digits_of(c[1], digits))
+                for c in b.mean.columns
+            ]
+        )
+        marks.append(
+            ["best" if idx in bold.get(c, ()) else "tied" if idx in tied.get(c, ()) else "" for c in b.mean.columns]
+        )
     return rows, columns, texts, marks
+
+
+LEGEND = (
+    "Cells: mean [95% CI] over the seeds of a cell (Student-t), or over the val examples (bootstrap) for "
+    "one seed. Bold: best, and distinguishable from the runner-up (paired bootstrap over shared seeds and "
+    "val examples, 95%). ≈: not distinguishable from the column's best."
+)
 
 
 def row_header(b: Board) -> str:
     return " / ".join(b.mean.index.names)
 
 
-def to_markdown(b: Board, digits: int = 2) -> str:
+def _marked(text: str, mark: str, bold: str) -> str:
+    return bold.format(text) if mark == "best" and text else f"{text} ≈" if mark == "tied" and text else text
+
+
+def to_markdown(b: Board, digits: int | None = None) -> str:
     rows, columns, texts, marks = _cells(b, digits)
-    lines = ["| " + " | ".join([row_header(b), *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
-    for label, row, mark in zip(rows, texts, marks):
-        shown = [f"**{t}**" if m and t else t for t, m in zip(row, mark)]
-        lines.append("| " + " | ".join([label, *shown]) + " |")
-    return "\n".join(lines) + "\n"
+    lines = ["| " + " | ".join([row_header(b), *columns, "seeds"]) + " |", "|" + "---|" * (len(columns) + 2)]
+    for idx, label, row, mark in zip(b.mean.index, rows, texts, marks):
+        shown = [_marked(t, m, "**{}**") for t, m in zip(row, mark)]
+        lines.append("| " + " | ".join([label, *shown, seeds_text(b, idx)]) + " |")
+    return "\n".join(lines) + "\n\n" + LEGEND + "\n"
+
+
+def seeds_text(b: Board, idx) -> str:
+    """The number of seeds behind the row's cells ('3', or '1-3' when cells differ)."""
+    counts = sorted({int(v) for v in b.n.loc[idx].dropna()})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def _latex_escape(text: str) -> str:
@@ -181,7 +334,7 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def to_latex(b: Board, digits: int = 2) -> str:
+def to_latex(b: Board, digits: int | None = None) -> str:
     rows, columns, texts, marks = _cells(b, digits)
     lines = [
         r"\begin{tabular}{l" + "c" * len(columns) + "}",
@@ -190,34 +343,55 @@ def to_latex(b: Board, digits: int = 2) -> str:
         r"\midrule",
     ]
     for label, row, mark in zip(rows, texts, marks):
-        shown = [t.replace("±", r"$\pm$") for t in row]
-        shown = [rf"\textbf{{{t}}}" if m and t else t for t, m in zip(shown, mark)]
+        shown = [_marked(t, m, r"\textbf{{{}}}").replace("≈", r"$\approx$") for t, m in zip(row, mark)]
         lines.append(" & ".join([_latex_escape(label), *shown]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
-def to_html(b: Board, digits: int = 2) -> str:
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+caption { caption-side: bottom; text-align: left; padding-top: 0.8em; color: #555; max-width: 60em; }
+th, td { padding: 0.35em 0.8em; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th:first-child, thead th { text-align: left; }
+thead th { border-bottom: 2px solid #444; }
+td.best { font-weight: bold; background: #e8f5e9; }
+td.tied { color: #555; }
+"""
+
+
+def to_html(b: Board, digits: int | None = None, title: str = "Leaderboard") -> str:
+    """A complete page: the table, a caption saying what a cell is, n, and where it came from."""
     from html import escape
 
     rows, columns, texts, marks = _cells(b, digits)
-    head = "".join(f"<th>{escape(c)}</th>" for c in [row_header(b), *columns])
+    head = "".join(f"<th>{escape(c)}</th>" for c in [row_header(b), *columns, "seeds"])
     body = []
-    for label, row, mark in zip(rows, texts, marks):
-        shown = [f"<b>{escape(t)}</b>" if m and t else escape(t) for t, m in zip(row, mark)]
-        body.append(f"<tr><th>{escape(label)}</th>" + "".join(f"<td>{t}</td>" for t in shown) + "</tr>")
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>\n"
+    for idx, label, row, mark in zip(b.mean.index, rows, texts, marks):
+        cells = "".join(f'<td class="{m}">{escape(_marked(t, m, "{}"))}</td>' for t, m in zip(row, mark))
+        body.append(f"<tr><th>{escape(label)}</th>{cells}<td>{seeds_text(b, idx)}</td></tr>")
+    provenance = f"Records from {', '.join(map(str, b.sources)) or 'the folders given'}"
+    provenance += f"; harness commit {', '.join(b.commits)}." if b.commits else "."
+    caption = f"{LEGEND} The seeds column gives n per cell. {provenance}"
+    return (
+        f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
+        f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n<h1>{escape(title)}</h1>\n<table>\n"
+        f"<caption>{escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
+        + "\n".join(body)
+        + "\n</tbody>\n</table>\n</body>\n</html>\n"
+    )
 
 
 def to_csv(b: Board) -> str:
     """Numbers, not text: mean, std and n per column."""
-    parts = {"mean": b.mean, "std": b.std, "n": b.n}
+    parts = {"mean": b.mean, "std": b.std, "n": b.n, "ci_low": b.low, "ci_high": b.high}
     wide = pd.concat(parts, axis=1)
     wide.columns = [f"{task}/{metric}/{stat}" for stat, task, metric in wide.columns]
     return wide.sort_index(axis=1).to_csv()
 
 
-def to_rich(b: Board, title: str, digits: int = 2):
+def to_rich(b: Board, title: str, digits: int | None = None):
     from rich.table import Table
 
     rows, columns, texts, marks = _cells(b, digits)
@@ -226,17 +400,17 @@ def to_rich(b: Board, title: str, digits: int = 2):
     for c in columns:
         table.add_column(c, justify="right")
     for label, row, mark in zip(rows, texts, marks):
-        table.add_row(label, *[f"[bold green]{t}[/]" if m and t else t for t, m in zip(row, mark)])
+        table.add_row(label, *[_marked(t, m, "[bold green]{}[/]") for t, m in zip(row, mark)])
     return table
 
 
-def write_tables(b: Board, out_dir: Path, digits: int = 2) -> list[Path]:
+def write_tables(b: Board, out_dir: Path, digits: int | None = None, title: str = "Leaderboard") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, text in (
         ("md", to_markdown(b, digits)),
         ("tex", to_latex(b, digits)),
-        ("html", to_html(b, digits)),
+        ("html", to_html(b, digits, title)),
         ("csv", to_csv(b)),
     ):
         path = out_dir / f"leaderboard.{suffix}"

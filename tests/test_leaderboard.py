@@ -88,12 +88,17 @@ def test_all_four_formats_highlight_the_best(results, tmp_path):
     paths = lb.write_tables(b, tmp_path / "out")
     assert sorted(p.suffix for p in paths) == [".csv", ".html", ".md", ".tex"]
     md = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "| iwm / iwm_inv_cpu / vit_micro / shapes | **82.00 ± 2.00** | 0.20 ± 0.10 | 61.00 ± 1.00 |" in md
-    assert "| iwm / iwm_equi_cpu / vit_micro / shapes | 72.00 ± 2.65 | **0.80 ± 0.10** | **68.00 ± 2.00** |" in md
+    # 3 seeds: mean [mean -+ t(0.975, 2) * sd / sqrt(3)]; 80, 82, 84 -> 82 +- 4.97.
+    # Bold only where the best is distinguishable from the runner-up (here: intervals over seeds
+    # that do not overlap, the records holding no per-example evidence); ≈ where it is not.
+    assert "| iwm / iwm_inv_cpu / vit_micro / shapes | 82.0 [77.0, 87.0] ≈ | 0.200 [-0.048, 0.448] | " in md
+    assert "| iwm / iwm_equi_cpu / vit_micro / shapes | 72.0 [65.4, 78.6] ≈ | **0.800 [0.552, 1.048]** | " in md
+    assert "68.0 [63.0, 73.0] ≈ | 3 |" in md and "Bold: best, and distinguishable" in md
     tex = (tmp_path / "out" / "leaderboard.tex").read_text()
-    assert r"\textbf{82.00 $\pm$ 2.00}" in tex and r"iwm\_inv\_cpu" in tex and r"\bottomrule" in tex
+    assert r"\textbf{0.800 [0.552, 1.048]}" in tex and r"iwm\_inv\_cpu" in tex and r"\bottomrule" in tex
     html = (tmp_path / "out" / "leaderboard.html").read_text()
-    assert "<td><b>0.80 ± 0.10</b></td>" in html and "<td>0.20 ± 0.10</td>" in html
+    assert html.startswith("<!doctype html>") and "<title>Leaderboard</title>" in html and "<caption>" in html
+    assert '<td class="best">0.800 [0.552, 1.048]</td>' in html and '<td class="">0.200 [-0.048, 0.448]</td>' in html
     csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
     row = csv[csv["preset"] == "iwm_equi_cpu"].iloc[0]
     assert row["linear/top1/mean"] == pytest.approx(72.0) and row["linear/top1/n"] == 3
@@ -194,3 +199,39 @@ def test_reading_passes_over_foreign_files(tmp_path):
     assert [r["run_id"] for r in read_records(tmp_path, problems=problems)] == ["good"]
     assert len(problems) == 2 and any("unreadable" in p for p in problems)
     assert any("not a run record" in p for p in problems)
+
+
+def _with_evidence(root, run, preset, correct):
+    import numpy as np
+
+    from benchmark.core.stats import Evidence, bootstrap_ci
+    from benchmark.records import write_evidence
+
+    evidence = Evidence("correct", {"correct": np.asarray(correct, dtype=bool)}, "val-set")
+    rec = record(run, preset, "linear", 0, {"top1": evidence.metric(), "ci95": list(bootstrap_ci(evidence))})
+    rec["run_dir"] = str(root / run)
+    rec["examples"] = write_evidence(root / run, "linear", evidence)
+    write_record(root / run, rec)
+
+
+def test_best_is_bold_only_when_the_paired_test_separates_it(tmp_path):
+    import numpy as np
+
+    base = np.random.default_rng(0).random(2000) < 0.6
+    better = base.copy()
+    better[np.flatnonzero(~better)[:60]] = True  # 3 points more, on the same images
+    _with_evidence(tmp_path / "clear", "a", "ijepa", better)
+    _with_evidence(tmp_path / "clear", "b", "iwm", base)
+    b = lb.board(lb.load_frame([tmp_path / "clear"]))
+    column = ("linear", "top1")
+    assert b.separated[column] and b.bold()[column] == {("ijepa", "ijepa", "vit_micro", "shapes")}
+    assert b.low.at[("iwm", "iwm", "vit_micro", "shapes"), column] < 60.0  # one seed: the bootstrap interval
+    # A one-image difference: the best is not told apart, both cells are marked.
+    close = base.copy()
+    close[np.flatnonzero(~close)[0]] = True
+    _with_evidence(tmp_path / "close", "a", "ijepa", close)
+    _with_evidence(tmp_path / "close", "b", "iwm", base)
+    b = lb.board(lb.load_frame([tmp_path / "close"]))
+    assert not b.separated[column] and b.bold() == {} and len(b.tied()[column]) == 2
+    table = lb.to_markdown(b).split("\n\n")[0]  # the legend follows the table
+    assert "**" not in table and table.count("≈") == 2
