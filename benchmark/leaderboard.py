@@ -446,7 +446,8 @@ def correlations(points: pd.DataFrame) -> dict[str, float]:
 
 
 def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
-    """MRR (x) against each accuracy (y), one panel per accuracy; returns the correlations."""
+    """MRR (x) against each accuracy (y), one panel per accuracy, a colour per leaderboard row; returns
+    the correlations (over every run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -454,16 +455,33 @@ def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
 
     corr = correlations(points)
     ys = [y for y in SPECTRUM_Y if y in points.columns]
-    fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 4), squeeze=False)
+    # One colour and label per leaderboard row (its keys, --by ones included): the mean over its
+    # seeds, with 95% interval bars over seeds when it has several, its seeds as faint points.
+    row_levels = [name for name in points.index.names if name != "seed"]
+    fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4.5), squeeze=False)
     for ax, y in zip(axes[0], ys):
         pair = points[[SPECTRUM_X, y]].dropna()
-        labels = pair.index.get_level_values("preset")
-        for preset in sorted(set(labels)):
-            mine = pair[labels == preset]
-            ax.scatter(mine[SPECTRUM_X], mine[y], label=preset)
+        for i, (row, mine) in enumerate(pair.groupby(level=row_levels, sort=True)):
+            row = row if isinstance(row, tuple) else (row,)
+            label = " / ".join(str(v) for v, name in zip(row, row_levels) if name not in ("model", "data"))
+            colour = f"C{i % 10}"
+            xs, ys_ = mine[SPECTRUM_X].tolist(), mine[y].tolist()
+            ax.scatter(xs, ys_, color=colour, alpha=0.35, s=14)
+            x_mean, x_low, x_high = t_interval(xs)
+            y_mean, y_low, y_high = t_interval(ys_)
+            ax.errorbar(
+                [x_mean],
+                [y_mean],
+                xerr=[[x_mean - x_low], [x_high - x_mean]],
+                yerr=[[y_mean - y_low], [y_high - y_mean]],
+                fmt="o",
+                color=colour,
+                capsize=3,
+                label=f"{label} (n={len(xs)})",
+            )
         ax.set_xlabel("world model MRR (equivariance)")
         ax.set_ylabel(f"{y[0]} {y[1]}")
-        ax.set_title(f"r = {corr[f'{y[0]} {y[1]}']:+.2f}")
+        ax.set_title(f"{y[0]} {y[1]} against MRR: r = {corr[f'{y[0]} {y[1]}']:+.2f} over {len(pair)} runs")
         ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from benchmark.core.data import SeededBatches, make_loader
 from benchmark.core.errors import ConfigError, DataError
@@ -249,19 +249,37 @@ class ADE20kSegmentation(Task):
         return metrics
 
     def _visualise(self, val: ADE20k, shown: list, run_dir: Path) -> Path:
-        """A PNG: one row per image, (image | ground truth | prediction); ignored pixels black."""
+        """A PNG: titled columns (image | ground truth | prediction), one row per image, and a legend
+        of the colour of every class shown (ignored pixels black)."""
         c = self.cfg
-        rows = []
+        rows, present = [], set()
         for i, label, pred in shown:
             image = np.asarray(val[i][0])
             tiles = [image, colourise(label.numpy(), c["num_classes"]), colourise(pred.numpy(), c["num_classes"])]
-            rows.append(np.concatenate(tiles, axis=1))
-        width = max(r.shape[1] for r in rows)
-        grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
-        picture = Image.fromarray(grid)
+            rows.append((np.concatenate(tiles, axis=1), image.shape[1]))
+            present |= {int(v) for v in np.unique(np.concatenate([label.numpy().ravel(), pred.numpy().ravel()]))}
+        width = max(r.shape[1] for r, _ in rows)
+        grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r, _ in rows], axis=0)
         # Small images are enlarged (nearest) so the label maps stay readable.
-        factor = max(1, 256 // min(r.shape[0] for r in rows))
-        picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+        factor = max(1, 256 // min(r.shape[0] for r, _ in rows))
+        body = Image.fromarray(grid).resize((grid.shape[1] * factor, grid.shape[0] * factor), Image.NEAREST)
+        classes = sorted(v for v in present if 0 <= v < c["num_classes"])
+        per_line = max(1, body.width // 90)
+        header, swatch = 18, 14
+        legend = 8 + (len(classes) + per_line - 1) // per_line * (swatch + 6) + (swatch + 6)
+        picture = Image.new("RGB", (body.width, header + body.height + legend), (255, 255, 255))
+        picture.paste(body, (0, header))
+        draw = ImageDraw.Draw(picture)
+        tile = rows[0][1] * factor
+        for k, title in enumerate(("image", "ground truth", "prediction")):
+            draw.text((k * tile + 4, 3), title, fill=(0, 0, 0))
+        palette = colourise(np.arange(c["num_classes"]), c["num_classes"])
+        top = header + body.height + 6
+        draw.text((4, top), "classes (after reduce_zero_label; black: ignored):", fill=(0, 0, 0))
+        for k, cls in enumerate(classes):
+            x, y = 4 + (k % per_line) * 90, top + (swatch + 6) * (1 + k // per_line)
+            draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(v) for v in palette[cls]), outline=(0, 0, 0))
+            draw.text((x + swatch + 4, y + 1), f"class {cls}", fill=(0, 0, 0))
         path = run_dir / f"ade20k_{c['mode']}_{c['head']}.png"
         picture.save(path)
         return path
