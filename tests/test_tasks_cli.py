@@ -124,3 +124,18 @@ def test_seeds_run_the_job_once_per_seed_and_summarise_over_them(bench, tmp_path
     assert f"0: {values[0]:.4g}, 1: {values[1]:.4g}" in proc.stdout
     bad = bench("run", "method=ijepa", "seeds=[1,1]", *NO_TASK)
     assert bad.returncode == 2 and "list of distinct seeds" in bad.stderr
+
+
+def test_the_same_command_and_seed_give_identical_records(bench, tmp_path):
+    args = [*NO_TASK, "task=attentive", "tasks.attentive.epochs=1", "tasks.attentive.batch_size=16"]
+    for run in ("r1", "r2"):
+        bench("run", "method=iwm", f"run_dir={run}", *args, check=0)
+    for task in ("pretrain", "attentive"):
+        a, b = (json.loads((tmp_path / run / "records" / f"{task}.json").read_text()) for run in ("r1", "r2"))
+        timing = {"train_seconds", "images_per_second", "checkpoint"}
+        same = {k: v for k, v in a["metrics"].items() if k not in timing}
+        assert same == {k: v for k, v in b["metrics"].items() if k not in timing}, task
+    evidence = [(tmp_path / run / "records/attentive.examples.npz").read_bytes() for run in ("r1", "r2")]
+    assert evidence[0] == evidence[1]
+    logs = [(tmp_path / run / "train_log.jsonl").read_text() for run in ("r1", "r2")]
+    assert logs[0] == logs[1] and logs[0]
