@@ -3,6 +3,7 @@
 import json
 import math
 import multiprocessing as mp
+import shutil
 
 import pandas as pd
 import pytest
@@ -235,3 +236,37 @@ def test_best_is_bold_only_when_the_paired_test_separates_it(tmp_path):
     assert not b.separated[column] and b.bold() == {} and len(b.tied()[column]) == 2
     table = lb.to_markdown(b).split("\n\n")[0]  # the legend follows the table
     assert "**" not in table and table.count("≈") == 2
+
+
+CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium here (.ci/run installs it)")
+def test_html_page_renders_in_a_real_browser(results, tmp_path):
+    import subprocess
+
+    from PIL import Image
+
+    b = lb.board(lb.load_frame([results], since="2026-01-01"))
+    lb.write_tables(b, tmp_path / "out", title="Leaderboard: test")
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,500",
+            (tmp_path / "out" / "leaderboard.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 500)
+    colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}
+    assert (232, 245, 233) in colours  # the style sheet applied: the best cell's background
+    dark = sum(n for n, c in image.getcolors(maxcolors=1 << 20) if sum(c) < 150)
+    assert dark > 2000  # text was drawn
