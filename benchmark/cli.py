@@ -117,7 +117,7 @@ def seeds_table(records: list[dict]) -> Table:
 def cmd_run(overrides: list[str]) -> int:
     # torch loads here, not at import time: `bench --help` and argument errors answer at once.
     from benchmark.config import load_config, seed_overrides
-    from benchmark.core.errors import CheckpointError, ConfigError, DataError
+    from benchmark.core.errors import CheckpointError, ConfigError, DataError, one_line
     from benchmark.runner import execute, plan_run
 
     try:
@@ -137,9 +137,7 @@ def cmd_run(overrides: list[str]) -> int:
         except KeyboardInterrupt:
             return _fail(f"interrupted; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
         except Exception as exc:
-            return _fail(
-                f"run failed: {type(exc).__name__}: {exc} (records in {plan.run_dir / 'records'})", EXIT_FAILED
-            )
+            return _fail(f"run failed: {one_line(exc)} (records in {plan.run_dir / 'records'})", EXIT_FAILED)
         if not records:  # a non-zero rank of a data-parallel run: rank 0 reports
             return EXIT_OK
         print_tables(records)

@@ -20,7 +20,7 @@ from benchmark.config import is_task_set
 from benchmark.core import checkpoint as ckpt
 from benchmark.core import distributed
 from benchmark.core.data import DataSource, resolve_data
-from benchmark.core.errors import CheckpointError, ConfigError, DataError
+from benchmark.core.errors import CheckpointError, ConfigError, DataError, one_line
 from benchmark.core.progress import console
 from benchmark.core.stats import bootstrap_ci
 from benchmark.pretrain import LAST, pretrain
@@ -272,7 +272,7 @@ def execute(plan: Plan) -> list[dict]:
                 metrics["ci95"] = list(bootstrap_ci(evidence))
                 examples = write_evidence(plan.run_dir, task, evidence)
         except Exception as exc:
-            record(task, {}, started, time.perf_counter() - t0, status="failed", error=f"{type(exc).__name__}: {exc}")
+            record(task, {}, started, time.perf_counter() - t0, status="failed", error=one_line(exc))
             raise
         return record(task, metrics, started, time.perf_counter() - t0, examples=examples)
 

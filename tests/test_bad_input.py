@@ -7,6 +7,8 @@ for a fresh interpreter per case); tests/test_cli.py covers the same path throug
 
 import builtins
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +316,44 @@ def test_non_finite_metrics_are_found_at_any_depth():
     metrics = {"top1": 91.0, "loss": float("nan"), "grid": [{"lr": 0.1, "val": float("inf")}], "n": 3, "name": "x"}
     assert non_finite_metrics(metrics) == ["loss", "grid.0.val"]
     assert non_finite_metrics({"top1": 50.0, "grid": [{"lr": 0.1}]}) == []
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_data_error_in_a_loader_worker_exits_at_once_with_one_line(tmp_path, workers):
+    """A truncated image whose header is fine, met by a loader worker: exit 1 in seconds, one clean
+    line (no worker traceback) on stderr and in the record, and no process left behind."""
+    import subprocess
+    import sys
+
+    root = folder(tmp_path / "data", per_class=8)
+    _truncate_body(root / "train" / "dog" / "2.png")
+    run_dir = tmp_path / f"run-{workers}-{os.getpid()}"
+    args = [*MODEL, "data=folder", f"data.root={root}", "pretrain.epochs=1", f"workers={workers}", f"run_dir={run_dir}"]
+    env = dict(os.environ, BENCH_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.cli", "run", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 1, proc.stderr
+    message = f"cannot decode image {root}/train/dog/2.png: OSError: image file is truncated"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    record = json.loads((run_dir / "records" / "pretrain.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith(f"DataError: {message}")
+    assert "Traceback" not in record["error"]
+    assert _processes_mentioning(str(run_dir)) == []

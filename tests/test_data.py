@@ -103,10 +103,11 @@ def test_batches_do_not_depend_on_workers_and_resume_mid_epoch(shapes):
 
 
 def _worker_state(_image):
-    """What a loader worker sees of its own process: pid, niceness, SIGTERM handler."""
-    return torch.tensor(
-        [os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)]
-    )
+    """What a loader worker sees of its own process: pid, niceness, and whether it outlives the job
+    signals SLURM sends every process of a job (it sends itself SIGTERM and SIGUSR2 first)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGUSR2)
+    return torch.tensor([os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), 1])
 
 
 def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(shapes, monkeypatch):

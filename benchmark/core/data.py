@@ -14,7 +14,9 @@ are not (a truncated download) fails when the loader decodes it, again naming th
 
 from __future__ import annotations
 
+import atexit
 import csv
+import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Sequence
@@ -385,16 +387,36 @@ def train_loader(
 WORKER_NICENESS = 10
 
 
+# Set by the main process when it exits: from then on a worker obeys SIGTERM (see below).
+_CLOSING = None
+
+
+def _closing_event():
+    """The process-shared flag, made once in the main process before any worker is forked."""
+    global _CLOSING
+    if _CLOSING is None:
+        _CLOSING = multiprocessing.get_context().Event()
+        atexit.register(_CLOSING.set)  # runs before multiprocessing's own exit hook terminates workers
+    return _CLOSING
+
+
+def _on_sigterm(_signum, _frame) -> None:
+    if _CLOSING is not None and _CLOSING.is_set():
+        os._exit(0)
+
+
 def init_loader_worker(_worker_id: int) -> None:
     """Every DataLoader worker: lower priority than the training process, and outlive SIGTERM
-    and the SLURM preemption/timeout signals.
+    and the SLURM preemption/timeout signals while the main process runs.
 
     SLURM signals every process of a job, loader workers included; a worker killed that way
     fails the main process's next batch before it can write its preemption checkpoint. The main
-    process handles these signals (slurm/jobs.py); a worker ends with its main process anyway
-    (torch's loader watches it), and Ctrl-C (SIGINT) still stops everything.
+    process handles these signals (slurm/jobs.py). Once the main process exits (a finished run,
+    or one stopped by an error while a worker was still busy) the worker obeys SIGTERM again, so
+    the exit never waits on it; Ctrl-C (SIGINT) stops everything at any time.
     """
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     os.nice(WORKER_NICENESS)
 
@@ -403,6 +425,8 @@ def make_loader(
     dataset: Dataset, batch_sampler, collate: Callable, workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     """The one DataLoader construction every loop uses (workers set up by init_loader_worker)."""
+    if workers:
+        _closing_event()
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

@@ -20,3 +20,14 @@ class CheckpointError(ValueError):
 
 class DivergenceError(RuntimeError):
     """A training loss (pretraining or any task) stopped being finite."""
+
+
+def one_line(exc: BaseException) -> str:
+    """'Type: message' on one line; an error raised in a DataLoader worker, which torch re-raises
+    with the worker's traceback in its message, is reduced to the original error's own line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        name, _, message = last.partition(": ")
+        return f"{name.rpartition('.')[2]}: {message}" if message else last.strip()
+    return f"{type(exc).__name__}: {' '.join(text.split())}" if text else type(exc).__name__
