@@ -8,6 +8,7 @@ for a fresh interpreter per case); tests/test_cli.py covers the same path throug
 import builtins
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +358,24 @@ def test_a_data_error_in_a_loader_worker_exits_at_once_with_one_line(tmp_path, w
     assert record["status"] == "failed" and record["error"].startswith(f"DataError: {message}")
     assert "Traceback" not in record["error"]
     assert _processes_mentioning(str(run_dir)) == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda root: shutil.rmtree(root / "val" / "cat"), "classes present only in the train split, not in"),
+        (lambda root: image(root / "val" / "bird" / "0.png"), "classes present only in"),
+    ],
+)
+def test_train_and_val_class_sets_must_agree(capsys, here, change, message):
+    root = folder(here / "data")
+    change(root)
+    refused(capsys, here, [*MODEL, "data=folder", f"data.root={root}", "run_dir=run"], message)
+
+
+def test_val_labels_follow_the_train_classes(tmp_path):
+    # With a labels file a val split may lack a class; its labels keep the train split's indices.
+    root = folder(tmp_path / "data")
+    val = ImageFolder(root / "val", classes=["ant", "cat", "dog"], check_headers=False)
+    assert val.classes == ["ant", "cat", "dog"] and {label for _, label in val.samples} == {1, 2}
+    assert ImageFolder(root / "val", check_headers=False).classes == ["cat", "dog"]

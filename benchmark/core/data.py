@@ -113,6 +113,7 @@ class ImageFolder(Dataset):
         labels: dict[Path, str] | None = None,
         skip_unreadable: bool = False,
         check_headers: bool = True,
+        classes: list[str] | None = None,
     ):
         self.root = Path(root)
         self.skip_unreadable = skip_unreadable
@@ -149,7 +150,13 @@ class ImageFolder(Dataset):
             found = [item for item, why in zip(found, problems) if not why]
             if not found:
                 raise DataError(f"data folder holds no readable images: {self.root}")
-        self.classes = sorted({name for _, name in found})
+        self.present = sorted({name for _, name in found})
+        # A val split is indexed by its train split's classes, so a class missing from one split
+        # never shifts the labels of the others.
+        self.classes = list(classes) if classes is not None else self.present
+        unknown = sorted(set(self.present) - set(self.classes))
+        if unknown:
+            raise DataError(f"classes present only in {self.root}, not in the train split: {', '.join(unknown[:8])}")
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = [(path, index[name]) for path, name in found]
 
@@ -214,7 +221,12 @@ class DataSource:
     def split(self, which: str) -> ImageFolder:
         if which not in self._splits:
             folder = self.root / (self.train_split if which == "train" else self.val_split)
-            self._splits[which] = ImageFolder(folder, self.labels(), self.skip_unreadable, self.check_headers)
+            classes = None if which == "train" else self.split("train").classes
+            split = ImageFolder(folder, self.labels(), self.skip_unreadable, self.check_headers, classes)
+            missing = sorted(set(split.classes) - set(split.present))
+            if missing and self.label_file is None:  # class folders: train and val name the same classes
+                raise DataError(f"classes present only in the train split, not in {folder}: {', '.join(missing[:8])}")
+            self._splits[which] = split
         return self._splits[which]
 
 
