@@ -126,16 +126,29 @@ def cmd_run(overrides: list[str]) -> int:
         plans = [(own, plan_run(load_config(own))) for own in runs]
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    if all(plan.finished for _, plan in plans):
+        for _, plan in plans:
+            out.print(
+                f"already finished: {plan.run_dir} (every step has its record; nothing to do)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        return EXIT_OK
     for task, why in plans[0][1].skipped.items():
         out.print(f"skipping task {task}: does not apply ({why})", highlight=False, soft_wrap=True)
     if plans[0][1].cfg.launcher.name != "local":
         return max(_submit(own, plan) for own, plan in plans)
     every = []
     for _, plan in plans:
+        if plan.finished:
+            out.print(f"already finished: {plan.run_dir}", highlight=False, soft_wrap=True)
+            continue
         try:
             records = execute(plan)
         except KeyboardInterrupt:
             return _fail(f"interrupted; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
+        except ConfigError as exc:  # refused before any compute (the run folder is in use)
+            return _fail(str(exc), EXIT_USAGE)
         except Exception as exc:
             return _fail(f"run failed: {one_line(exc)} (records in {plan.run_dir / 'records'})", EXIT_FAILED)
         if not records:  # a non-zero rank of a data-parallel run: rank 0 reports

@@ -8,7 +8,11 @@ architecture) and writes nothing; `execute` does the compute. The CLI maps error
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +52,8 @@ class Plan:
     task_names: list[str]
     # Tasks of a task set (task=all) that do not apply to the method -> why.
     skipped: dict[str, str]
+    # resume=true on a run whose every step already has an ok record: nothing to do.
+    finished: bool = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -184,7 +190,16 @@ def plan_run(cfg: DictConfig) -> Plan:
         _check_resume(run_dir, config)
     elif cfg.resume and cfg.run_dir:
         raise ConfigError(f"resume=true but the run folder does not exist: {run_dir}")
-    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped)
+    steps = (["pretrain"] if checkpoint_path is None and cfg.pretrain.epochs > 0 else []) + tasks
+    finished = cfg.resume and run_dir.exists() and all(_ok_record(run_dir, step) for step in steps)
+    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped, finished)
+
+
+def _ok_record(run_dir: Path, step: str) -> bool:
+    try:
+        return json.loads((run_dir / "records" / f"{step}.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
 
 
 def _create_run_dir(plan: Plan) -> None:
@@ -203,11 +218,35 @@ def _create_run_dir(plan: Plan) -> None:
     ckpt.atomic_write(plan.run_dir / "config.yaml", lambda f: f.write(text))
 
 
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for this process: a second run or resume of it is refused (ConfigError).
+
+    An advisory lock on <run_dir>/.lock, released by the kernel when the holder exits however it
+    exits, so a lock left by a killed process never blocks a later resume.
+    """
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ConfigError(f"run folder {run_dir} is in use by another process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def execute(plan: Plan) -> list[dict]:
     """Run the plan; returns the records written (a failed step writes a failed record, then raises).
 
     One rank of a data-parallel job (benchmark/core/distributed.py) pretrains with the others; rank 0
-    alone creates the run folder, writes records and runs the evaluation tasks.
+    alone creates the run folder, holds its lock, writes records and runs the evaluation tasks.
     """
     cfg = plan.cfg
     world, plan.device = distributed.setup(plan.device)
@@ -223,6 +262,12 @@ def execute(plan: Plan) -> list[dict]:
         if not world.is_main:
             return _pretrain_only(plan)
     _create_run_dir(plan)
+    with run_lock(plan.run_dir):
+        return _execute_main(plan)
+
+
+def _execute_main(plan: Plan) -> list[dict]:
+    cfg = plan.cfg
     if cfg.resume:  # leftovers of writes a crash interrupted; this run is the folder's only writer
         ckpt.remove_stale_temporaries(plan.run_dir)
     if cfg.data.kind == "builtin":

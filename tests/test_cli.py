@@ -102,10 +102,12 @@ def test_task_on_a_checkpoint_skips_pretraining_and_checks_architecture(bench, t
 def test_resume_continues_a_stopped_run(bench, tmp_path):
     bench("run", "run_dir=results/r", *TINY, "pretrain.epochs=2", check=0)
     first = json.loads((tmp_path / "results/r/records/linear.json").read_text())
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results/r").rglob("*") if p.is_file()}
     proc = bench("run", "run_dir=results/r", "resume=true", *TINY, "pretrain.epochs=2", check=0)
     again = json.loads((tmp_path / "results/r/records/linear.json").read_text())
-    assert again["metrics"]["top1"] == first["metrics"]["top1"]  # nothing left to train: same weights
-    assert "linear" in proc.stdout
+    assert again == first  # a finished run is left alone: nothing rerun, nothing rewritten
+    assert "already finished" in proc.stdout
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results/r").rglob("*") if p.is_file()}
     changed = bench("run", "run_dir=results/r", "resume=true", *TINY, "pretrain.epochs=3")
     assert changed.returncode == 2 and "pretrain.epochs" in changed.stderr
     assert torch.load(tmp_path / "results/r/checkpoints/last.pt", weights_only=True)["step"] == 12
@@ -117,3 +119,37 @@ def test_submitit_launcher_runs_the_same_job_in_a_background_process(bench, tmp_
     rec = json.loads((tmp_path / "results/sub/records/linear.json").read_text())
     assert rec["status"] == "ok" and rec["config"]["launcher"]["name"] == "local"
     assert list((tmp_path / "results/.submitit/sub").glob("*_log.out"))
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_holder_does_not_block(bench, tmp_path):
+    import subprocess
+    import sys
+
+    from benchmark.runner import run_lock
+
+    PRETRAIN_ONLY = [*(o for o in TINY if not o.startswith("tasks.")), "pretrain.epochs=1", "task=none"]
+
+    bench("run", "run_dir=results/r", *PRETRAIN_ONLY, check=0)
+    run = tmp_path / "results/r"
+    (run / "records/pretrain.json").unlink()  # as if stopped before its record: resume has work
+    with run_lock(run):  # another live process holds the folder
+        busy = bench("run", "run_dir=results/r", "resume=true", *PRETRAIN_ONLY)
+    assert busy.returncode == 2 and f"run folder {run} is in use by another process (pid " in busy.stderr
+    assert not (run / "records/pretrain.json").exists()
+    # A holder killed while holding the lock leaves the file behind, not the lock.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from benchmark.runner import run_lock\n"
+            f"import pathlib, time\nwith run_lock(pathlib.Path({str(run)!r})):\n"
+            f"    print('held', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    bench("run", "run_dir=results/r", "resume=true", *PRETRAIN_ONLY, check=0)
+    assert json.loads((run / "records/pretrain.json").read_text())["status"] == "ok"
