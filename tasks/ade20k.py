@@ -27,7 +27,7 @@ from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import warmup_poly
 from benchmark.core.stats import Evidence, fingerprint
 from methods.base import Method
-from tasks.base import Applies, Task, TaskContext
+from tasks.base import Applies, Choice, Flag, Number, Numbers, Task, TaskContext
 from tasks.core import loss_summary, train
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.data import ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs
@@ -49,15 +49,51 @@ def colourise(label: np.ndarray, num_classes: int) -> np.ndarray:
 class ADE20kSegmentation(Task):
     """ADE20k semantic segmentation: UperNet or linear head, encoder/predictor/end-to-end finetuning."""
 
+    name = "ade20k"
+    headline = "miou"
+    settings = {
+        "mode": Choice(MODES),
+        "head": Choice(HEADS),
+        "backend": Choice(BACKENDS),
+        **{
+            key: Number(1, integer=True)
+            for key in (
+                "iters",
+                "batch_size",
+                "crop_size",
+                "stride",
+                "num_classes",
+                "channels",
+                "aux_channels",
+                "eval_batch_size",
+            )
+        },
+        "lr": Number(0, low_open=True),
+        "weight_decay": Number(0),
+        "betas": Numbers(Number(0, 1, high_open=True)),
+        "layer_decay": Number(0, 1, low_open=True),
+        "warmup_iters": Number(0, integer=True),
+        "warmup_ratio": Number(0, 1),
+        "poly_power": Number(0),
+        "min_lr_ratio": Number(0, 1),
+        "random_predictor": Flag(),
+        "random_predictor_lr_scale": Number(0, low_open=True),
+        "bf16": Flag(),
+        "reduce_zero_label": Flag(),
+        "scale": Numbers(Number(1, integer=True)),
+        "ratio_range": Numbers(Number(0, low_open=True)),
+        "cat_max_ratio": Number(0, 1, low_open=True),
+        "flip": Number(0, 1),
+        "photometric": Flag(),
+        "pool_scales": Numbers(Number(1, integer=True)),
+        "aux_weight": Number(0),
+        "dropout": Number(0, 1, high_open=True),
+        "vis_images": Number(0, integer=True),
+    }
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         c = self.cfg
-        for key, allowed in (("mode", MODES), ("head", HEADS), ("backend", BACKENDS)):
-            if c[key] not in allowed:
-                raise ConfigError(f"tasks.ade20k.{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
-        for key in ("iters", "batch_size", "crop_size", "stride", "num_classes", "channels", "eval_batch_size"):
-            if not isinstance(c[key], int) or c[key] < 1:
-                raise ConfigError(f"tasks.ade20k.{key} must be a positive integer, got {c[key]!r}")
         if c["stride"] > c["crop_size"]:
             raise ConfigError(
                 f"tasks.ade20k.stride={c['stride']} is larger than crop_size={c['crop_size']}: "
@@ -75,9 +111,6 @@ class ADE20kSegmentation(Task):
         if self.cfg["backend"] == "auto":
             return "native" if mmseg_backend.missing_reason() else "mmseg"
         return self.cfg["backend"]
-
-    name = "ade20k"
-    headline = "miou"
 
     def applies_to(self, method: Method) -> Applies:
         return Applies.needs(method, predictor=uses_predictor(self.cfg["mode"]))

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmark.core.data import DataSource, Transformed, eval_loader, eval_transform, make_loader, stack_views
+from benchmark.core.errors import ConfigError
 from benchmark.core.layers import to_device
 from benchmark.core.progress import progress_bar
 from benchmark.core.stats import fingerprint
@@ -134,6 +135,74 @@ class TaskContext:
 
 
 @dataclass(frozen=True)
+class Number:
+    """A numeric setting: type and range (open or closed ends), optionally null."""
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+
+    def problem(self, value) -> str | None:
+        if value is None and self.nullable:
+            return None
+        kind = "an integer" if self.integer else "a number"
+        numeric = isinstance(value, int) if self.integer else isinstance(value, (int, float))
+        bad = isinstance(value, bool) or not numeric
+        if not bad:
+            bad = (self.low is not None and (value <= self.low if self.low_open else value < self.low)) or (
+                self.high is not None and (value >= self.high if self.high_open else value > self.high)
+            )
+        if not bad:
+            return None
+        null = " or null" if self.nullable else ""
+        if self.low is not None and self.high is not None:
+            span = f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+            return f"must be {'an integer ' if self.integer else ''}in {span}{null}"
+        if self.low is not None:
+            return f"must be {kind} {'>' if self.low_open else '>='} {self.low}{null}"
+        return f"must be {kind}{null}"
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """A non-empty list of numbers, each checked by `each`."""
+
+    each: Number
+
+    def problem(self, value) -> str | None:
+        if not isinstance(value, (list, tuple)) or not value or any(self.each.problem(v) for v in value):
+            return f"must be a non-empty list of numbers, each {self.each.problem(None) or 'a number'}"
+        return None
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+
+    def problem(self, value) -> str | None:
+        return None if value in self.options else f"must be one of {', '.join(map(str, self.options))}"
+
+
+@dataclass(frozen=True)
+class Flag:
+    def problem(self, value) -> str | None:
+        return None if isinstance(value, bool) else "must be true or false"
+
+
+def check_settings(name: str, cfg: dict, settings: dict) -> None:
+    """Every declared setting of a task section, by type and range; ConfigError names the key."""
+    for key, spec in settings.items():
+        if key not in cfg:
+            raise ConfigError(f"tasks.{name}.{key} is missing")
+        why = spec.problem(cfg[key])
+        if why:
+            raise ConfigError(f"tasks.{name}.{key} {why}, got {cfg[key]!r}")
+
+
+@dataclass(frozen=True)
 class Applies:
     """Whether a task applies to a method, and if not, why (one line)."""
 
@@ -154,10 +223,13 @@ class Task(ABC):
     name: ClassVar[str]
     # The metric a task is ranked by: the console table, task=all and the leaderboard read it.
     headline: ClassVar[str] = "top1"
+    # Every setting of the task's config section: checked when the task is built, before compute.
+    settings: ClassVar[dict] = {}
 
     def __init__(self, cfg: dict):
         # Plain containers: list-valued settings arrive as OmegaConf lists from the runner.
         self.cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        check_settings(self.name, self.cfg, self.settings)
 
     def applies_to(self, method: Method) -> Applies:
         """Whether the method has what this task needs (capabilities), with the reason if not."""

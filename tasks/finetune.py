@@ -39,7 +39,7 @@ from benchmark.core.schedules import warmup_cosine
 from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import Evidence
 from methods.base import Method
-from tasks.base import Applies, Task, TaskContext
+from tasks.base import Applies, Choice, Flag, Number, Numbers, Task, TaskContext
 from tasks.core import (
     HEAD_SEED,
     MIX_SEED,
@@ -235,46 +235,35 @@ def image_inputs(
 
 
 # --- the adapters --------------------------------------------------------------------------------------
-NUMBERS = {
-    "epochs": (1, True),
-    "batch_size": (1, True),
-    "warmup_epochs": (0, False),
-    "lr": (0, False),
-    "min_lr": (0, False),
-    "weight_decay": (0, False),
-    "drop_path": (0, False),
-    "label_smoothing": (0, False),
-    "mixup": (0, False),
-    "cutmix": (0, False),
-    "mix_prob": (0, False),
-    "switch_prob": (0, False),
-    "clip_grad": (0, False),
-    "head_heads": (1, True),
-    "train_samples": (1, True),
+# The finetuning recipe's settings (shared by every adapter and multitask tuning).
+PROBABILITY = Number(0, 1)
+RECIPE = {
+    "epochs": Number(1, integer=True),
+    "batch_size": Number(1, integer=True),
+    "train_samples": Number(1, integer=True, nullable=True),
+    "warmup_epochs": Number(0),
+    "lr": Number(0, low_open=True),
+    "min_lr": Number(0),
+    "betas": Numbers(Number(0, 1, high_open=True)),
+    "weight_decay": Number(0),
+    "label_smoothing": PROBABILITY,
+    "mixup": Number(0),
+    "cutmix": Number(0),
+    "mix_prob": PROBABILITY,
+    "switch_prob": PROBABILITY,
+    "clip_grad": Number(0),
+    "bf16": Flag(),
+    "head": Choice(HEADS),
+    "head_heads": Number(1, integer=True),
 }
-
-
-NULLABLE = {"train_samples"}
-
-
-def check_recipe(name: str, cfg: dict) -> None:
-    """Types and ranges of a finetuning section; ConfigError names the key."""
-    for key, (low, integer) in NUMBERS.items():
-        if key not in cfg or (key in NULLABLE and cfg[key] is None):
-            continue
-        value = cfg[key]
-        kind = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind) or value < low:
-            raise ConfigError(
-                f"tasks.{name}.{key} must be {'an integer' if integer else 'a number'} >= {low}, got {value!r}"
-            )
-    for key in ("label_smoothing", "mix_prob", "switch_prob", "drop_path"):
-        if key in cfg and cfg[key] > 1:
-            raise ConfigError(f"tasks.{name}.{key} must be in [0, 1], got {cfg[key]}")
-    if cfg.get("layer_decay") is not None and not 0 < cfg["layer_decay"] <= 1:
-        raise ConfigError(f"tasks.{name}.layer_decay must be in (0, 1] or null, got {cfg['layer_decay']}")
-    if cfg.get("head", "attentive") not in HEADS:
-        raise ConfigError(f"tasks.{name}.head must be one of {', '.join(HEADS)}, got {cfg['head']!r}")
+ENCODER_RECIPE = {
+    **RECIPE,
+    "drop_path": PROBABILITY,
+    "layer_decay": Number(0, 1, low_open=True, nullable=True),
+    "crop_scale": Numbers(Number(0, 1, low_open=True)),
+    "flip": Flag(),
+}
+PREDICTOR_RECIPE = {**RECIPE, "drop_path": PROBABILITY, "predictor_lr_scale": Number(0, low_open=True)}
 
 
 def check_head(name: str, cfg: dict, width: int) -> None:
@@ -292,10 +281,7 @@ class Finetune(Task):
     train_encoder = False
     use_predictor = False
     random_predictor = False
-
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        check_recipe(self.name, self.cfg)
+    settings = RECIPE
 
     def applies_to(self, method: Method) -> Applies:
         return Applies.needs(method, predictor=self.use_predictor)
@@ -399,6 +385,7 @@ class EncoderFinetune(Finetune):
 
     name = "encoder_ft"
     train_encoder = True
+    settings = ENCODER_RECIPE
 
 
 class PredictorFinetune(Finetune):
@@ -406,6 +393,7 @@ class PredictorFinetune(Finetune):
 
     name = "predictor_ft"
     use_predictor = True
+    settings = PREDICTOR_RECIPE
 
 
 class RandomPredictorFinetune(Finetune):
@@ -414,6 +402,7 @@ class RandomPredictorFinetune(Finetune):
     name = "predictor_ft_random"
     use_predictor = True
     random_predictor = True
+    settings = PREDICTOR_RECIPE
 
 
 class EndToEnd(Finetune):
@@ -422,3 +411,4 @@ class EndToEnd(Finetune):
     name = "end_to_end"
     train_encoder = True
     use_predictor = True
+    settings = {**ENCODER_RECIPE, **PREDICTOR_RECIPE}

@@ -15,7 +15,7 @@ import torch.nn as nn
 from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import cosine
 from benchmark.core.stats import Evidence
-from tasks.base import Task, TaskContext
+from tasks.base import Flag, Number, Numbers, Task, TaskContext
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -101,6 +101,15 @@ class LinearProbe(Task):
     """Linear probe on frozen average-pooled tokens, a grid of heads picked on held-out data."""
 
     name = "linear"
+    settings = {
+        "lrs": Numbers(Number(0, low_open=True)),
+        "weight_decays": Numbers(Number(0)),
+        "epochs": Number(1, integer=True),
+        "batch_size": Number(1, integer=True),
+        # Both parts of the train split keep samples: (0, 1) open.
+        "heldout_fraction": Number(0, 1, low_open=True, high_open=True),
+        "standardize": Flag(),
+    }
 
     def run(self, method, ctx: TaskContext) -> dict:
         cfg = self.cfg

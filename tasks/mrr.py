@@ -36,7 +36,7 @@ from benchmark.core.views import (
     draw_jitter,
     draw_source,
 )
-from tasks.base import Applies, Task, TaskContext
+from tasks.base import Applies, Flag, Number, Task, TaskContext
 
 GRID_FILE = "mrr_retrievals.png"
 
@@ -99,11 +99,16 @@ class WorldModelMRR(Task):
 
     name = "mrr"
     headline = "mrr"
+    settings = {
+        "bank_size": Number(2, integer=True),
+        "num_images": Number(1, integer=True),
+        "bf16": Flag(),
+        "grid_images": Number(0, integer=True),
+        "grid_top_k": Number(1, integer=True),
+    }
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        if cfg["bank_size"] < 2 or cfg["num_images"] < 1:
-            raise ValueError(f"bank_size must be >= 2 and num_images >= 1, got {cfg['bank_size']}, {cfg['num_images']}")
         self.views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["views"].items()})
 
     def applies_to(self, method) -> Applies:

@@ -25,9 +25,9 @@ from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
 from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, set_drop_path, train, working_copy
 from tasks.finetune import (
+    PREDICTOR_RECIPE,
     PredictorFinetune,
     check_head,
-    check_recipe,
     evaluate,
     frozen_inputs,
     lr_schedule,
@@ -79,10 +79,10 @@ class MultitaskPredictor(Task):
     """Multitask predictor tuning: one predictor, a learned token and a head per label set."""
 
     name = "multitask"
+    settings = PREDICTOR_RECIPE
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        check_recipe(self.name, self.cfg)
         sets = self.cfg.get("label_sets")
         if not isinstance(sets, (list, tuple)) or len(sets) < 2 or len(set(sets)) != len(sets):
             raise ConfigError(

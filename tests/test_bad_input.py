@@ -379,3 +379,30 @@ def test_val_labels_follow_the_train_classes(tmp_path):
     val = ImageFolder(root / "val", classes=["ant", "cat", "dog"], check_headers=False)
     assert val.classes == ["ant", "cat", "dog"] and {label for _, label in val.samples} == {1, 2}
     assert ImageFolder(root / "val", check_headers=False).classes == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tasks.linear.heldout_fraction=1.5", "tasks.linear.heldout_fraction must be in (0, 1), got 1.5"),
+        ("tasks.linear.heldout_fraction=0", "tasks.linear.heldout_fraction must be in (0, 1), got 0"),
+        ("tasks.linear.lrs=[]", "tasks.linear.lrs must be a non-empty list of numbers"),
+        ("tasks.linear.standardize=maybe", "tasks.linear.standardize must be true or false"),
+    ],
+)
+def test_task_settings_are_checked_before_compute(capsys, here, override, message):
+    refused(capsys, here, [*MODEL, "task=linear", override, "run_dir=run"], message)
+
+
+def test_every_task_declares_and_checks_all_its_settings():
+    # The presets load, and a wrong type in any declared setting of any task is refused by name.
+    from tasks import TASKS, build_task
+
+    cfg = OmegaConf.to_container(load_config(["task=all"]), resolve=True)
+    for name, task_cfg in cfg["tasks"].items():
+        task = build_task(name, task_cfg)
+        assert task.settings, name
+        for key in task.settings:
+            with pytest.raises(ValueError, match=f"tasks.{name}.{key} "):
+                build_task(name, dict(task_cfg, **{key: "wrong"}))
+    assert set(cfg["tasks"]) == set(TASKS)

@@ -62,7 +62,7 @@ class OracleIWM(IWM):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    root = synthetic.generate(tmp_path_factory.mktemp("gen") / "shapes", 16, 40, 32, seed=3)
+    root = synthetic.generate(tmp_path_factory.mktemp("gen") / "shapes", 32, 40, 32, seed=3)  # every class in train
     return DataSource("shapes", root, "train", "val", 32)
 
 
