@@ -131,7 +131,9 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str], list[str]]:
     sweep, launcher, cell = [], [], []
     for arg in args:
         key = arg.partition("=")[0]
-        if key.split(".")[0] in SWEEP_KEYS:
+        top = key.split(".")[0]
+        # `tasks=[...]` picks the sweep's tasks; `tasks.<task>.<key>=...` sets a task's setting.
+        if key in SWEEP_KEYS or (top in SWEEP_KEYS and top != "tasks"):
             sweep.append(arg)
         elif key.split(".")[0] == "launcher":
             launcher.append(arg)

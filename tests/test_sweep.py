@@ -45,14 +45,21 @@ def test_overrides_are_split_and_task_settings_go_to_their_task():
     )
     assert sweep == ["grid.seed=[0,1]", "sweep_dir=/x"] and launcher == ["launcher=slurm", "launcher.qos=high"]
     assert cell == ["pretrain.epochs=2"]
+    # A task's setting on the command line is an override for every run, not the sweep's task list.
+    assert split_overrides(["tasks=[linear]", "tasks.linear.epochs=5"]) == (
+        ["tasks=[linear]"],
+        [],
+        ["tasks.linear.epochs=5"],
+    )
     shared = ["seed=0", "tasks.linear.epochs=3", "tasks.mrr.bank=8"]
     assert overrides_for(shared, None) == ["seed=0"]
     assert overrides_for(shared, "linear") == ["seed=0", "tasks.linear.epochs=3"]
 
 
 def test_sweep_config_is_checked_before_anything_is_written(tmp_path):
-    sweep = load_sweep("ci", ["grid.seed=[7]", f"sweep_dir={tmp_path / 's'}"])
+    sweep = load_sweep("ci", ["grid.seed=[7]", f"sweep_dir={tmp_path / 's'}", "tasks.linear.epochs=5"])
     assert [c.name for c in sweep.cells] == ["ijepa_seed7", "iwm_seed7"] and sweep.tasks == ["linear"]
+    assert "tasks.linear.epochs=5" in sweep.cells[0].overrides
     assert sweep.cells[0].tasks == ["linear"] and sweep.launcher["name"] == "local"
     for args, message in [
         (["tasks=[nope]"], "unknown task 'nope'"),
