@@ -187,9 +187,14 @@ def plan_run(cfg: DictConfig) -> Plan:
     if run_dir.exists():
         if not cfg.resume:
             raise ConfigError(f"run folder already exists: {run_dir} (resume=true continues it)")
+        if not run_dir.is_dir():
+            raise ConfigError(f"run folder {run_dir} is a file, not a folder")
         _check_resume(run_dir, config)
     elif cfg.resume and cfg.run_dir:
         raise ConfigError(f"resume=true but the run folder does not exist: {run_dir}")
+    ckpt.check_writable_folder(run_dir, "run folder")
+    if cfg.data.kind == "builtin" and not source.root.exists():  # generated at the start of the run
+        ckpt.check_writable_folder(source.root, "data cache (cache_dir, or $BENCH_CACHE)")
     steps = (["pretrain"] if checkpoint_path is None and cfg.pretrain.epochs > 0 else []) + tasks
     finished = cfg.resume and run_dir.exists() and all(_ok_record(run_dir, step) for step in steps)
     return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped, finished)

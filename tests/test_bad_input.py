@@ -406,3 +406,24 @@ def test_every_task_declares_and_checks_all_its_settings():
             with pytest.raises(ValueError, match=f"tasks.{name}.{key} "):
                 build_task(name, dict(task_cfg, **{key: "wrong"}))
     assert set(cfg["tasks"]) == set(TASKS)
+
+
+def test_folders_that_cannot_be_used_are_refused_before_compute(capsys, here, monkeypatch):
+    blocker = here / "a-file"
+    blocker.write_text("not a folder")
+    refused(capsys, here, [*FAST, f"results_dir={blocker}"], f"{blocker} is a file, not a folder")
+    refused(capsys, here, [*FAST, f"run_dir={blocker}/run"], f"run folder {blocker}/run cannot be created")
+    monkeypatch.setenv("BENCH_CACHE", str(blocker / "cache"))
+    refused(capsys, here, [*FAST, "run_dir=run"], "data cache (cache_dir, or $BENCH_CACHE)")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_generated_data_follows_the_umask(tmp_path):
+    from benchmark.core import synthetic
+
+    old = os.umask(0o002)
+    try:
+        root = synthetic.generate(tmp_path / "shared", 4, 2, 32, seed=0)
+    finally:
+        os.umask(old)
+    assert root.stat().st_mode & 0o777 == 0o775

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from benchmark.core.errors import CheckpointError
+from benchmark.core.errors import CheckpointError, ConfigError
 from benchmark.core.faults import fault_point
 
 TEMP_SUFFIX = ".tmp"
@@ -135,3 +135,16 @@ def strip_prefix(weights: dict, prefix: str = "module.") -> dict:
     if weights and all(k.startswith(prefix) for k in weights):
         return {k[len(prefix) :]: v for k, v in weights.items()}
     return dict(weights)
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Refuse (ConfigError, before any compute) a folder that cannot be created or written: an
+    existing file on its path, or a read-only ancestor."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} cannot be written: {existing} is read-only for this user")

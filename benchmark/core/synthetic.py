@@ -203,6 +203,10 @@ def generate(root: str | Path, num_train: int, num_val: int, image_size: int, se
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    # mkdtemp makes the folder private (0700): a cache shared by a group must follow the umask.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
     try:
         rows = []
         for split, count in (("train", num_train), ("val", num_val)):
