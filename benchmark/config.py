@@ -74,8 +74,52 @@ def _one_line(exc: Exception) -> str:
     return text.split(" full_key:")[0]
 
 
+# Settings that may differ when a run is resumed: they do not change its results.
+RESUMABLE = {"resume", "progress", "workers", "device", "run_dir", "launcher"}
+
+
+def _stored_config(overrides: list[str]) -> Path | None:
+    """The config.yaml of the run folder that `resume=true run_dir=X` names, if it has one."""
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if given.get("resume", "false").lower() != "true" or not given.get("run_dir"):
+        return None
+    path = Path(given["run_dir"]).expanduser() / "config.yaml"
+    return path if path.is_file() else None
+
+
+def resume_config(stored_path: Path, overrides: list[str]) -> DictConfig:
+    """A run's stored config for `resume=true`: overrides may change only what does not change
+    results (RESUMABLE); any other override must repeat the stored value."""
+    stored = OmegaConf.load(stored_path)
+    differ = []
+    given = dict(o.partition("=")[::2] for o in overrides)  # the last value of a key wins, as in Hydra
+    for key, text in given.items():
+        if key.split(".")[0] in RESUMABLE:
+            continue
+        value = OmegaConf.from_dotlist([f"v={text}"]).v
+        current = stored.choices.get(key) if key in GROUPS else OmegaConf.select(stored, key, default="<unset>")
+        if value != current:
+            differ.append(f"{key}={text} (stored: {current})")
+    if differ:
+        raise ConfigError(
+            f"resume=true continues the run as it was started ({stored_path}); these overrides would change "
+            f"its results: {', '.join(differ[:5])}"
+        )
+    resumable = [f"{k}={v}" for k, v in given.items() if k.split(".")[0] in RESUMABLE]
+    cfg = OmegaConf.merge(stored, OmegaConf.from_dotlist(resumable))
+    OmegaConf.set_struct(cfg, True)
+    validate(cfg)
+    return cfg
+
+
 def load_config(overrides: list[str]) -> DictConfig:
-    """The composed, resolved config; the chosen group options are kept under `choices`."""
+    """The composed, resolved config; the chosen group options are kept under `choices`.
+
+    With `resume=true run_dir=X` and X holding a run, the run's stored config (see resume_config).
+    """
+    stored = _stored_config(overrides)
+    if stored is not None:
+        return resume_config(stored, overrides)
     _check_overrides(overrides)
     GlobalHydra.instance().clear()
     try:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark import official
-from benchmark.config import is_task_set
+from benchmark.config import RESUMABLE, is_task_set
 from benchmark.core import checkpoint as ckpt
 from benchmark.core import distributed
 from benchmark.core.data import DataSource, resolve_data
@@ -34,7 +34,6 @@ from methods.base import Method
 from tasks import TASKS, TaskContext, build_task
 
 # Settings that may differ when a run is resumed: they do not change its results.
-RESUMABLE_DIFFERENCES = {"resume", "progress", "workers", "device", "run_dir"}
 ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
@@ -88,9 +87,7 @@ def _check_resume(run_dir: Path, config: dict) -> None:
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
     current = _flatten(config)
     differ = sorted(
-        k
-        for k in set(saved) | set(current)
-        if k.split(".")[0] not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k)
+        k for k in set(saved) | set(current) if k.split(".")[0] not in RESUMABLE and saved.get(k) != current.get(k)
     )
     if differ:
         raise ConfigError(

@@ -153,3 +153,15 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_holder_does_not_block(bench, 
     holder.wait()
     bench("run", "run_dir=results/r", "resume=true", *PRETRAIN_ONLY, check=0)
     assert json.loads((run / "records/pretrain.json").read_text())["status"] == "ok"
+
+
+def test_resume_needs_only_the_run_folder(bench, tmp_path):
+    started = [*(o for o in TINY if not o.startswith("tasks.")), "pretrain.epochs=1", "task=none", "seed=4"]
+    bench("run", "run_dir=results/r", *started, check=0)
+    (tmp_path / "results/r/records/pretrain.json").unlink()  # as if stopped before its record
+    proc = bench("run", "run_dir=results/r", "resume=true", "workers=0", check=0)  # no other override
+    record = json.loads((tmp_path / "results/r/records/pretrain.json").read_text())
+    assert record["status"] == "ok" and record["seed"] == 4 and record["config"]["model"]["depth"] == 2
+    assert "pretrain" in proc.stdout
+    refused = bench("run", "run_dir=results/r", "resume=true", "seed=5")
+    assert refused.returncode == 2 and "seed=5 (stored: 4)" in refused.stderr
