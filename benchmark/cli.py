@@ -117,6 +117,7 @@ def seeds_table(records: list[dict]) -> Table:
 def cmd_run(overrides: list[str]) -> int:
     # torch loads here, not at import time: `bench --help` and argument errors answer at once.
     from benchmark.config import load_config, seed_overrides
+    from benchmark.core import interrupt
     from benchmark.core.errors import CheckpointError, ConfigError, DataError, one_line
     from benchmark.runner import execute, plan_run
 
@@ -144,7 +145,10 @@ def cmd_run(overrides: list[str]) -> int:
             out.print(f"already finished: {plan.run_dir}", highlight=False, soft_wrap=True)
             continue
         try:
-            records = execute(plan)
+            with interrupt.stop_on_sigterm():
+                records = execute(plan)
+        except interrupt.Interrupted as stopped:
+            return _fail(f"stopped: {stopped}; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
         except KeyboardInterrupt:
             return _fail(f"interrupted; resume with run_dir={plan.run_dir} resume=true", EXIT_FAILED)
         except ConfigError as exc:  # refused before any compute (the run folder is in use)

@@ -111,8 +111,8 @@ def pretrain(
         step = state["step"]
         set_rng_state(state["rng"])
         first_loss, losses = state.get("first_loss"), list(state.get("recent_losses", []))
-        if world.is_main:
-            truncate_log(log_path, step)
+    if world.is_main:  # a run killed before its first checkpoint restarts at 0: its lines go too
+        truncate_log(log_path, step)
     saved_step = step if last.exists() else None
 
     def save(at_step: int, rng: dict) -> None:

@@ -43,8 +43,10 @@ FAST = [
 TIMING = {"train_seconds", "images_per_second", "checkpoint"}
 
 
-def bench(cwd: Path, cache: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, BENCH_CACHE=str(cache))
+def bench(
+    cwd: Path, cache: Path, *args: str, fault: str | None = None, fault_signal: str = "KILL"
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BENCH_CACHE=str(cache), BENCH_FAULT_SIGNAL=fault_signal)
     env.pop("BENCH_FAULT", None)
     if fault:
         env["BENCH_FAULT"] = fault
@@ -177,3 +179,26 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, cache):
             max_steps=0,
         )
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, signal_name, step", [("step:5", "TERM", 5), ("step:2", "KILL", 0)])
+def test_stopped_or_killed_then_resumed_logs_every_step_once(tmp_path, cache, uninterrupted, fault, signal_name, step):
+    """SIGTERM writes a checkpoint at the step it arrives and stops; a kill before the first
+    checkpoint leaves none. Either way the resumed run's train log and results equal the
+    uninterrupted run's."""
+    stopped = bench(tmp_path, cache, "run_dir=run", fault=fault, fault_signal=signal_name)
+    run = tmp_path / "run"
+    if signal_name == "TERM":
+        assert stopped.returncode == 1 and f"stopped: pretraining stopped on request at step {step}" in stopped.stderr
+        assert f"resume with run_dir={run} resume=true" in stopped.stderr
+        assert ckpt.load(run / "checkpoints" / "last.pt")["step"] == step
+    else:
+        assert stopped.returncode == -signal.SIGKILL and not (run / "checkpoints" / "last.pt").exists()
+    assert not (run / "records" / "pretrain.json").exists()  # stopped, not failed
+    resumed = bench(tmp_path, cache, "run_dir=run", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    again = outcome(run)
+    steps = [json.loads(line)["step"] for line in again["log"]]
+    assert steps == sorted(set(steps)) == list(range(1, 9))  # every step logged exactly once
+    assert again["log"] == uninterrupted["log"] and again["metrics"] == uninterrupted["metrics"]

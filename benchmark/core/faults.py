@@ -2,6 +2,8 @@
 
     BENCH_FAULT=<point>[@<n>]   the n-th time (default: the first) the process reaches <point>,
                                 it sends itself SIGKILL: no cleanup, no flush, as a node failure
+    BENCH_FAULT_SIGNAL=TERM     sends SIGTERM instead (what `kill`, a scheduler or a container
+                                runtime sends to stop a process)
 
 Points:
     step:<k>            right after optimiser step k of pretraining (and its log line)
@@ -31,4 +33,4 @@ def fault_point(name: str) -> None:
         return
     _reached[name] += 1
     if _reached[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get('BENCH_FAULT_SIGNAL', 'KILL')}"))

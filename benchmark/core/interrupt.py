@@ -3,11 +3,13 @@
 A signal handler may fire in the middle of a step (after backward, before the optimizer), where
 no consistent state exists. So handlers only leave a request here; the loop reads it at the next
 step boundary, writes its checkpoint there and, for STOP, raises Interrupted. Jobs that can be
-preempted (slurm/jobs.py) install the handlers; a plain `bench run` never sees a request.
+preempted (slurm/jobs.py) install their handlers; a plain `bench run` installs `stop_on_sigterm`.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,3 +60,23 @@ def served_by_loop():
         yield
     finally:
         _listening = False
+
+
+@contextmanager
+def stop_on_sigterm():
+    """While pretraining, SIGTERM (kill, a scheduler, a container runtime stopping the process)
+    writes a checkpoint at the step boundary and stops (Interrupted); outside pretraining it ends
+    the process as usual."""
+
+    def on_term(signum, frame):
+        if listening():
+            request(STOP)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
