@@ -129,7 +129,10 @@ def load_config(overrides: list[str]) -> DictConfig:
         missing = re.match(r"Could not override '([^']+)'", _one_line(exc))
         if missing:
             raise ConfigError(_unknown_key_message(missing.group(1), overrides)) from None
-        raise ConfigError(f"bad override: {_one_line(exc)}") from None
+        hint = ""
+        if "LexerNoViableAltException" in _one_line(exc) or "token recognition error" in _one_line(exc):
+            hint = " (a value with spaces or other special characters needs quotes: key='my value')"
+        raise ConfigError(f"bad override: {_one_line(exc)}{hint}") from None
     choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
     with open_dict(cfg):
         del cfg["hydra"]

@@ -427,3 +427,38 @@ def test_generated_data_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert root.stat().st_mode & 0o777 == 0o775
+
+
+def test_a_write_past_the_file_size_limit_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from benchmark.core.checkpoint import save\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
+        f"save({str(tmp_path / 'big.pt')!r}, {{'w': torch.zeros(200_000)}})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"OSError: cannot write {tmp_path / 'big.pt'}: the file size limit was reached" in proc.stderr
+    assert not list(tmp_path.iterdir())  # no temporary file left
+
+
+def test_messages_that_say_what_to_do(capsys, here):
+    root = folder(here / "data")
+    (root / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # a macOS resource fork
+    assert all(not p.name.startswith(".") for p, _ in ImageFolder(root / "train").samples)
+    refused(capsys, here, [*MODEL, "checkpoint=data"], f"checkpoint {here / 'data'} is a folder, not a file")
+    refused(capsys, here, [*MODEL, "data.root=/a b/ü"], "needs quotes: key='my value'")
+
+
+def test_a_damaged_builtin_cache_says_how_to_regenerate_it(tmp_path):
+    from benchmark.core.data import resolve_data
+
+    cfg = load_config([*MODEL, "data.num_train=8", "data.num_val=4"])
+    source = resolve_data(cfg.data, tmp_path / "cache")
+    first = next((source.root / "train").rglob("*.png"))
+    first.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"the built-in data cache is damaged: delete {source.root} and run again"):
+        source.split("train")

@@ -133,9 +133,15 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, cache, uninte
 @pytest.mark.slow
 def test_divergence_stops_with_the_step_keeps_a_good_checkpoint_and_records_the_failure(tmp_path, cache):
     # Warmup from a sane lr to an absurd one: step 1's update blows the weights up, so the
-    # loss of step 2 is not finite.
+    # loss of step 2 is not finite (schedules read at the step itself, so step 0 uses start_lr).
     proc = bench(
-        tmp_path, cache, "run_dir=run", "pretrain.start_lr=1e-3", "pretrain.lr=1e35", "pretrain.checkpoint_every=1"
+        tmp_path,
+        cache,
+        "run_dir=run",
+        "pretrain.start_lr=1e-3",
+        "pretrain.lr=1e35",
+        "pretrain.checkpoint_every=1",
+        "pretrain.schedule_offset=0",
     )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -82,7 +82,7 @@ def test_mae_on_two_ranks_follows_the_single_process_run(bench, tmp_path, cache_
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 2e-3
     # One set of records, all from rank 0.
-    records = sorted(p.name for p in (tmp_path / "two" / "records").iterdir())
+    records = sorted(p.name for p in (tmp_path / "two" / "records").glob("*.json"))
     assert records == ["linear.json", "pretrain.json"]
     pre = json.loads((tmp_path / "two" / "records" / "pretrain.json").read_text())
     assert pre["metrics"]["steps"] == 16

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import resource
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -31,8 +34,11 @@ def atomic_write(path: str | Path, write) -> None:
         # the results folder, as a plain open() would have made them.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+            try:
+                write(f)
+                f.flush()
+            except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
+                raise OSError(f"cannot write {path}: {_write_failure(path, exc)}") from None
             fault_point(f"write:{path.name}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +51,18 @@ def atomic_write(path: str | Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    """Why a write failed, in words: a full disk or a file size limit rather than torch's own text."""
+    code = getattr(exc, "errno", None)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code == errno.ENOSPC or shutil.disk_usage(path.parent).free < 64 * 2**20:
+        return "no space left on the device"
+    if code == errno.EFBIG or limit != resource.RLIM_INFINITY:
+        return f"the file size limit was reached (ulimit -f: {limit} bytes)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the write failed ({first})"
 
 
 def _umask() -> int:
@@ -71,6 +89,9 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint without executing any pickled code, after checking its CRCs."""
     path = Path(path)
+    if path.is_dir():
+        hint = f" (a run folder's is {path / 'checkpoints' / 'last.pt'})" if (path / "checkpoints").is_dir() else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     _check_crc(path)
