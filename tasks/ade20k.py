@@ -137,6 +137,8 @@ class ADE20kSegmentation(Task):
         c = self.cfg
         root = Path(str(c["root"])).expanduser() if c["root"] is not None else ctx.source.root
         train_set, val = ADE20k(root, "train", c["reduce_zero_label"]), ADE20k(root, "val", c["reduce_zero_label"])
+        for split in (train_set, val):  # a bad label fails now, not after 160k iterations
+            split.check_labels(c["num_classes"])
         if c["batch_size"] > len(train_set):
             raise DataError(
                 f"tasks.ade20k.batch_size={c['batch_size']} exceeds the {len(train_set)} training images in {root}"

@@ -250,3 +250,23 @@ def test_bad_segmentation_settings_exit_2(bench, tmp_path, args, message):
 def test_mmseg_backend_asked_for_but_absent_exits_2(bench):
     proc = bench("run", *TINY_SEG_MODEL, "method=iwm", "task=ade20k", "tasks.ade20k.backend=mmseg")
     assert proc.returncode == 2 and "backend=mmseg but" in proc.stderr
+
+
+def test_every_label_is_checked_before_training_naming_the_file_and_raw_value(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tasks.segmentation.data import ADE20k
+
+    root = synthetic.generate(tmp_path / "shapes", 6, 3, 64, seed=0)
+    val = ADE20k(root, "val")
+    val.check_labels(7)  # the generated labels are fine
+    bad = val.samples[-1][1]
+    values = np.array(Image.open(bad))
+    values[0, 0] = 200
+    Image.fromarray(values).save(bad)
+    with pytest.raises(DataError, match=f"label {bad} holds values 200 outside 1..7"):
+        val.check_labels(7)
+    Image.fromarray(np.stack([values] * 3, -1)).save(bad)
+    with pytest.raises(DataError, match=f"label {bad} has mode RGB"):
+        ADE20k(root, "val").check_labels(7)

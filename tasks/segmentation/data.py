@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from benchmark.core.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from benchmark.core.data import IMAGENET_MEAN, IMAGENET_STD, check_label_png, to_rgb
 from benchmark.core.errors import DataError
 from tasks.segmentation.metrics import IGNORE_INDEX
 
@@ -64,6 +65,27 @@ class ADE20k(Dataset):
                 f"{len(unlabelled)} images in {images} have no annotation png in {labels}, e.g. {unlabelled[0]}"
             )
         self.reduce_zero = reduce_zero
+
+    def check_labels(self, num_classes: int) -> None:
+        """Every annotation's mode, size and raw values, before any training (in parallel, like the
+        image header scan); DataError names the file and the raw value.
+
+        Raw values: 1..num_classes and 0 (ignore) with reduce_zero_label, else 0..num_classes - 1
+        and 255 (ignore)."""
+
+        def one(pair: tuple[Path, Path]) -> None:
+            image_path, label_path = pair
+            with Image.open(image_path) as img:
+                size = img.size
+            if self.reduce_zero:
+                check_label_png(label_path, num_classes, ignore_values=(0,), size=size)
+            else:  # classes 0..C-1: shift the allowed range of the check by one
+                values = check_label_png(label_path, num_classes + 1, ignore_values=(0, IGNORE_INDEX), size=size)
+                if values.size and int(values[values != IGNORE_INDEX].max(initial=0)) >= num_classes:
+                    raise DataError(f"label {label_path} holds values >= {num_classes} (classes 0..{num_classes - 1})")
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
