@@ -286,7 +286,7 @@ CHECKPOINTS = {
         lambda p: bench_checkpoint(p, ["model.depth=2"]),
         "does not match model=vit_micro: depth=2",
     ),
-    "not a file": (lambda p: p.mkdir(), "checkpoint not found"),
+    "not a file": (lambda p: p.mkdir(), "is a folder, not a file"),
 }
 
 
