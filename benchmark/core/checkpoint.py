@@ -38,7 +38,10 @@ def atomic_write(path: str | Path, write) -> None:
                 write(f)
                 f.flush()
             except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
-                raise OSError(f"cannot write {path}: {_write_failure(path, exc)}") from None
+                code, why = _write_failure(path, exc)
+                failure = OSError(f"cannot write {path}: {why}")
+                failure.errno = code  # callers may still tell a full disk from a size limit
+                raise failure from None
             fault_point(f"write:{path.name}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,16 +56,17 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def _write_failure(path: Path, exc: BaseException) -> str:
-    """Why a write failed, in words: a full disk or a file size limit rather than torch's own text."""
+def _write_failure(path: Path, exc: BaseException) -> tuple[int | None, str]:
+    """(errno, why) of a failed write, in words: a full disk or a file size limit rather than
+    torch's own text."""
     code = getattr(exc, "errno", None)
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if code == errno.ENOSPC or shutil.disk_usage(path.parent).free < 64 * 2**20:
-        return "no space left on the device"
+        return errno.ENOSPC, "no space left on the device"
     if code == errno.EFBIG or limit != resource.RLIM_INFINITY:
-        return f"the file size limit was reached (ulimit -f: {limit} bytes)"
+        return errno.EFBIG, f"the file size limit was reached (ulimit -f: {limit} bytes)"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"the write failed ({first})"
+    return code, f"the write failed ({first})"
 
 
 def _umask() -> int:
