@@ -84,13 +84,17 @@ def results_table(records: list[dict]) -> Table | None:
     return table
 
 
+def print_wide(table: Table) -> None:
+    """Never cut a column: the table is as wide as its cells need, even in a log file."""
+    needed = sum(max(len(str(c.header)), *(len(str(cell)) for cell in c.cells), 6) + 3 for c in table.columns) + 1
+    Console(width=max(out.width, needed)).print(table)
+
+
 def print_tables(records: list[dict]) -> None:
-    out.print(summary_table(records))
+    print_wide(summary_table(records))
     results = results_table(records)
     if results is not None:
-        # Never cut a column: the table is as wide as its headers need, even in a log file.
-        needed = sum(max(len(str(c.header)), *(len(cell) for cell in c.cells), 6) + 3 for c in results.columns) + 1
-        Console(width=max(out.width, needed)).print(results)
+        print_wide(results)
 
 
 def seeds_table(records: list[dict]) -> Table:
