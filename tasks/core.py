@@ -20,8 +20,8 @@ from benchmark.core.errors import DivergenceError
 from benchmark.core.progress import progress_bar
 from methods.base import Method
 
-# Seed offsets (derive_seed(task seed, X)) shared by the protocols, so that e.g. the random
-# predictor of predictor finetuning and of ADE20k is the same network for the same run.
+# What each draw of a protocol is seeded with: derive_seed(the protocol's seed, X). Named once so
+# that no two draws of one protocol share a seed by accident.
 MIX_SEED, RANDOM_PREDICTOR_SEED, HEAD_SEED, TRAIN_POOL_SEED = 1, 2, 3, 4
 
 
