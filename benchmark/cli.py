@@ -48,14 +48,19 @@ def _headline(record: dict) -> str:
 
 
 def summary_table(records: list[dict]) -> Table:
+    from tasks.core import CONVERGENCE_RULE
+
     first = records[0]
     table = Table(title=f"{first['preset']} / {first['model']} / {first['data']} / seed {first['seed']}")
-    for column in ("task", "result [95% CI over val examples]", "chance", "seconds", "status"):
+    for column in ("task", "result [95% CI over val examples]", "chance", "converged", "seconds", "status"):
         table.add_column(column, justify="right" if column in ("chance", "seconds") else "left", no_wrap=True)
     for r in records:
         m = r["metrics"]
         chance = next((f"{m[k]:.4g}" for k in ("chance_top1", "chance_mrr") if k in m), "")
-        table.add_row(r["task"], _headline(r), chance, f"{r['wall_seconds']:.1f}", r["status"])
+        flag = {True: "yes", False: "NO", None: ""}[m.get("converged")] if r["task"] != "pretrain" else ""
+        table.add_row(r["task"], _headline(r), chance, flag, f"{r['wall_seconds']:.1f}", r["status"])
+    if any(r["metrics"].get("converged") is not None for r in records if r["task"] != "pretrain"):
+        table.caption = f"converged: the training loss has flattened ({CONVERGENCE_RULE})"
     return table
 
 

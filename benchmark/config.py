@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmark.core.errors import ConfigError
-from benchmark.step import ATTENTION
+from benchmark.core.layers import ATTENTION
 from methods.base import ENCODER_KEYS
 from methods.masks import MaskConfig, MultiBlockMasker
 
@@ -76,6 +76,8 @@ def _one_line(exc: Exception) -> str:
 
 # Settings that may differ when a run is resumed: they do not change its results.
 RESUMABLE = {"resume", "progress", "workers", "device", "run_dir", "launcher"}
+# Keys added after runs were stored, with the behaviour those runs had: a resumed run keeps it.
+BEFORE_THE_KEY = {"attention": "fused"}
 
 
 def _stored_config(overrides: list[str]) -> Path | None:
@@ -107,6 +109,9 @@ def resume_config(stored_path: Path, overrides: list[str]) -> DictConfig:
         )
     resumable = [f"{k}={v}" for k, v in given.items() if k.split(".")[0] in RESUMABLE]
     cfg = OmegaConf.merge(stored, OmegaConf.from_dotlist(resumable))
+    for key, value in BEFORE_THE_KEY.items():
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, value, force_add=True)
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg
@@ -244,10 +249,8 @@ def validate(cfg: DictConfig) -> None:
     if "predictor" in cfg.method:
         _number(cfg, "method.predictor.depth", 0, integer=True)
         _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
-    _require(
-        cfg.pretrain.attention in ATTENTION,
-        f"pretrain.attention must be {', '.join(ATTENTION)}, got {cfg.pretrain.attention!r}",
-    )
+    for key, kind in (("pretrain.attention", cfg.pretrain.attention), ("attention", cfg.attention)):
+        _require(kind in ATTENTION, f"{key} must be {', '.join(ATTENTION)}, got {kind!r}")
     _require(
         cfg.checkpoint_key is None or cfg.checkpoint_key in ENCODER_KEYS,
         f"checkpoint_key must be {', '.join(ENCODER_KEYS)} or null, got {cfg.checkpoint_key!r}",

@@ -18,7 +18,8 @@ AdamW loop, timm's SDPA attention, no compile) and `fast` (the defaults, compile
 Evaluation. Pooled features are extracted once per (checkpoint, dataset) and cached for every
 frozen probe (first versus second request is timed), and the linear-probe grid trained in one
 pass is timed against the same heads trained one at a time, with the largest weight difference
-between the two.
+between the two. The finetuning stages' training step (frozen tokens and images) is timed with
+each attention kernel the task stages can run.
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
 
     from benchmark.config import load_config
     from benchmark.core.data import train_loader
-    from benchmark.core.layers import to_device
+    from benchmark.core.layers import to_device, use_attention
     from benchmark.pretrain import Schedule, set_hyperparameters
-    from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
+    from benchmark.step import forward_loss, make_optimizer, step_function, update
 
     if threads:
         torch.set_num_threads(threads)
@@ -277,17 +278,17 @@ def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
     grid = train_heads(x, y, classes, list(lin.lrs), list(lin.weight_decays), *args)
     grid_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    alone = [train_heads(x, y, classes, [lr], [wd], *args)[0] for lr, wd, _ in grid]
+    alone = [train_heads(x, y, classes, [lr], [wd], *args)[0] for lr, wd, _, _ in grid]
     alone_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    plain = [(lr, wd, sgd_head(x, y, classes, lr, wd, *args)) for lr, wd, _ in grid]
+    plain = [(lr, wd, sgd_head(x, y, classes, lr, wd, *args)) for lr, wd, _, _ in grid]
     plain_seconds = time.perf_counter() - start
 
     def compare(ours, others):
         """Per head: max |weight/bias difference| and whether train top-1 agrees."""
         diffs, same = [], []
         with torch.no_grad():
-            for (_, _, a), (_, _, b) in zip(ours, others):
+            for (_, _, a, *_), (_, _, b, *_) in zip(ours, others):
                 diffs.append(max((a.weight - b.weight).abs().max().item(), (a.bias - b.bias).abs().max().item()))
                 same.append(accuracy(a(x), y) == accuracy(b(x), y))
         return {"max_weight_diff": diffs, "same_train_top1": same}
@@ -299,8 +300,8 @@ def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
         "feature_dim": int(x.size(1)),
         "heads": len(grid),
         "epochs": int(lin.epochs),
-        "lrs": [lr for lr, _, _ in grid],
-        "weight_decays": [wd for _, wd, _ in grid],
+        "lrs": [lr for lr, *_ in grid],
+        "weight_decays": [wd for _, wd, *_ in grid],
         "features_first_seconds": first,
         "features_cached_seconds": second,
         "grid_seconds": grid_seconds,
@@ -312,6 +313,90 @@ def time_linear_probe(overrides: list[str], threads: int | None) -> dict:
         "grid_vs_torch_sgd": compare(grid, plain),
         "one_at_a_time_vs_torch_sgd": compare(alone, plain),
     }
+
+
+# The task stages timed by time_task_stages: a frozen-token stage and an image stage.
+STAGES = ("predictor_ft", "encoder_ft")
+
+
+def _stage_steps(model, groups: list[dict], x: torch.Tensor, targets: torch.Tensor, n: int, bf16: bool) -> float:
+    """Seconds per step of n steps of the task stages' loop on one repeated batch."""
+    from tasks.core import train
+    from tasks.mixing import soft_cross_entropy
+
+    start = time.perf_counter()
+    train(
+        groups,
+        iter(lambda: x, None),
+        n,
+        lambda step: 1e-5,
+        lambda inputs: soft_cross_entropy(model(inputs), targets),
+        betas=(0.9, 0.999),
+        clip_grad=0.0,
+        device=torch.device("cpu"),
+        bf16=bf16,
+        label="timing",
+    )
+    return (time.perf_counter() - start) / n
+
+
+def time_task_stages(
+    overrides: list[str], threads: int | None, steps: int = 8, warmup: int = 2, rounds: int = 3
+) -> dict:
+    """Seconds per training step of the finetuning stages (predictor_ft on frozen tokens,
+    encoder_ft on images), built by the real adapters and run by the real loop
+    (tasks.core.train), with each attention kernel the task stages can use: fused SDPA against
+    `auto` (the default: math under bf16 on CPU). Rounds interleave the kernels."""
+    from benchmark.config import load_config
+    from benchmark.core.data import resolve_data
+    from benchmark.core.layers import use_attention
+    from tasks import build_task
+    from tasks.base import TaskContext
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config([*overrides, "task=all"])
+    method, _ = _method_and_data(cfg, torch.device("cpu"))
+    method.eval()
+    ctx = TaskContext(resolve_data(cfg.data, cfg.cache_dir), torch.device("cpu"), "target_encoder", cfg.seed, Path("."))
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for stage in STAGES:
+        if stage not in cfg.tasks:
+            continue
+        task = build_task(stage, cfg.tasks[stage])
+        if not task.applies_to(method):
+            continue
+        bs, bf16 = int(task.cfg["batch_size"]), bool(task.cfg["bf16"])
+        size = cfg.data.image_size
+        x = (
+            torch.randn(bs, 3, size, size, generator=gen)
+            if task.train_encoder
+            else torch.randn(bs, method.grid**2, method.token_dim, generator=gen)
+        )
+        targets = torch.nn.functional.one_hot(torch.arange(bs) % 6, 6).float()
+        seconds = {"fused": [], "auto": []}
+        for _ in range(rounds):
+            for kind in seconds:
+                restore = use_attention(method, kind, torch.device("cpu"), bf16)
+                model, groups, _ = task.build(method, ctx, 6, cfg.seed)
+                model.train()
+
+                if warmup:
+                    _stage_steps(model, groups, x, targets, warmup, bf16)
+                seconds[kind].append(_stage_steps(model, groups, x, targets, steps, bf16))
+                restore()
+        fused, auto = statistics.median(seconds["fused"]), statistics.median(seconds["auto"])
+        out[stage] = {
+            "batch_size": bs,
+            "bf16": bf16,
+            "inputs": "images" if task.train_encoder else "frozen tokens",
+            "fused_s_per_step": fused,
+            "auto_s_per_step": auto,
+            "round_medians": seconds,
+            "speedup": fused / auto,
+        }
+    return out
 
 
 def sgd_head(
@@ -512,6 +597,8 @@ def run_benchmark(
     if probe is not None:
         log("linear probe: feature cache and head grid")
         result["linear_probe"] = _child("time_linear_probe", {"overrides": probe, "threads": threads})
+        log("task stages: training step with each attention kernel")
+        result["task_stages"] = _child("time_task_stages", {"overrides": probe, "threads": threads})
     return result
 
 
@@ -623,5 +710,24 @@ def tables(result: dict):
                 *agreement(probe[cmp]),
             )
         t.add_row("", "(the two baselines against each other)", "", "", *agreement(probe["one_at_a_time_vs_torch_sgd"]))
+        out.append(t)
+    stages = result.get("task_stages")
+    if stages:
+        t = Table(
+            title="task stages: training step (real adapter and loop), attention kernel fused SDPA vs the "
+            "default auto (math under bf16 on CPU); median of 3 interleaved rounds"
+        )
+        for col in ("stage", "inputs", "batch", "bf16", "fused s/step", "auto s/step", "speed-up"):
+            t.add_column(col, justify="left" if col in ("stage", "inputs") else "right")
+        for stage, m in stages.items():
+            t.add_row(
+                stage,
+                m["inputs"],
+                str(m["batch_size"]),
+                "yes" if m["bf16"] else "no",
+                f"{m['fused_s_per_step']:.3f}",
+                f"{m['auto_s_per_step']:.3f}",
+                f"{m['speedup']:.2f}x",
+            )
         out.append(t)
     return out

@@ -29,11 +29,11 @@ from benchmark.core import distributed, interrupt
 from benchmark.core.data import UNREADABLE_LOG, DataSource, train_loader
 from benchmark.core.errors import DataError, DivergenceError
 from benchmark.core.faults import fault_point
-from benchmark.core.layers import to_device
+from benchmark.core.layers import to_device, use_attention
 from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import cosine, warmup_cosine
 from benchmark.core.seeding import rng_state, set_rng_state
-from benchmark.step import forward_loss, make_optimizer, step_function, update, use_attention
+from benchmark.step import forward_loss, make_optimizer, step_function, update
 from methods.base import Method
 
 LAST = "last.pt"

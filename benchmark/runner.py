@@ -25,6 +25,7 @@ from benchmark.core import checkpoint as ckpt
 from benchmark.core import distributed
 from benchmark.core.data import DataSource, resolve_data
 from benchmark.core.errors import CheckpointError, ConfigError, DataError, one_line
+from benchmark.core.layers import use_attention
 from benchmark.core.progress import console
 from benchmark.core.stats import bootstrap_ci
 from benchmark.pretrain import LAST, pretrain
@@ -32,6 +33,7 @@ from benchmark.records import make_record, non_finite_metrics, now, write_eviden
 from methods import METHODS, build_method, method_from_state
 from methods.base import Method
 from tasks import TASKS, TaskContext, build_task
+from tasks.base import Task
 
 # Settings that may differ when a run is resumed: they do not change its results.
 ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -353,8 +355,18 @@ def _execute_main(plan: Plan) -> list[dict]:
     for name in plan.task_names:
         console.print(f"[bold]task[/] {name}")
         task = build_task(name, plan.config["tasks"][name])
-        guarded(name, lambda task=task: task.run(plan.method, ctx))
+        guarded(name, lambda task=task: run_task(task, plan.method, ctx, cfg.attention))
     return records
+
+
+def run_task(task: Task, method: Method, ctx: TaskContext, attention: str) -> dict:
+    """One task with the attention kernel its precision calls for (`attention`, per task: the
+    task's bf16 setting decides `auto`); the method's own kernels are restored afterwards."""
+    restore = use_attention(method, attention, ctx.device, bool(task.cfg.get("bf16", False)))
+    try:
+        return task.run(method, ctx)
+    finally:
+        restore()
 
 
 def _pretrain_only(plan: Plan) -> list[dict]:

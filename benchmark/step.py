@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.models.vision_transformer import Block
 
 from benchmark.core import distributed
 from methods.base import Method
@@ -25,31 +24,6 @@ def make_optimizer(method: Method, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         method.param_groups(), lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps, fused=bool(cfg.fused_adamw)
     )
-
-
-ATTENTION = ("auto", "fused", "math")
-
-
-def use_attention(method: Method, kind: str, device: torch.device, bf16: bool) -> Callable[[], None]:
-    """Set the attention kernel of every block; returns a function that restores the previous ones.
-
-    `fused` is torch's scaled_dot_product_attention, `math` the explicit matmuls and softmax,
-    `auto` picks math for bf16 on CPU, where SDPA's flash kernel (its backward above all) is
-    slower at these short sequences (docs/performance.md), and fused everywhere else.
-    """
-    if kind not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
-    fused = kind == "fused" or (kind == "auto" and not (device.type == "cpu" and bf16))
-    blocks = [m for m in method.modules() if isinstance(m, Block)]
-    before = [b.attn.fused_attn for b in blocks]
-    for b in blocks:
-        b.attn.fused_attn = fused
-
-    def restore() -> None:
-        for b, flag in zip(blocks, before):
-            b.attn.fused_attn = flag
-
-    return restore
 
 
 def step_function(method: Method, compile: bool, device: torch.device | None = None) -> Callable[[dict], dict]:

@@ -185,9 +185,14 @@ class Method(nn.Module, metaclass=ABCMeta):
         """A freshly initialised predictor of the same architecture (from torch's global RNG)."""
 
     def reset_predictor(self, seed: int) -> nn.Module:
-        """Replace the predictor by a fresh one drawn under `seed` (the random-predictor control)."""
+        """Replace the predictor by a fresh one drawn under `seed` (the random-predictor control),
+        running the attention kernels the old one ran."""
+        kernels = [m.fused_attn for m in self.predictor.modules() if hasattr(m, "fused_attn")]
         with seeded(seed):
             self.predictor = self.new_predictor()
+        attentions = [m for m in self.predictor.modules() if hasattr(m, "fused_attn")]
+        for module, fused in zip(attentions, kernels):
+            module.fused_attn = fused
         return self.predictor
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -4,6 +4,8 @@ A sweep config (benchmark/conf/sweep/<name>.yaml, or any YAML path) has
     grid:       {override key: [values]}; one cell per combination (methods, presets, seeds, ...)
     tasks:      [task names]; each evaluates every cell's pretrained checkpoint
     overrides:  [key=value] shared by every cell
+or, for cells that need different tasks, a list of blocks instead of grid:
+    grids:      [{grid: {...}, tasks: [...]}, ...]; a block without tasks takes the top-level ones
 Each cell is one pretraining job; its tasks form one job array that starts only after the
 pretraining job succeeded (sbatch --dependency=afterok), so nothing waits on the login node.
 
@@ -42,7 +44,7 @@ from tasks import TASKS, build_task
 
 SWEEP_DIR = CONF_DIR / "sweep"
 MANIFEST = "sweep.json"
-SWEEP_KEYS = ("grid", "tasks", "overrides", "sweep_dir")
+SWEEP_KEYS = ("grid", "grids", "tasks", "overrides", "sweep_dir")
 LAUNCHERS = ("local", "slurm")
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
@@ -155,7 +157,8 @@ def load_sweep(name_or_path: str, args: list[str]) -> Sweep:
         raise ConfigError(f"unknown sweep key {unknown[0]!r} in {path} (known: {', '.join(SWEEP_KEYS)})")
     spec = OmegaConf.to_container(spec, resolve=True)
     tasks = list(spec.get("tasks") or [])
-    for task in tasks:
+    blocks = _blocks(spec, tasks, path)
+    for task in [t for _, block_tasks in blocks for t in block_tasks]:
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r} in sweep {path.stem} (known: {', '.join(sorted(TASKS))})")
     launcher = OmegaConf.to_container(load_config(launcher_args).launcher)
@@ -165,11 +168,33 @@ def load_sweep(name_or_path: str, args: list[str]) -> Sweep:
     for override in shared:
         if override.partition("=")[0] in ("task", "run_dir", "resume", "checkpoint", "launcher"):
             raise ConfigError(f"override {override!r} is set by the sweep itself (tasks: in the sweep file)")
-    cells = []
-    for name, overrides in expand_grid(spec.get("grid") or {}, shared):
-        cells.append(Cell(name, overrides, *_applicable_tasks(overrides, tasks)))
+    cells, seen = [], set()
+    for grid, block_tasks in blocks:
+        for name, overrides in expand_grid(grid, shared):
+            if name in seen:
+                raise ConfigError(f"sweep {path.stem}: two blocks of grids: make the same cell {name!r}")
+            seen.add(name)
+            cells.append(Cell(name, overrides, *_applicable_tasks(overrides, block_tasks)))
+    tasks = list(dict.fromkeys(t for _, block_tasks in blocks for t in block_tasks))
     sweep_dir = Path(spec.get("sweep_dir") or Path("results") / "sweeps" / path.stem).expanduser().absolute()
     return Sweep(path.stem, sweep_dir, cells, launcher, tasks)
+
+
+def _blocks(spec: dict, tasks: list[str], path: Path) -> list[tuple[dict, list[str]]]:
+    """(grid, tasks) of every block: the one grid, or each entry of grids."""
+    if "grids" not in spec:
+        return [(spec.get("grid") or {}, tasks)]
+    if "grid" in spec:
+        raise ConfigError(f"sweep {path.stem} sets both grid and grids; use one")
+    blocks = spec["grids"]
+    if not isinstance(blocks, list) or not blocks:
+        raise ConfigError(f"sweep {path.stem}: grids must be a non-empty list of {{grid, tasks}} blocks")
+    out = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or set(block) - {"grid", "tasks"} or "grid" not in block:
+            raise ConfigError(f"sweep {path.stem}: grids[{i}] must hold a grid (and optionally tasks), got {block!r}")
+        out.append((block["grid"] or {}, list(block.get("tasks") or tasks)))
+    return out
 
 
 def _applicable_tasks(overrides: list[str], tasks: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
@@ -105,11 +106,41 @@ def train(
     return losses
 
 
+# A training stage has converged (its loss has flattened) when the mean loss of its last fifth of
+# steps is below the fifth before it by at most FLAT_SHARE of the stage's whole decrease (first
+# fifth to last), or by at most FLAT_FLOOR of its first loss when it barely moved at all.
+FLAT_SHARE, FLAT_FLOOR = 0.1, 0.01
+CONVERGENCE_RULE = (
+    f"last fifth of the steps lowers the mean loss by at most {FLAT_SHARE:g} of the stage's total "
+    f"decrease (or {FLAT_FLOOR:g} of the first loss)"
+)
+CURVE_POINTS = 20
+
+
+def loss_curve(losses: list[float], points: int = CURVE_POINTS) -> list[float]:
+    """The losses as the means of up to `points` equal consecutive windows (the record's curve)."""
+    if not losses:
+        return []
+    return [float(np.mean(w)) for w in np.array_split(np.asarray(losses, dtype=float), min(points, len(losses)))]
+
+
+def converged(losses: list[float]) -> bool | None:
+    """Whether the loss has flattened by CONVERGENCE_RULE; None with fewer than 5 steps."""
+    if len(losses) < 5:
+        return None
+    fifths = [float(np.mean(w)) for w in np.array_split(np.asarray(losses, dtype=float), 5)]
+    first, before, last = fifths[0], fifths[3], fifths[4]
+    return before - last <= max(FLAT_SHARE * (first - last), FLAT_FLOOR * abs(first))
+
+
 def loss_summary(losses: list[float], tail: int) -> dict:
-    """Steps, first loss and the mean of the last `tail` losses (a stage's last epoch)."""
+    """Steps, first loss, the mean of the last `tail` losses (a stage's last epoch), the loss curve
+    and whether the stage converged (CONVERGENCE_RULE)."""
     last = losses[-max(1, tail) :]
     return {
         "steps": len(losses),
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(last) / len(last) if last else None,
+        "loss_curve": loss_curve(losses),
+        "converged": converged(losses),
     }

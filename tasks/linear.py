@@ -16,6 +16,7 @@ from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import cosine
 from benchmark.core.stats import Evidence
 from tasks.base import Flag, Number, Numbers, Task, TaskContext
+from tasks.core import loss_summary
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -39,8 +40,9 @@ def train_heads(
     batch_size: int,
     seed: int,
     show_progress: bool = False,
-) -> list[tuple[float, float, nn.Linear]]:
-    """One linear head per (lr, wd), trained together with SGD + momentum and a cosine schedule.
+) -> list[tuple[float, float, nn.Linear, list[float]]]:
+    """One linear head per (lr, wd), trained together with SGD + momentum and a cosine schedule;
+    per head (lr, wd, the head, its mean training loss of every epoch).
 
     The heads sit side by side in one [D, heads * classes] weight, so a step is ONE matrix
     product for every head's logits and one for every head's weight gradient (a single wide
@@ -69,8 +71,10 @@ def train_heads(
     rows = torch.arange(batch_size)
     gen = torch.Generator().manual_seed(seed)
     step = 0
+    curves = []
     with progress_bar("linear heads", epochs, enabled=show_progress) as bar:
         for _ in range(epochs):
+            epoch_loss = x.new_zeros(heads)
             order = torch.randperm(n_total, generator=gen)
             xs, ys = x[order], y[order]  # one gather per epoch; batches are then contiguous views
             for i in range(steps_per_epoch):
@@ -80,11 +84,13 @@ def train_heads(
                 logits = (xb @ weight).view(n, num_classes, heads)
                 g = (logits - logits.amax(dim=1, keepdim=True)).exp_()
                 g.div_(g.sum(dim=1, keepdim=True))
+                epoch_loss -= g[rows[:n], yb, :].clamp_min(1e-30).log().sum(0)  # cross-entropy, per head
                 g[rows[:n], yb, :] -= 1.0
                 grad = xb.T @ g.view(n, width)
                 velocity.mul_(0.9).add_(grad, alpha=1.0 / n).addcmul_(decay, weight)
                 weight.addcmul_(cosine(step, total, 1.0, 0.0) * base_lr, velocity, value=-1.0)
                 step += 1
+            curves.append((epoch_loss / n_total).tolist())
             bar.advance()
     out = []
     for h, (lr, wd) in enumerate(grid):
@@ -93,7 +99,7 @@ def train_heads(
         with torch.no_grad():
             head.weight.copy_(weight[:dim, cols].T)
             head.bias.copy_(weight[dim, cols])
-        out.append((lr, wd, head))
+        out.append((lr, wd, head, [epoch[h] for epoch in curves]))
     return out
 
 
@@ -133,7 +139,7 @@ class LinearProbe(Task):
         )
         grid = []
         with torch.no_grad():
-            for lr, wd, head in heads:
+            for lr, wd, head, _ in heads:
                 grid.append(
                     {
                         "lr": lr,
@@ -144,6 +150,7 @@ class LinearProbe(Task):
                 )
         best_index = max(range(len(grid)), key=lambda i: grid[i]["heldout_top1"])
         best = grid[best_index]
+        curve = heads[best_index][3]
         with torch.no_grad():
             correct = (heads[best_index][2](x_val).argmax(dim=-1) == y_val).numpy()
         return {
@@ -159,4 +166,6 @@ class LinearProbe(Task):
             "heldout_samples": len(held),
             "val_samples": len(x_val),
             "grid": grid,
+            # The chosen head's training loss, one point per epoch (tasks/core.py's rule).
+            **loss_summary(curve, 1),
         }

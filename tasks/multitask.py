@@ -23,7 +23,7 @@ from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import Evidence, fingerprint
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
-from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, set_drop_path, train, working_copy
+from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, loss_summary, set_drop_path, train, working_copy
 from tasks.finetune import (
     PREDICTOR_RECIPE,
     PredictorFinetune,
@@ -101,7 +101,7 @@ class MultitaskPredictor(Task):
         for column in sets:
             metrics, _ = PredictorFinetune(cfg).tune(method, ctx, column)
             separate[column] = metrics
-        multi, trainable, seconds = self.tune_jointly(method, ctx, sets)
+        multi, trainable, seconds, stats = self.tune_jointly(method, ctx, sets)
         per_task = {
             c: {
                 "multitask_top1": 100.0 * float(multi[c].mean()),
@@ -130,10 +130,15 @@ class MultitaskPredictor(Task):
             "train_seconds": seconds,
             "separate_train_seconds": sum(m["train_seconds"] for m in separate.values()),
             "epochs": cfg["epochs"],
+            **stats,
+            # Every stage of the comparison must have converged for it to mean something.
+            "converged": stats["converged"] and all(m["converged"] for m in separate.values()),
+            "separate_converged": {c: separate[c]["converged"] for c in sets},
         }
 
-    def tune_jointly(self, method: Method, ctx: TaskContext, sets: list[str]) -> tuple[dict, int, float]:
-        """Train the shared predictor; returns (val correctness per label set, trainable parameters, seconds)."""
+    def tune_jointly(self, method: Method, ctx: TaskContext, sets: list[str]) -> tuple[dict, int, float, dict]:
+        """Train the shared predictor; returns (val correctness per label set, trainable parameters,
+        seconds, loss statistics)."""
         cfg, seed = self.cfg, derive_seed(ctx.seed, sum(map(ord, self.name)))
         train_sets = [ctx.labels("train", c) for c in sets]
         val = [ctx.labels("val", c)[0] for c in sets]
@@ -172,7 +177,7 @@ class MultitaskPredictor(Task):
 
         started = time.perf_counter()
         model.to(ctx.device).train()
-        train(
+        losses = train(
             groups,
             batches(),
             total,
@@ -192,7 +197,7 @@ class MultitaskPredictor(Task):
             )
             for t, c in enumerate(sets)
         }
-        return correct, count_parameters(groups), seconds
+        return correct, count_parameters(groups), seconds, loss_summary(losses, steps)
 
     def build(self, method: Method, ctx: TaskContext, classes: list[int], seed: int) -> MultitaskModel:
         work = working_copy(method, [method.predictor])

@@ -4,6 +4,7 @@ Speed itself is never asserted: it depends on the machine and its load.
 """
 
 import json
+import math
 import statistics
 
 import pytest
@@ -110,9 +111,9 @@ def test_head_grid_in_one_pass_equals_heads_one_at_a_time():
     x, y = torch.randn(120, 16, generator=gen), torch.randint(0, 4, (120,), generator=gen)
     x[:, 0] += y  # learnable, so the heads move away from zero
     grid = train_heads(x, y, 4, [0.01, 0.3], [0.0, 1e-2], epochs=3, batch_size=32, seed=1)
-    assert [(lr, wd) for lr, wd, _ in grid] == [(0.01, 0.0), (0.01, 1e-2), (0.3, 0.0), (0.3, 1e-2)]
-    for lr, wd, head in grid:
-        ((_, _, alone),) = train_heads(x, y, 4, [lr], [wd], epochs=3, batch_size=32, seed=1)
+    assert [(lr, wd) for lr, wd, _, _ in grid] == [(0.01, 0.0), (0.01, 1e-2), (0.3, 0.0), (0.3, 1e-2)]
+    for lr, wd, head, _ in grid:
+        ((_, _, alone, _),) = train_heads(x, y, 4, [lr], [wd], epochs=3, batch_size=32, seed=1)
         assert head.weight.abs().max() > 1e-3
         torch.testing.assert_close(head.weight, alone.weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(head.bias, alone.bias, rtol=0, atol=1e-6)
@@ -127,15 +128,27 @@ def test_head_grid_follows_torch_sgd():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 3, (64,), generator=gen)
     grid = train_heads(x, y, 3, [0.5, 0.05], [1e-2], epochs=2, batch_size=16, seed=4)
-    for lr, wd, head in grid:
+    for lr, wd, head, _ in grid:
         ref = perf.sgd_head(x, y, 3, lr, wd, epochs=2, batch_size=16, seed=4)
         assert ref.weight.abs().max() > 1e-3
         torch.testing.assert_close(head.weight, ref.weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(head.bias, ref.bias, rtol=0, atol=1e-6)
     # A last batch smaller than the others (64 = 3 x 20 + 4) is handled like torch does.
-    ((_, _, head),) = train_heads(x, y, 3, [0.5], [0.0], epochs=2, batch_size=20, seed=4)
+    ((_, _, head, _),) = train_heads(x, y, 3, [0.5], [0.0], epochs=2, batch_size=20, seed=4)
     ref = perf.sgd_head(x, y, 3, 0.5, 0.0, epochs=2, batch_size=20, seed=4)
     torch.testing.assert_close(head.weight, ref.weight, rtol=0, atol=1e-6)
+
+
+def test_head_grid_reports_each_heads_training_loss_per_epoch():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=gen), torch.randint(0, 3, (96,), generator=gen)
+    x[:, 0] += 3 * y
+    (_, _, _, frozen), (_, _, _, learning) = train_heads(x, y, 3, [1e-9, 0.3], [0.0], epochs=8, batch_size=32, seed=2)
+    # Zero weights that barely move: every epoch's mean cross-entropy is log(3).
+    assert frozen == pytest.approx([math.log(3)] * 8, rel=1e-6)
+    # A head that learns a separable problem: its loss falls (SGD noise aside) well below log(3).
+    assert len(learning) == 8 and sum(learning[-2:]) < 0.5 * sum(learning[:2])
+    assert learning[-1] < 0.5 * math.log(3)
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +341,40 @@ def test_perf_cli_times_step_and_loop_over_interleaved_rounds(bench, tmp_path):
     # Each round replays the same batches: same losses every round, and the fast path equals eager.
     assert fast["losses_every_round"][0] == fast["losses_every_round"][1]
     assert fast["equal_numerics"] and fast["loss_rel_diff_vs_eager"] < 1e-4
+
+
+def test_task_stage_timing_runs_the_real_adapters_with_both_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    overrides = [
+        "method=iwm",
+        "model.depth=2",
+        "method.predictor.depth=1",
+        "data.num_train=16",
+        "data.num_val=8",
+        "tasks.predictor_ft.batch_size=4",
+        "tasks.encoder_ft.batch_size=4",
+    ]
+    stages = perf.time_task_stages(overrides, threads=1, steps=1, warmup=0, rounds=1)
+    assert set(stages) == {"predictor_ft", "encoder_ft"}
+    assert stages["predictor_ft"]["inputs"] == "frozen tokens" and stages["encoder_ft"]["inputs"] == "images"
+    for m in stages.values():
+        assert m["batch_size"] == 4 and m["fused_s_per_step"] > 0 and m["auto_s_per_step"] > 0
+        assert m["speedup"] == pytest.approx(m["fused_s_per_step"] / m["auto_s_per_step"])
+
+
+def test_math_attention_computes_what_sdpa_computes():
+    """The task stages' kernel choice changes speed, not the function (float32, same weights)."""
+    from tasks_helpers import OVERRIDES
+
+    from benchmark.core.layers import use_attention
+
+    cfg = load_config(OVERRIDES)
+    torch.manual_seed(0)
+    method = build_method("iwm", OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method), 32).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = method.predict_full(method.eval_encoder()(images))
+        use_attention(method, "math", torch.device("cpu"), bf16=False)
+        math_out = method.predict_full(method.eval_encoder()(images))
+    assert not torch.equal(fused, torch.zeros_like(fused))
+    torch.testing.assert_close(math_out, fused, rtol=1e-4, atol=1e-5)

@@ -141,3 +141,33 @@ def test_local_sweep_skips_done_units_and_resumes_unfinished_ones(bench, tmp_pat
         "sweep", "ci", "grid.method=[ijepa]", "grid.seed=[0]", f"sweep_dir={sweep_dir}", "pretrain.epochs=2"
     )
     assert changed.returncode == 2 and "already holds cell ijepa_seed0 with other settings" in changed.stderr
+
+
+def test_grids_blocks_give_each_cell_its_own_tasks(tmp_path):
+    blocks = tmp_path / "blocks.yaml"
+    blocks.write_text(
+        "grids:\n"
+        "  - {grid: {method: [iwm], seed: [0, 1]}, tasks: [linear, mrr]}\n"
+        "  - {grid: {method: [mae], seed: [0]}}\n"
+        "tasks: [linear]\n"
+    )
+    sweep = load_sweep(str(blocks), [f"sweep_dir={tmp_path / 's'}"])
+    assert [(c.name, c.tasks) for c in sweep.cells] == [
+        ("iwm_seed0", ["linear", "mrr"]),
+        ("iwm_seed1", ["linear", "mrr"]),
+        ("mae_seed0", ["linear"]),  # a block without tasks takes the top-level ones
+    ]
+    assert sweep.tasks == ["linear", "mrr"]
+    same_cell = tmp_path / "same.yaml"
+    same_cell.write_text("grids:\n  - {grid: {seed: [0]}, tasks: [linear]}\n  - {grid: {seed: [0]}, tasks: [mrr]}\n")
+    with pytest.raises(ConfigError, match="make the same cell 'seed0'"):
+        load_sweep(str(same_cell), [])
+    both = tmp_path / "both.yaml"
+    both.write_text("grid: {seed: [0]}\ngrids:\n  - {grid: {seed: [1]}}\n")
+    with pytest.raises(ConfigError, match="sets both grid and grids"):
+        load_sweep(str(both), [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grids:\n  - {seed: [0]}\n")
+    with pytest.raises(ConfigError, match=r"grids\[0\] must hold a grid"):
+        load_sweep(str(bad), [])
+    assert not (tmp_path / "s").exists()

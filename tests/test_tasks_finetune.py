@@ -82,12 +82,16 @@ def test_random_predictor_control_starts_from_a_fresh_init(cfg, source, tmp_path
     assert "predictor_blocks.0.mlp.fc1.weight" in differ  # not the pretrained weights
     pretrained, _, pwork = build_task("predictor_ft", cfg["tasks"]["predictor_ft"]).build(method, ctx, 6, seed)
     assert same(snapshot(pwork.predictor), snapshot(method.predictor))
-    # Its own, larger lr (paper: 10x).
+    # Its own lr scale (the paper: 10x, task=paper; the CPU preset: 1x).
     scales = {g["lr_scale"] for g in groups for p in g["params"] if any(p is q for q in work.predictor.parameters())}
-    assert scales == {cfg["tasks"]["predictor_ft_random"]["predictor_lr_scale"]} == {10.0}
+    assert scales == {cfg["tasks"]["predictor_ft_random"]["predictor_lr_scale"]} == {1.0}
+    paper = {**cfg["tasks"]["predictor_ft_random"], "predictor_lr_scale": 10.0}
+    _, groups, work = build_task("predictor_ft_random", paper).build(method, ctx, 6, seed)
+    scales = {g["lr_scale"] for g in groups for p in g["params"] if any(p is q for q in work.predictor.parameters())}
+    assert scales == {10.0}
 
     _, _, m, _ = tune("predictor_ft_random", cfg, source, tmp_path, method=method)
-    assert m["predictor"] == "random" and m["predictor_lr"] == pytest.approx(10 * m["lr"])
+    assert m["predictor"] == "random" and m["predictor_lr"] == pytest.approx(m["lr"])
 
 
 def test_encoder_ft_trains_a_copy_of_the_eval_encoder_with_drop_path(cfg, source, tmp_path):
@@ -121,3 +125,32 @@ def test_attentive_probe_trains_the_head_only_and_streaming_matches_the_cache(cf
     assert ctx.frozen_tokens(method, "train") is None and streamed["inputs"] == "tokens encoded per batch"
     assert streamed["final_loss"] == pytest.approx(cached["final_loss"], rel=1e-3)
     assert streamed["top1"] == pytest.approx(cached["top1"])
+
+
+def kernels(module):
+    return {m.fused_attn for m in module.modules() if hasattr(m, "fused_attn")}
+
+
+@pytest.mark.parametrize("bf16, fused", [(True, False), (False, True)])
+def test_task_stages_run_the_attention_kernel_their_precision_calls_for(cfg, source, tmp_path, bf16, fused):
+    """attention=auto on CPU: math under a task's bf16 (faster there), SDPA in float32; the fresh
+    predictor of the random control runs the same kernels; the method's own come back after."""
+    from benchmark.runner import run_task
+    from tasks.finetune import RandomPredictorFinetune
+
+    seen = {}
+
+    class Watched(RandomPredictorFinetune):
+        def build(self, method, ctx, num_classes, seed):
+            model, groups, work = super().build(method, ctx, num_classes, seed)
+            seen.update(encoder=kernels(work.eval_encoder(ctx.encoder_key)), predictor=kernels(work.predictor))
+            return model, groups, work
+
+    method = tiny_method(cfg)
+    assert kernels(method) == {True}
+    task = Watched({**cfg["tasks"]["predictor_ft_random"], "epochs": 1, "bf16": bf16})
+    metrics = run_task(task, method, context(source, tmp_path), "auto")
+    assert seen == {"encoder": {fused}, "predictor": {fused}}
+    assert kernels(method) == {True}  # restored
+    assert len(metrics["loss_curve"]) == min(20, metrics["steps"]) > 0
+    assert metrics["converged"] in ((None,) if metrics["steps"] < 5 else (True, False))

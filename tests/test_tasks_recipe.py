@@ -1,11 +1,13 @@
 """The finetuning recipe's maths against hand-computed cases."""
 
+import math
+
 import pytest
 import torch
 
 from benchmark.core.optim import block_layers, param_groups
 from methods.vit import VisionTransformer
-from tasks.core import set_drop_path
+from tasks.core import converged, loss_curve, loss_summary, set_drop_path
 from tasks.finetune import train_pool
 from tasks.heads import AttentiveClassifier
 from tasks.mixing import mix, soft_cross_entropy, soft_targets
@@ -175,3 +177,25 @@ def test_the_protocol_core_stops_on_a_non_finite_loss_naming_the_step():
         label="probe",
     )
     assert len(curve) == 2 and curve[1] < curve[0] and not torch.equal(before, layer.weight)
+
+
+def test_convergence_rule_on_hand_made_loss_curves():
+    # Exponential decay that has flattened long before the end: converged.
+    flattened = [2.0 * math.exp(-i / 10) + 0.1 for i in range(200)]
+    assert converged(flattened) is True
+    # A straight line still falling at the end: its last fifth lowers the loss by a fifth of the
+    # whole decrease (> 0.1), not converged.
+    assert converged([2.0 - 0.01 * i for i in range(100)]) is False
+    # A loss that never moved (a stuck head) has flattened too: the flag says "flat", not "good".
+    assert converged([1.8] * 50) is True
+    # Too few steps to tell.
+    assert converged([1.0, 0.5, 0.2, 0.1]) is None
+    summary = loss_summary(flattened, tail=20)
+    assert summary["converged"] is True and summary["steps"] == 200
+    assert summary["final_loss"] == pytest.approx(sum(flattened[-20:]) / 20)
+
+
+def test_loss_curve_is_the_means_of_equal_windows():
+    assert loss_curve(list(range(40))) == pytest.approx([i * 2 + 0.5 for i in range(20)])
+    assert loss_curve([3.0, 1.0]) == [3.0, 1.0]  # fewer steps than points: one point per step
+    assert loss_curve([]) == []

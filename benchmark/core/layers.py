@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import Block
 
 # The official JEPA/MAE LayerNorm.
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -42,3 +44,28 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+ATTENTION = ("auto", "fused", "math")
+
+
+def use_attention(module: nn.Module, kind: str, device: torch.device, bf16: bool) -> Callable[[], None]:
+    """Set the attention kernel of every block; returns a function that restores the previous ones.
+
+    `fused` is torch's scaled_dot_product_attention, `math` the explicit matmuls and softmax,
+    `auto` picks math for bf16 on CPU, where SDPA's flash kernel (its backward above all) is
+    slower at these short sequences (docs/performance.md), and fused everywhere else.
+    """
+    if kind not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
+    fused = kind == "fused" or (kind == "auto" and not (device.type == "cpu" and bf16))
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    before = [b.attn.fused_attn for b in blocks]
+    for b in blocks:
+        b.attn.fused_attn = fused
+
+    def restore() -> None:
+        for b, flag in zip(blocks, before):
+            b.attn.fused_attn = flag
+
+    return restore
