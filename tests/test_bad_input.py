@@ -462,3 +462,27 @@ def test_a_damaged_builtin_cache_says_how_to_regenerate_it(tmp_path):
     first.write_bytes(b"not a png")
     with pytest.raises(DataError, match=f"the built-in data cache is damaged: delete {source.root} and run again"):
         source.split("train")
+
+
+def test_a_loader_worker_that_cannot_send_its_batch_fails_the_run_instead_of_hanging(tmp_path):
+    """A worker's batch goes to the training process through a shared-memory file; past the file
+    size limit Python's queue would drop it and the training process would wait forever."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, torch\n"
+        "from benchmark.core.data import make_loader\n"
+        "from benchmark.core.errors import DataError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+        "data = [torch.zeros(50_000) for _ in range(4)]\n"  # 200 KB per item: past the limit
+        "try:\n"
+        "    next(iter(make_loader(data, [[0], [1]], lambda items: items[0], workers=1)))\n"
+        "except DataError as exc:\n"
+        "    print('DataError:', exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "DataError: a data loader worker could not hand its batch to the training process" in proc.stdout
+    assert "(the file size limit, ulimit -f)" in proc.stdout and "workers=0" in proc.stdout

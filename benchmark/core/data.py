@@ -17,8 +17,10 @@ from __future__ import annotations
 import atexit
 import csv
 import multiprocessing
+import multiprocessing.queues
 import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -411,11 +413,16 @@ WORKER_NICENESS = 10
 _CLOSING = None
 
 
+# Why a worker stopped, written by the worker, read by the training process (see _batch_not_sent).
+_WORKER_FAILURE = None
+
+
 def _closing_event():
-    """The process-shared flag, made once in the main process before any worker is forked."""
-    global _CLOSING
+    """The process-shared flags, made once in the main process before any worker is forked."""
+    global _CLOSING, _WORKER_FAILURE
     if _CLOSING is None:
         _CLOSING = multiprocessing.get_context().Event()
+        _WORKER_FAILURE = multiprocessing.get_context().Array("c", 512, lock=False)
         atexit.register(_CLOSING.set)  # runs before multiprocessing's own exit hook terminates workers
     return _CLOSING
 
@@ -439,6 +446,44 @@ def init_loader_worker(_worker_id: int) -> None:
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     os.nice(WORKER_NICENESS)
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_batch_not_sent)
+
+
+def _batch_not_sent(error: Exception, _obj) -> None:
+    """A worker's queue could not send a built batch (its shared-memory copy hit the file size
+    limit, `ulimit -f`, or /dev/shm is full). Python's queue would print the error and drop the
+    batch, and the training process would wait for it forever; the worker leaves its reason for
+    the training process and exits instead, so the loader fails at once (Loader names the cause)."""
+    text = " ".join(str(error).split())
+    if "File too large" in text:
+        text += " (the file size limit, ulimit -f)"
+    elif "No space left" in text:
+        text += " (/dev/shm is full)"
+    if _WORKER_FAILURE is not None:
+        _WORKER_FAILURE.value = text.encode()[:511]
+    print(f"loader worker: cannot hand a batch to the training process: {text}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose failure when a worker stopped says why the worker stopped."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                reason = _WORKER_FAILURE.value.decode() if _WORKER_FAILURE is not None else ""
+                if not reason or "exited unexpectedly" not in str(exc):
+                    raise
+                raise DataError(
+                    f"a data loader worker could not hand its batch to the training process: {reason}; "
+                    f"fix that, or run with workers=0 (batches built in the training process)"
+                ) from None
+            yield batch
 
 
 def make_loader(
@@ -447,7 +492,7 @@ def make_loader(
     """The one DataLoader construction every loop uses (workers set up by init_loader_worker)."""
     if workers:
         _closing_event()
-    return DataLoader(
+    return Loader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate,
