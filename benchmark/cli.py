@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -32,7 +33,7 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> int:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return code
 
 
@@ -141,17 +142,18 @@ def cmd_run(overrides: list[str]) -> int:
             out.print(
                 f"already finished: {plan.run_dir} (every step has its record; nothing to do)",
                 highlight=False,
+                markup=False,
                 soft_wrap=True,
             )
         return EXIT_OK
     for task, why in plans[0][1].skipped.items():
-        out.print(f"skipping task {task}: does not apply ({why})", highlight=False, soft_wrap=True)
+        out.print(f"skipping task {task}: does not apply ({why})", highlight=False, markup=False, soft_wrap=True)
     if plans[0][1].cfg.launcher.name != "local":
         return max(_submit(own, plan) for own, plan in plans)
     every = []
     for _, plan in plans:
         if plan.finished:
-            out.print(f"already finished: {plan.run_dir}", highlight=False, soft_wrap=True)
+            out.print(f"already finished: {plan.run_dir}", highlight=False, markup=False, soft_wrap=True)
             continue
         try:
             with interrupt.stop_on_sigterm():
@@ -167,7 +169,7 @@ def cmd_run(overrides: list[str]) -> int:
         if not records:  # a non-zero rank of a data-parallel run: rank 0 reports
             return EXIT_OK
         print_tables(records)
-        out.print(f"run folder: {plan.run_dir}", highlight=False, soft_wrap=True)
+        out.print(f"run folder: {plan.run_dir}", highlight=False, markup=False, soft_wrap=True)
         every += records
     if len(plans) > 1:
         Console(width=max(out.width, 120)).print(seeds_table(every))
@@ -192,6 +194,7 @@ def _submit(overrides: list[str], plan) -> int:
     out.print(
         f"submitted job {job.job_id} ({launcher['name']}): run folder {plan.run_dir}, logs {log_dir_for(plan.run_dir)}",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
     if not launcher.get("wait"):
@@ -233,7 +236,7 @@ def cmd_config(overrides: list[str]) -> int:
         cfg = load_config(overrides)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    out.print(OmegaConf.to_yaml(cfg), highlight=False, soft_wrap=True)
+    out.print(OmegaConf.to_yaml(cfg), highlight=False, markup=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -275,7 +278,7 @@ def cmd_perf(args) -> int:
             None if args.no_probe else args.probe,
             {"fp32": args.rtol_fp32, "bf16": args.rtol_bf16},
             args.peak_tflops,
-            log=lambda m: err.print(m, highlight=False),
+            log=lambda m: err.print(m, highlight=False, markup=False),
         )
     except (ConfigError, DataError, PerfError) as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -285,9 +288,9 @@ def cmd_perf(args) -> int:
     for table in tables(result):
         wide.print(table)
     for method, why in result["skipped"].items():
-        out.print(f"skipped {method}: {why}", highlight=False)
+        out.print(f"skipped {method}: {why}", highlight=False, markup=False)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    out.print(f"results: {args.out}", highlight=False, soft_wrap=True)
+    out.print(f"results: {args.out}", highlight=False, markup=False, soft_wrap=True)
     differ = [c for c in result["cases"] if c.get("equal_numerics") is False]
     return EXIT_FAILED if differ else EXIT_OK
 
@@ -307,7 +310,9 @@ def cmd_export(checkpoint: str, target: str, encoder_only: bool) -> int:
     except (CheckpointError, KeyError) as exc:
         return _fail(f"cannot export {checkpoint}: {exc}", EXIT_USAGE)
     save(path, payload)
-    out.print(f"wrote {path}: official {layout} layout ({', '.join(payload)})", highlight=False, soft_wrap=True)
+    out.print(
+        f"wrote {path}: official {layout} layout ({', '.join(payload)})", highlight=False, markup=False, soft_wrap=True
+    )
     return EXIT_OK
 
 
@@ -323,17 +328,18 @@ def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
         f"sweep {sweep.name}: {len(sweep.cells)} cells x tasks {', '.join(sweep.tasks) or '-'} "
         f"({sweep.launcher['name']}) -> {sweep.sweep_dir}",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
     for cell in sweep.cells:
         for task, why in cell.skipped.items():
-            out.print(f"skip {cell.name}/{task}: does not apply ({why})", highlight=False, soft_wrap=True)
+            out.print(f"skip {cell.name}/{task}: does not apply ({why})", highlight=False, markup=False, soft_wrap=True)
     submitted = []
 
     def event(line: str) -> None:
         if line.startswith(("submitted", "running")):
             submitted.append(line)
-        out.print(line, highlight=False, soft_wrap=True)
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
     try:
         manifest = submit_sweep(sweep, retry=retry, on_event=event)
@@ -393,7 +399,7 @@ def cmd_compare(a: list[str], b: list[str]) -> int:
     if rows:
         Console(width=max(out.width, 150)).print(table)
     for line in refused:
-        err.print(f"refused {line}", highlight=False, soft_wrap=True)
+        err.print(f"refused {line}", highlight=False, markup=False, soft_wrap=True)
     return EXIT_USAGE if refused else EXIT_OK
 
 
@@ -421,7 +427,7 @@ def cmd_leaderboard(args) -> int:
     except ValueError as exc:  # a malformed --since/--until date
         return _fail(f"bad date: {exc}", EXIT_USAGE)
     for line in problems:
-        err.print(f"skipped {line}", highlight=False, soft_wrap=True)
+        err.print(f"skipped {line}", highlight=False, markup=False, soft_wrap=True)
     if frame.empty:
         return _fail(f"no successful records match in {', '.join(args.folders)}", EXIT_USAGE)
     board = lb.board(frame, by=args.by)
@@ -435,9 +441,11 @@ def cmd_leaderboard(args) -> int:
     if not points.empty and len(points.columns) > 1:
         plot = out_dir / "spectrum.png"
         for what, r in lb.spectrum_plot(points, plot).items():
-            out.print(f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False)
+            out.print(
+                f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False, markup=False
+            )
         written.append(plot)
-    out.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False, markup=False, soft_wrap=True)
     return EXIT_OK
 
 

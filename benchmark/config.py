@@ -215,6 +215,14 @@ def validate(cfg: DictConfig) -> None:
     ):
         _number(cfg, key, 0)
     _number(cfg, "pretrain.ipe_scale", 0, strictly=True)
+    _number(cfg, "pretrain.eps", 0, strictly=True)
+    betas = cfg.pretrain.betas
+    _require(
+        OmegaConf.is_list(betas)
+        and len(betas) == 2
+        and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
+        f"pretrain.betas must be two numbers in [0, 1), got {betas!r}",
+    )
     _require(
         cfg.pretrain.schedule_offset in (0, 1),
         f"pretrain.schedule_offset must be 0 or 1, got {cfg.pretrain.schedule_offset!r}",
@@ -226,6 +234,9 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "workers", 0, integer=True)
     _number(cfg, "token_cache_gb", 0)
     _number(cfg, "data.image_size", 0, integer=True, strictly=True)
+    if cfg.data.get("kind") == "builtin":
+        for key in ("num_train", "num_val"):
+            _number(cfg, f"data.{key}", 0, integer=True, strictly=True)
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         _number(cfg, f"model.{key}", 0, integer=True, strictly=True)
     _require(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
 from benchmark import official
 from benchmark.config import RESUMABLE, is_task_set
@@ -326,7 +327,10 @@ def _execute_main(plan: Plan) -> list[dict]:
         return record(task, metrics, started, time.perf_counter() - t0, examples=examples)
 
     if plan.checkpoint_path is None:
-        console.print(f"[bold]pretraining[/] {cfg.choices.method} on {cfg.data.name} -> {plan.run_dir}", soft_wrap=True)
+        console.print(
+            f"[bold]pretraining[/] {escape(f'{cfg.choices.method} on {cfg.data.name} -> {plan.run_dir}')}",
+            soft_wrap=True,
+        )
         guarded(
             "pretrain",
             lambda: pretrain(

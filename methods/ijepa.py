@@ -18,7 +18,7 @@ from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import gather_tokens
 from benchmark.core.schedules import linear
 from methods.base import Capabilities, Method
-from methods.losses import ema_update, latent_regression
+from methods.losses import LATENT_LOSSES, ema_update, latent_regression
 from methods.masks import MaskConfig, MultiBlockMasker
 from methods.vit import (
     Predictor,
@@ -70,6 +70,11 @@ class IJEPA(Method):
 
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
         super().__init__(model_cfg, method_cfg, image_size)
+        if method_cfg["loss"] not in LATENT_LOSSES:
+            raise ValueError(f"method.loss must be {', '.join(LATENT_LOSSES)}, got {method_cfg['loss']!r}")
+        ema = method_cfg["ema"]
+        if not (len(ema) == 2 and 0.0 <= ema[0] <= ema[1] <= 1.0):
+            raise ValueError(f"method.ema must be [start, end] with 0 <= start <= end <= 1, got {list(ema)}")
         self.encoder = build_encoder(model_cfg, image_size)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.predictor = self.new_predictor()

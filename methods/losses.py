@@ -11,6 +11,9 @@ def normalize_targets(h: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(h, (h.size(-1),))
 
 
+LATENT_LOSSES = ("smooth_l1", "l2", "l1")
+
+
 def latent_regression(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
     """Mean regression loss between predicted and target latents.
 

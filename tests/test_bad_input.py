@@ -71,6 +71,20 @@ CONFIG = {
     "negative seed": (["seed=-1"], "seed must be >= 0"),
     "unknown label set": (["data.label=texture"], "data.label must be one of"),
     "resume of nothing": (["run_dir=run", "resume=true"], "resume=true but the run folder does not exist"),
+    "beta above 1": (["pretrain.betas=[2,0.9]"], "pretrain.betas must be two numbers in [0, 1), got [2, 0.9]"),
+    "negative eps": (["pretrain.eps=-1"], "pretrain.eps must be > 0, got -1"),
+    "negative image count": (["data.num_train=-5"], "data.num_train must be > 0, got -5"),
+    "crop scale reversed": (
+        ["method=iwm", "method.views.crop_scale=[0.9,0.2]"],
+        "view crop_scale must satisfy 0 < min <= max <= 1",
+    ),
+    "solarize threshold": (
+        ["method=iwm", "method.views.solarize_threshold=3"],
+        "view solarize_threshold must be in [0, 1], got 3",
+    ),
+    "ema above 1": (["method.ema=[1.5,1.0]"], "method.ema must be [start, end] with 0 <= start <= end <= 1"),
+    "unknown loss": (["method.loss=l3"], "method.loss must be smooth_l1, l2, l1, got 'l3'"),
+    "attention kernel": (["attention=flash"], "attention must be auto, fused, math, got 'flash'"),
 }
 
 

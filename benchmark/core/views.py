@@ -58,6 +58,11 @@ class ViewConfig:
         lo, hi = self.blur_sigma
         if not 0 < lo <= hi:
             raise ValueError(f"view blur_sigma must satisfy 0 < min <= max, got {(lo, hi)}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"view crop_scale must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        if not 0.0 <= self.solarize_threshold <= 1.0:
+            raise ValueError(f"view solarize_threshold must be in [0, 1], got {self.solarize_threshold}")
 
 
 @dataclass(frozen=True)
