@@ -75,9 +75,9 @@ def _one_line(exc: Exception) -> str:
 
 
 # Settings that may differ when a run is resumed: they do not change its results.
-RESUMABLE = {"resume", "progress", "workers", "device", "run_dir", "launcher"}
+RESUMABLE = {"resume", "progress", "workers", "threads", "device", "run_dir", "launcher"}
 # Keys added after runs were stored, with the behaviour those runs had: a resumed run keeps it.
-BEFORE_THE_KEY = {"attention": "fused"}
+BEFORE_THE_KEY = {"attention": "fused", "threads": None}
 
 
 def _stored_config(overrides: list[str]) -> Path | None:
@@ -232,6 +232,8 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "seed", 0, integer=True)
     seed_list(cfg)
     _number(cfg, "workers", 0, integer=True)
+    if cfg.threads is not None:
+        _number(cfg, "threads", 0, integer=True, strictly=True)
     _number(cfg, "token_cache_gb", 0)
     _number(cfg, "data.image_size", 0, integer=True, strictly=True)
     if cfg.data.get("kind") == "builtin":

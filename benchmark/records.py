@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from benchmark.core import threads
 from benchmark.core.checkpoint import atomic_write
 from benchmark.core.stats import Evidence
 from tasks import TASKS
@@ -87,6 +88,7 @@ def make_record(
         "wall_seconds": wall_seconds,
         "host": socket.gethostname(),
         "device": device,
+        **threads.current(),
         "git_commit": git_commit(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "config": config,

@@ -29,6 +29,7 @@ from benchmark.core.errors import CheckpointError, ConfigError, DataError, one_l
 from benchmark.core.layers import use_attention
 from benchmark.core.progress import console
 from benchmark.core.stats import bootstrap_ci
+from benchmark.core.threads import use_threads
 from benchmark.pretrain import LAST, pretrain
 from benchmark.records import make_record, non_finite_metrics, now, write_evidence, write_record
 from methods import METHODS, build_method, method_from_state
@@ -254,6 +255,7 @@ def execute(plan: Plan) -> list[dict]:
     alone creates the run folder, holds its lock, writes records and runs the evaluation tasks.
     """
     cfg = plan.cfg
+    use_threads(cfg.threads)
     world, plan.device = distributed.setup(plan.device)
     if world.active:
         # Every rank has planned (and checked the folder) before rank 0 creates it; a default

@@ -61,4 +61,8 @@ def submit(overrides: list[str], launcher: dict, run_dir: Path) -> submitit.Job:
     """Submit the run; submitit's logs and pickles go to log_dir_for(run_dir)."""
     job_overrides = [o for o in overrides if not o.startswith(("launcher", "run_dir="))]
     job_overrides += [f"run_dir={run_dir}", "launcher=local", "progress=false"]
+    if not any(o.startswith("threads=") for o in overrides):
+        # The job's thread pools follow its CPUs per task (a submitit_local job has no SLURM
+        # allocation to read them from).
+        job_overrides.append(f"threads={launcher['cpus_per_task']}")
     return executor_for(launcher, log_dir_for(run_dir)).submit(run_job, job_overrides)

@@ -114,10 +114,12 @@ def test_resume_continues_a_stopped_run(bench, tmp_path):
 
 
 def test_submitit_launcher_runs_the_same_job_in_a_background_process(bench, tmp_path):
-    proc = bench("run", "launcher=submitit_local", "run_dir=results/sub", *TINY, check=0)
+    proc = bench("run", "launcher=submitit_local", "launcher.cpus_per_task=1", "run_dir=results/sub", *TINY, check=0)
     assert "submitted job" in proc.stdout and "linear" in proc.stdout
     rec = json.loads((tmp_path / "results/sub/records/linear.json").read_text())
     assert rec["status"] == "ok" and rec["config"]["launcher"]["name"] == "local"
+    # A 1-CPU job runs one torch thread, whatever the machine has.
+    assert (rec["threads"], rec["threads_from"]) == (1, "threads")
     assert list((tmp_path / "results/.submitit/sub").glob("*_log.out"))
 
 

@@ -104,6 +104,8 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
         assert lin_start >= pre_end  # ISO timestamps: the array waited for its pretraining
         rec = states[f"{cell}/linear"].record
         assert rec["checkpoint"]["path"] == str(sweep_dir / f"{cell}.pretrain" / "checkpoints" / "last.pt")
+        # 1 CPU per task (slurm_localhost): one torch thread, read from the allocation.
+        assert (rec["threads"], rec["threads_from"]) == (1, "SLURM_CPUS_PER_TASK"), rec["threads_from"]
 
     status = bench("status", str(sweep_dir), check=0)
     assert "8 done, 0 running, 0 pending, 0 failed" in " ".join(status.stdout.split())
