@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import submitit
+from omegaconf import OmegaConf
 
 from benchmark.config import load_config
+from benchmark.core import checkpoint as ckpt
 from benchmark.core import distributed, interrupt
-from benchmark.runner import execute, plan_run
+from benchmark.pretrain import LAST
+from benchmark.runner import LOCK_FILE, execute, plan_run
 
 PRETRAIN = "pretrain"
 REQUEUE_GRACE_S = 300
@@ -65,12 +69,35 @@ class SweepJob(submitit.helpers.Checkpointable):
             fixed += [f"checkpoint={self.checkpoint_path}", f"task={self.task}"]
         return overrides_for(self.overrides, self.task) + fixed
 
+    def prepare_folder(self) -> None:
+        """A unit folder without config.yaml (its job died while creating it, or it was emptied by
+        hand) cannot be resumed as it is. With a checkpoint, the checkpoint's own config becomes
+        the folder's (resume then checks it against this unit's); an empty folder is removed; any
+        other leftover is moved aside, named in one line, and the unit starts again."""
+        run = Path(self.run_dir)
+        if not run.is_dir() or (run / "config.yaml").is_file():
+            return
+        last = run / "checkpoints" / LAST
+        stored = ckpt.load(last).get("config") if last.is_file() else None
+        if stored:
+            text = OmegaConf.to_yaml(OmegaConf.create(stored)).encode()
+            ckpt.atomic_write(run / "config.yaml", lambda f: f.write(text))
+            print(f"{run}: no config.yaml; continuing from {last} with the config stored in it", flush=True)
+            return
+        if not any(p.is_file() and p.name != LOCK_FILE for p in run.rglob("*")):
+            shutil.rmtree(run)
+            return
+        aside = run.with_name(f"{run.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        run.rename(aside)
+        print(f"{run} held no config.yaml and no checkpoint to continue from: moved to {aside}", flush=True)
+
     def __call__(self) -> list[dict]:
         done = record_path(self.run_dir, self.record_name)
         if done.is_file():
             record = json.loads(done.read_text())
             if record["status"] == "ok":  # requeued after it finished: nothing left to do
                 return [record]
+        self.prepare_folder()
         with _preemption_handlers() as requeue:
             plan = plan_run(load_config(self.run_overrides()))
             try:

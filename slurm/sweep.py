@@ -279,10 +279,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _queue_states(job_ids: list[str]) -> dict[str, str]:
+    """State of every queued or running job (array tasks one per line, as '<array>_<index>'), from
+    squeue: sacct does not list array tasks that have not started yet."""
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(arrays)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout  # exits non-zero once every job has left the queue: nothing queued
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = {}
+    for line in out.splitlines():
+        job, state, reason = (line.strip().split("|") + ["", ""])[:3]
+        rows[job] = f"{state} ({reason})" if reason not in ("", "None") else state
+    return rows
+
+
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """SLURM state of each job (array tasks as '<array>_<index>'), from sacct."""
+    """SLURM state of each job (array tasks as '<array>_<index>'): squeue for the ones still queued
+    or running, sacct for the others."""
     if not job_ids:
         return {}
+    queued = _queue_states(job_ids)
     try:
         out = subprocess.run(
             ["sacct", "-n", "-P", "-X", "-o", "JobID,State,Reason", "-j", ",".join(job_ids)],
@@ -292,7 +314,10 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        return {j: f"UNKNOWN (sacct: {' '.join(str(exc).split())[:120]})" for j in job_ids}
+        if queued:
+            out = ""
+        else:
+            return {j: f"UNKNOWN (sacct: {' '.join(str(exc).split())[:120]})" for j in job_ids}
     rows = {}
     for line in out.splitlines():
         job, state, reason = (line.split("|") + ["", ""])[:3]
@@ -300,8 +325,13 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     states = {}
     for job in job_ids:
         array = job.split("_")[0] + "_["  # array tasks not started yet show as 12_[0-3]
-        state = rows.get(job) or next((s for k, s in rows.items() if k.startswith(array)), None)
-        states[job] = state or "UNKNOWN (not in sacct)"
+        state = (
+            queued.get(job)
+            or rows.get(job)
+            or next((s for k, s in queued.items() if k.startswith(array)), None)
+            or next((s for k, s in rows.items() if k.startswith(array)), None)
+        )
+        states[job] = state or "UNKNOWN (not in squeue or sacct)"
     return states
 
 

@@ -95,6 +95,16 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
             and sacct_times(pre, timeout=0)[0] == "COMPLETED"
         ), shown
 
+    # Submitted again at once, while the evaluation arrays still wait on their pretraining jobs
+    # (pending, reason Dependency: sacct does not list them yet): every unit is queued, nothing is
+    # submitted twice, and the manifest keeps tracking the first jobs.
+    queued = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    at_once = bench("sweep", "ci", LAUNCHER, f"sweep_dir={sweep_dir}", check=0)
+    assert "submitted" not in at_once.stdout, at_once.stdout
+    assert manifest(sweep_dir)["jobs"] == jobs
+    again = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(again) <= set(queued), (queued, again)  # no new job entered the queue
+
     states = wait_for_sweep(bench, sweep_dir, timeout=900)
     assert all(s.state == "done" for s in states.values()), {u: (s.state, s.reason, s.log) for u, s in states.items()}
     for cell in ("ijepa_seed0", "ijepa_seed1", "iwm_seed0", "iwm_seed1"):

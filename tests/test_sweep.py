@@ -135,6 +135,28 @@ def test_local_sweep_skips_done_units_and_resumes_unfinished_ones(bench, tmp_pat
     relinear = json.loads((sweep_dir / "ijepa_seed0.linear" / "records" / "linear.json").read_text())
     assert relinear["metrics"]["top1"] == linear["metrics"]["top1"]
 
+    # A run folder holding only its checkpoint (no config.yaml, no record): continued from the
+    # checkpoint with the config stored in it, not refused as "already exists".
+    (pre / "records" / "pretrain.json").unlink()
+    (pre / "config.yaml").unlink()
+    shutil.rmtree(pre / "records")
+    (pre / "train_log.jsonl").unlink(missing_ok=True)
+    adopted = bench(*args, check=0)
+    assert "continuing from" in adopted.stdout and "running ijepa_seed0/pretrain" in adopted.stdout
+    third_pre = json.loads((pre / "records" / "pretrain.json").read_text())
+    assert third_pre["status"] == "ok" and third_pre["metrics"]["steps"] == first_pre["metrics"]["steps"]
+    # A task folder with leftovers but neither config.yaml nor checkpoint: moved aside (nothing is
+    # deleted) and the unit runs again.
+    lin = sweep_dir / "ijepa_seed0.linear"
+    shutil.rmtree(lin)
+    lin.mkdir()
+    (lin / "notes.txt").write_text("mine")
+    redone = bench(*args, check=0)
+    assert "moved to" in redone.stdout and "running ijepa_seed0/linear" in redone.stdout
+    (aside,) = sweep_dir.glob("ijepa_seed0.linear.set-aside-*")
+    assert (aside / "notes.txt").read_text() == "mine"
+    assert json.loads((lin / "records" / "linear.json").read_text())["status"] == "ok"
+
     status = bench("status", str(sweep_dir), check=0)
     assert "2 done" in status.stdout
     changed = bench(
