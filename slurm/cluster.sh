@@ -4,7 +4,12 @@
 #   slurm/cluster.sh start    install (apt-get) if needed, configure, start munge, MariaDB,
 #                             slurmdbd, slurmctld and slurmd; waits until the node is idle
 #   slurm/cluster.sh stop     stop every daemon it started, by the PIDs in their pid files
-#   slurm/cluster.sh status   which daemons run, and sinfo; exit 0 only when all run
+#   slurm/cluster.sh status   which daemons run, sinfo, core binding and the requeue wait; exit 0
+#                             only when all run
+#
+# Jobs are bound to their allocated cores (TaskPlugin=task/affinity) where the machine allows
+# it, and a requeued job may start again after $BENCH_SLURM_REQUEUE_WAIT seconds (default 10; a
+# real cluster's default is 120, the credential lifetime AuthInfo=cred_expire).
 #
 # Needs root. State, logs and pid files live in $BENCH_SLURM_DIR (default /var/lib/iwm-bench-slurm).
 # slurm.conf and slurmdbd.conf go to /etc/slurm (where sbatch and submitit look), but an existing
@@ -20,6 +25,7 @@ LOG=$STATE/log
 SLURM_CONF=/etc/slurm/slurm.conf
 DBD_CONF=/etc/slurm/slurmdbd.conf
 MUNGE_PID=/run/munge/munged.pid
+REQUEUE_WAIT=${BENCH_SLURM_REQUEUE_WAIT:-10}
 
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 
@@ -99,6 +105,12 @@ node_line() {
   echo "$line NodeAddr=127.0.0.1 State=UNKNOWN"
 }
 
+# Core binding, as real clusters do: each job step pinned to the cores it was allocated, where
+# this machine lets a process set CPU affinity (some containers do not).
+task_plugin() {
+  if taskset -c 0 true 2>/dev/null; then echo task/affinity; else echo task/none; fi
+}
+
 write_confs() {
   # sacctmgr and the daemons all read slurm.conf: both files exist before anything starts.
   write_conf $DBD_CONF slurm:slurm 600 <<EOF
@@ -125,8 +137,11 @@ SlurmdPidFile=$RUN/slurmd.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$(task_plugin)
 MpiDefault=none
+# A requeued job waits cred_expire seconds before it may start again (default 120 s); on one
+# local node nothing needs that long.
+AuthInfo=cred_expire=$REQUEUE_WAIT
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/slurmdbd
@@ -204,7 +219,16 @@ status() {
       ok=3
     fi
   done
-  ((ok == 0)) && sinfo
+  if ((ok == 0)); then
+    sinfo
+    local plugin
+    plugin=$(scontrol show config | sed -nE 's/^TaskPlugin +=[ ]*//p')
+    case $plugin in
+      *affinity*) echo "core binding: on ($plugin): each job step runs on the cores it was allocated" ;;
+      *) echo "core binding: off ($plugin): jobs share every core; size thread pools with threads=" ;;
+    esac
+    echo "requeue wait: $(scontrol show config | sed -nE 's/^AuthInfo +=[ ]*//p')"
+  fi
   return $ok
 }
 

@@ -1,0 +1,114 @@
+"""Do jobs on the local cluster use the CPUs SLURM gave them? A benchmark, not a test.
+
+    python -m slurm.cluster_benchmark [--cells 2] [--out cluster_benchmark.json]
+
+The same units (2 cells x pretraining + 2 tasks, small but not trivial) run twice:
+
+    sequential  one after another in this process, 1 thread each (`launcher=local threads=1`)
+    cluster     as a sweep on the local cluster (`launcher=slurm_localhost`: 1 CPU per task), the
+                node's cores shared by the jobs SLURM runs side by side
+
+With N cores and well-behaved jobs the cluster's wall time is close to sequential / N; a job that
+runs more threads than its allocation (or that is not bound to its cores) makes it several times
+longer. Prints both wall times and the ratio cluster / (sequential / N). Needs the cluster
+(`slurm/cluster.sh start`); the data is generated before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmark.config import load_config
+from benchmark.core.data import resolve_data
+from benchmark.core.threads import usable_cpus
+
+# Small but not trivial: a few seconds to a minute per unit on one core.
+SETTINGS = [
+    "pretrain.epochs=1",
+    "data.num_train=1000",
+    "data.num_val=200",
+    "pretrain.checkpoint_every=0",
+    "tasks.linear.epochs=20",
+    "tasks.attentive.epochs=3",
+]
+
+
+def sweep_file(folder: Path, cells: int) -> Path:
+    methods = ["ijepa", "iwm", "mae"][:cells]
+    path = folder / "cluster_benchmark.yaml"
+    path.write_text(
+        f"grid: {{method: [{', '.join(methods)}], seed: [0]}}\n"
+        f"tasks: [linear, attentive]\n"
+        f"overrides: [{', '.join(SETTINGS)}]\n"
+    )
+    return path
+
+
+def bench(*args: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "benchmark.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args[:2])} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc
+
+
+def timed_sweep(spec: Path, sweep_dir: Path, launcher: list[str], env: dict, poll: float = 2.0) -> float:
+    start = time.perf_counter()
+    bench("sweep", str(spec), *launcher, f"sweep_dir={sweep_dir}", env=env)
+    if launcher[0] != "launcher=local":  # submitted: wait until every unit has its record
+        while True:
+            status = " ".join(bench("status", str(sweep_dir), env=env).stdout.split())
+            if " 0 running, 0 pending" in status:
+                break
+            time.sleep(poll)
+    seconds = time.perf_counter() - start
+    failed = " ".join(bench("status", str(sweep_dir), env=env).stdout.split())
+    if " 0 failed" not in failed:
+        raise SystemExit(f"a unit failed: see bench status {sweep_dir}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=2, choices=(1, 2, 3))
+    parser.add_argument("--out", default="cluster_benchmark.json")
+    args = parser.parse_args(argv)
+    if shutil.which("sbatch") is None:
+        raise SystemExit("no SLURM here: start the local cluster with slurm/cluster.sh start")
+    cores = usable_cpus()
+    work = Path(tempfile.mkdtemp(prefix="cluster-benchmark-"))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    try:
+        spec = sweep_file(work, args.cells)
+        resolve_data(load_config(SETTINGS).data, load_config(SETTINGS).cache_dir)  # generated once, untimed
+        sequential = timed_sweep(spec, work / "sequential", ["launcher=local", "threads=1"], env)
+        cluster = timed_sweep(spec, work / "cluster", ["launcher=slurm_localhost"], env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = cluster / (sequential / cores)
+    result = {
+        "cells": args.cells,
+        "units": args.cells * 3,
+        "cores": cores,
+        "sequential_seconds": sequential,
+        "cluster_seconds": cluster,
+        "ratio_to_ideal": ratio,
+    }
+    print(
+        f"{args.cells * 3} units: sequential (1 thread each) {sequential:.1f} s; local cluster (1 CPU per job, "
+        f"{cores} cores) {cluster:.1f} s; cluster / (sequential / {cores}) = {ratio:.2f}"
+    )
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
