@@ -368,7 +368,7 @@ def cmd_status(name: str) -> int:
     return EXIT_OK
 
 
-def cmd_compare(a: list[str], b: list[str]) -> int:
+def cmd_compare(a: list[str], b: list[str], tasks: str | None = None) -> int:
     from pathlib import Path
 
     from benchmark.compare import CompareError, compare
@@ -376,8 +376,14 @@ def cmd_compare(a: list[str], b: list[str]) -> int:
     missing = [f for f in (*a, *b) if not Path(f).is_dir()]
     if missing:
         return _fail(f"results folder not found: {missing[0]}", EXIT_USAGE)
+    pair = None
+    if tasks is not None:
+        task_a, sep, task_b = tasks.partition(":")
+        if not (sep and task_a and task_b):
+            return _fail(f"--tasks takes TASK_OF_A:TASK_OF_B, got {tasks!r}", EXIT_USAGE)
+        pair = (task_a, task_b)
     try:
-        rows, refused = compare(a, b)
+        rows, refused = compare(a, b, pair)
     except CompareError as exc:
         return _fail(str(exc), EXIT_USAGE)
     table = Table(title="A - B, paired over the same val examples (95% bootstrap CI over examples and seeds)")
@@ -522,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("b", nargs="?", help="side B (a folder)")
     comp.add_argument("--a", dest="a_more", action="append", default=[], help="another folder of side A")
     comp.add_argument("--b", dest="b_more", action="append", default=[], help="another folder of side B")
+    comp.add_argument(
+        "--tasks",
+        metavar="TASK_A:TASK_B",
+        help="compare task TASK_A of side A with task TASK_B of side B (same val examples), e.g. "
+        "predictor_ft:predictor_ft_random with the same folders on both sides",
+    )
     board = sub.add_parser("leaderboard", help="tables and the MRR spectrum plot from result folders")
     board.add_argument("folders", nargs="+")
     board.add_argument("--method", action="append", help="method or preset (repeatable)")
@@ -553,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = [args.a] if args.a else [], [args.b] if args.b else []
         if not (a + args.a_more) or not (b + args.b_more):
             return _fail("bench compare needs two sides: bench compare A B", EXIT_USAGE)
-        return cmd_compare(a + args.a_more, b + args.b_more)
+        return cmd_compare(a + args.a_more, b + args.b_more, args.tasks)
     if args.command == "leaderboard":
         return cmd_leaderboard(args)
     return cmd_list()

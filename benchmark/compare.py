@@ -48,20 +48,34 @@ def side(folders: list[str | Path], label: str) -> dict[str, dict[int, dict]]:
     return out
 
 
-def compare(a_folders: list[str | Path], b_folders: list[str | Path]) -> tuple[list[Row], list[str]]:
-    """(one row per task both sides hold, the reasons of any refusal)."""
+def compare(
+    a_folders: list[str | Path], b_folders: list[str | Path], tasks: tuple[str, str] | None = None
+) -> tuple[list[Row], list[str]]:
+    """(one row per task both sides hold, the reasons of any refusal). `tasks` = (task of A, task
+    of B) compares two tasks scored on the same val examples instead (e.g. the pretrained and the
+    random predictor of the same runs)."""
     a, b = side(a_folders, "A"), side(b_folders, "B")
     rows, refused = [], []
-    # Evaluation tasks only: pretraining's headline is a training loss, with no val examples.
-    for task in [t for t in a if t in b and t in TASKS]:
-        seeds = sorted(set(a[task]) & set(b[task]))
-        metric = headline(next(iter(a[task].values())))[0]
+    if tasks is None:
+        # Evaluation tasks only: pretraining's headline is a training loss, with no val examples.
+        matched = [(t, t) for t in a if t in b and t in TASKS]
+    else:
+        for task, held, label in ((tasks[0], a, "A"), (tasks[1], b, "B")):
+            if task not in held or task not in TASKS:
+                raise CompareError(f"{label} has no records of task {task} (it has: {', '.join(held)})")
+        matched = [tasks]
+    for task_a, task_b in matched:
+        task = task_a if task_a == task_b else f"{task_a} vs {task_b}"
+        seeds = sorted(set(a[task_a]) & set(b[task_b]))
+        metric = headline(next(iter(a[task_a].values())))[0]
+        if headline(next(iter(b[task_b].values())))[0] != metric:
+            raise CompareError(f"{task}: the two tasks report different headline metrics")
         if not seeds:
-            refused.append(f"{task}: no seed in common (A: {sorted(a[task])}, B: {sorted(b[task])})")
+            refused.append(f"{task}: no seed in common (A: {sorted(a[task_a])}, B: {sorted(b[task_b])})")
             continue
-        pairs = [(read_evidence(a[task][s]), read_evidence(b[task][s])) for s in seeds]
-        mean_a = sum(headline(a[task][s])[1] for s in seeds) / len(seeds)
-        mean_b = sum(headline(b[task][s])[1] for s in seeds) / len(seeds)
+        pairs = [(read_evidence(a[task_a][s]), read_evidence(b[task_b][s])) for s in seeds]
+        mean_a = sum(headline(a[task_a][s])[1] for s in seeds) / len(seeds)
+        mean_b = sum(headline(b[task_b][s])[1] for s in seeds) / len(seeds)
         if any(x is None or y is None for x, y in pairs):
             refused.append(f"{task}: a record has no per-example evidence (written before the harness kept it)")
             continue

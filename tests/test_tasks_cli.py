@@ -112,6 +112,19 @@ def test_records_carry_intervals_and_bench_compare_pairs_them(bench, tmp_path):
     mixed = bench("compare", ".", "a")
     assert mixed.returncode == 2 and "several configurations" in mixed.stderr
 
+    # Two tasks of the same runs, scored on the same val examples (the pretrained vs the random
+    # predictor, in the claims): --tasks TASK_OF_A:TASK_OF_B.
+    attentive = ["task=attentive", "tasks.attentive.epochs=1", "tasks.attentive.batch_size=16"]
+    bench("run", "method=ijepa", "checkpoint=a/checkpoints/last.pt", "run_dir=a2", *NO_TASK, *attentive, check=0)
+    cross = bench("compare", "a", "a2", "--tasks", "linear:attentive", check=0)
+    assert "linear vs attentive" in cross.stdout and "refused" not in cross.stderr
+    itself = bench("compare", "a", "a", "--tasks", "linear:linear", check=0)
+    assert "+0.00" in itself.stdout and "not distinguishable" in itself.stdout
+    absent = bench("compare", "a", "a", "--tasks", "linear:mrr")
+    assert absent.returncode == 2 and "B has no records of task mrr" in absent.stderr
+    malformed = bench("compare", "a", "a", "--tasks", "linear")
+    assert malformed.returncode == 2 and "--tasks takes TASK_OF_A:TASK_OF_B" in malformed.stderr
+
 
 def test_seeds_run_the_job_once_per_seed_and_summarise_over_them(bench, tmp_path):
     proc = bench("run", "method=ijepa", "seeds=2", "run_dir=results/s", *NO_TASK, "task=linear", check=0)
