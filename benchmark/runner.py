@@ -357,6 +357,7 @@ def _execute_main(plan: Plan) -> list[dict]:
         workers=cfg.workers,
         show_progress=cfg.progress,
         token_cache_bytes=int(cfg.token_cache_gb * 2**30),
+        attention=cfg.attention,
     )
     for name in plan.task_names:
         console.print(f"[bold]task[/] {name}")

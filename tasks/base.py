@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn as nn
 from omegaconf import OmegaConf
 
 from benchmark.core.data import DataSource, Transformed, eval_loader, eval_transform, make_loader, stack_views
 from benchmark.core.errors import ConfigError
-from benchmark.core.layers import to_device
+from benchmark.core.layers import to_device, use_attention
 from benchmark.core.progress import progress_bar
 from benchmark.core.stats import fingerprint
 from methods.base import Method
@@ -39,6 +40,9 @@ class TaskContext:
     batch_size: int = 128
     # Frozen patch tokens of a split are kept in memory up to this size (float32), else streamed.
     token_cache_bytes: int = 4 * 2**30
+    # The run's `attention` setting: frozen tokens and features are extracted in float32 with the
+    # kernel it picks for float32, whichever task asks for them first.
+    attention: str = "auto"
     _features: dict = field(default_factory=dict)
     _tokens: dict = field(default_factory=dict)
 
@@ -106,10 +110,18 @@ class TaskContext:
             for batch in loader:
                 # Not around the yield: grad mode is global, the consumer may be training.
                 with torch.no_grad():
-                    tokens = encoder(to_device(batch["images"], self.device)).float().cpu()
+                    tokens = self._extract(encoder, batch["images"])
                 yield tokens
                 bar.advance()
         encoder.train(was_training)
+
+    def _extract(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Float32 tokens of one batch, with the float32 attention kernel of the run's setting."""
+        restore = use_attention(encoder, self.attention, self.device, bf16=False)
+        try:
+            return encoder(to_device(images, self.device)).float().cpu()
+        finally:
+            restore()
 
     def pooled_features(self, method: Method, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Average-pooled last-layer tokens of the frozen eval encoder over a split, computed once.
@@ -127,7 +139,7 @@ class TaskContext:
             with torch.no_grad(), progress_bar(f"features {split}", len(loader), enabled=self.show_progress) as bar:
                 for batch in loader:
                     batch = to_device(batch, self.device)
-                    feats.append(encoder(batch["images"]).mean(dim=1).float().cpu())
+                    feats.append(self._extract(encoder, batch["images"]).mean(dim=1))
                     labels.append(batch["labels"].cpu())
                     bar.advance()
             self._features[key] = (torch.cat(feats), torch.cat(labels))

@@ -154,3 +154,17 @@ def test_task_stages_run_the_attention_kernel_their_precision_calls_for(cfg, sou
     assert kernels(method) == {True}  # restored
     assert len(metrics["loss_curve"]) == min(20, metrics["steps"]) > 0
     assert metrics["converged"] in ((None,) if metrics["steps"] < 5 else (True, False))
+
+
+def test_frozen_tokens_are_extracted_with_one_kernel_whichever_task_asks_first(cfg, source, tmp_path):
+    """Extraction runs in float32 with the float32 kernel of the run's setting, so a bf16 task
+    (math kernel) and a float32 one that fill the cache first fill it with the same tokens."""
+    from benchmark.core.layers import use_attention
+
+    method = tiny_method(cfg)
+    first = context(source, tmp_path).frozen_tokens(method, "val")
+    restore = use_attention(method, "math", torch.device("cpu"), bf16=True)  # as during a bf16 task
+    again = context(source, tmp_path).frozen_tokens(method, "val")
+    assert kernels(method) == {False}  # the task's kernel is back after extraction
+    restore()
+    assert torch.equal(first, again)
