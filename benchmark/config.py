@@ -168,6 +168,25 @@ def _number(
         _require(not bad, f"{key} must be {'>' if strictly else '>='} {minimum}, got {value}")
 
 
+# Settings that are on or off: a value other than true / false (`pretrain.bf16=maybe`) is refused.
+FLAGS = (
+    "pretrain.bf16",
+    "pretrain.fused_adamw",
+    "pretrain.compile",
+    "data.check_headers",
+    "data.skip_unreadable",
+    "method.norm_pix_loss",
+    "progress",
+    "resume",
+)
+
+
+def _flags(cfg: DictConfig) -> None:
+    for key in FLAGS:
+        value = OmegaConf.select(cfg, key, default=None)
+        _require(value is None or isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+
+
 def seed_list(cfg: DictConfig) -> list[int] | None:
     """The seeds of a multi-seed job (`seeds=N` or `seeds=[...]`), None for a single run."""
     seeds = cfg.seeds
@@ -239,6 +258,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.get("kind") == "builtin":
         for key in ("num_train", "num_val"):
             _number(cfg, f"data.{key}", 0, integer=True, strictly=True)
+        _number(cfg, "data.seed", 0, integer=True)
+    _flags(cfg)
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         _number(cfg, f"model.{key}", 0, integer=True, strictly=True)
     _require(
@@ -262,6 +283,14 @@ def validate(cfg: DictConfig) -> None:
     if "predictor" in cfg.method:
         _number(cfg, "method.predictor.depth", 0, integer=True)
         _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
+        heads = cfg.method.predictor.get("num_heads")
+        if heads is not None:
+            _number(cfg, "method.predictor.num_heads", 0, integer=True, strictly=True)
+            _require(
+                cfg.method.predictor.width % heads == 0,
+                f"method.predictor.width={cfg.method.predictor.width} is not divisible by "
+                f"method.predictor.num_heads={heads}",
+            )
     for key, kind in (("pretrain.attention", cfg.pretrain.attention), ("attention", cfg.attention)):
         _require(kind in ATTENTION, f"{key} must be {', '.join(ATTENTION)}, got {kind!r}")
     _require(

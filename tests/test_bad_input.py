@@ -85,6 +85,13 @@ CONFIG = {
     "ema above 1": (["method.ema=[1.5,1.0]"], "method.ema must be [start, end] with 0 <= start <= end <= 1"),
     "unknown loss": (["method.loss=l3"], "method.loss must be smooth_l1, l2, l1, got 'l3'"),
     "attention kernel": (["attention=flash"], "attention must be auto, fused, math, got 'flash'"),
+    "flag not a boolean": (["pretrain.bf16=maybe"], "pretrain.bf16 must be true or false, got 'maybe'"),
+    "data flag not a boolean": (["data.check_headers=perhaps"], "data.check_headers must be true or false"),
+    "negative data seed": (["data.seed=-3"], "data.seed must be >= 0, got -3"),
+    "predictor heads": (
+        ["method.predictor.num_heads=5"],
+        "method.predictor.width=24 is not divisible by method.predictor.num_heads=5",
+    ),
 }
 
 
