@@ -4,7 +4,8 @@
 
 The same units (2 cells x pretraining + 2 tasks, small but not trivial) run twice:
 
-    sequential  one after another in this process, 1 thread each (`launcher=local threads=1`)
+    sequential  one after another, 1 thread each (`launcher=local threads=1`), the process and its
+                loader worker pinned to one core (`taskset`), as a 1-CPU job is
     cluster     as a sweep on the local cluster (`launcher=slurm_localhost`: 1 CPU per task), the
                 node's cores shared by the jobs SLURM runs side by side
 
@@ -30,14 +31,14 @@ from benchmark.config import load_config
 from benchmark.core.data import resolve_data
 from benchmark.core.threads import usable_cpus
 
-# Small but not trivial: a few seconds to a minute per unit on one core.
+# Small but not trivial: tens of seconds per unit on one core, so that a job's start-up (python,
+# imports, SLURM's scheduling and dependency passes: a few seconds) does not dominate.
 SETTINGS = [
-    "pretrain.epochs=1",
-    "data.num_train=1000",
-    "data.num_val=200",
+    "pretrain.epochs=3",
+    "data.num_train=2000",
+    "data.num_val=500",
     "pretrain.checkpoint_every=0",
-    "tasks.linear.epochs=20",
-    "tasks.attentive.epochs=3",
+    "tasks.attentive.epochs=5",
 ]
 
 
@@ -52,17 +53,19 @@ def sweep_file(folder: Path, cells: int) -> Path:
     return path
 
 
-def bench(*args: str, env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "benchmark.cli", *args]
+def bench(*args: str, env: dict, pin: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [*(["taskset", "-c", pin] if pin else []), sys.executable, "-m", "benchmark.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{' '.join(args[:2])} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return proc
 
 
-def timed_sweep(spec: Path, sweep_dir: Path, launcher: list[str], env: dict, poll: float = 2.0) -> float:
+def timed_sweep(
+    spec: Path, sweep_dir: Path, launcher: list[str], env: dict, pin: str | None = None, poll: float = 2.0
+) -> float:
     start = time.perf_counter()
-    bench("sweep", str(spec), *launcher, f"sweep_dir={sweep_dir}", env=env)
+    bench("sweep", str(spec), *launcher, f"sweep_dir={sweep_dir}", env=env, pin=pin)
     if launcher[0] != "launcher=local":  # submitted: wait until every unit has its record
         while True:
             status = " ".join(bench("status", str(sweep_dir), env=env).stdout.split())
@@ -88,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     try:
         spec = sweep_file(work, args.cells)
-        resolve_data(load_config(SETTINGS).data, load_config(SETTINGS).cache_dir)  # generated once, untimed
-        sequential = timed_sweep(spec, work / "sequential", ["launcher=local", "threads=1"], env)
+        data_cfg = load_config([s for s in SETTINGS if not s.startswith("tasks.")])
+        resolve_data(data_cfg.data, data_cfg.cache_dir)  # generated once, untimed
+        one_core = str(min(os.sched_getaffinity(0)))
+        sequential = timed_sweep(spec, work / "sequential", ["launcher=local", "threads=1"], env, pin=one_core)
         cluster = timed_sweep(spec, work / "cluster", ["launcher=slurm_localhost"], env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
