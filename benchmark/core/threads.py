@@ -58,4 +58,4 @@ def use_threads(setting: int | None = None) -> tuple[int, str]:
 def current() -> dict:
     """What the records say: the thread count in use and where it came from."""
     count, source = _CURRENT or (torch.get_num_threads(), "torch default")
-    return {"threads": torch.get_num_threads() if _CURRENT is None else count, "threads_from": source}
+    return {"threads": count, "threads_from": source}
