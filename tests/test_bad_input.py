@@ -507,3 +507,133 @@ def test_a_loader_worker_that_cannot_send_its_batch_fails_the_run_instead_of_han
     assert proc.returncode == 0, proc.stderr
     assert "DataError: a data loader worker could not hand its batch to the training process" in proc.stdout
     assert "(the file size limit, ulimit -f)" in proc.stdout and "workers=0" in proc.stdout
+
+
+# --- folders seen by another user ---------------------------------------------------------------
+# Root writes through mode bits, so read-only folders are tried as an unprivileged user: when the
+# tests run as root, a forked child drops to `nobody` and runs `bench` in-process there (the
+# interpreter may live where that user cannot reach, but everything is already imported).
+NOBODY = 65534
+
+
+def _as_another_user(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Exit code and stderr of `bench run ARGS`, run by a user who owns none of the test's folders."""
+    import contextlib
+    import io
+
+    if os.geteuid() != 0:  # already unprivileged: mode bits apply
+        pid = None
+    else:
+        read, write = os.pipe()
+        pid = os.fork()
+    if pid:  # parent: wait for the child's verdict
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            result = json.loads(pipe.read() or '{"code": -1, "err": "child died"}')
+        os.waitpid(pid, 0)
+        return result["code"], result["err"]
+    code, err = -1, ""
+    try:
+        if pid == 0:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        old_cwd, old_env = os.getcwd(), dict(os.environ)
+        os.chdir(cwd)
+        os.environ.update(env)
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buffer):
+                code = main(["run", *args])
+        finally:
+            err = buffer.getvalue()
+            if pid is None:
+                os.chdir(old_cwd)
+                os.environ.clear()
+                os.environ.update(old_env)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the test
+        err += f"{type(e).__name__}: {e}"
+    if pid is None:
+        return code, err
+    with os.fdopen(write, "w") as pipe:
+        pipe.write(json.dumps(dict(code=code, err=err)))
+    os._exit(0)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user can enter (pytest's own are private to their owner), removed after."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="bench-shared-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _public(path: Path) -> Path:
+    """A folder the other user can write."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o777)
+    return path
+
+
+def test_read_only_folders_are_refused_before_compute_for_a_user_who_cannot_write_them(shared_tmp):
+    work = _public(shared_tmp / "work")
+    locked = shared_tmp / "locked"  # this process's, 755: read-only for the other user
+    locked.mkdir()
+    own_cache = {"BENCH_CACHE": str(_public(shared_tmp / "cache"))}
+    cases = [
+        ([f"results_dir={locked}/results"], own_cache, f"{locked} is read-only for this user", "run folder"),
+        ([f"run_dir={locked}/run"], own_cache, f"{locked} is read-only for this user", "run folder"),
+        ([f"results_dir={work}/results"], {"BENCH_CACHE": str(locked / "cache")}, "is read-only", "data cache"),
+        ([f"results_dir={work}/results"], {"BENCH_CACHE": str(locked)}, "is read-only", "data cache"),
+    ]
+    for args, env, message, what in cases:
+        code, err = _as_another_user([*FAST, *args], work, env)
+        assert code == 2, err
+        assert message in err and what in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not any(locked.iterdir()) and not any(work.iterdir()), "nothing may be left behind"
+
+
+def test_a_data_cache_written_by_another_user_is_read_by_the_next(shared_tmp):
+    """One user generates the built-in data in a shared cache (under the usual umask 022); a
+    second user, who can read it but not write it, runs on it without regenerating anything."""
+    cache = shared_tmp / "cache"
+    first = _public(shared_tmp / "first")
+    assert main(["run", *FAST, f"results_dir={first}", f"cache_dir={cache}"]) == 0
+    (dataset,) = cache.iterdir()
+    before = {p: p.stat().st_mtime_ns for p in dataset.rglob("*")}
+    second = _public(shared_tmp / "second")
+    code, err = _as_another_user(
+        [*FAST, "threads=1", f"results_dir={second}", f"cache_dir={cache}"], second, {"BENCH_CACHE": str(cache)}
+    )
+    assert code == 0, err
+    (record,) = second.rglob("records/linear.json")
+    assert json.loads(record.read_text())["status"] == "ok"
+    assert {p: p.stat().st_mtime_ns for p in dataset.rglob("*")} == before, "the cache must be read, not rewritten"
+
+
+def test_data_this_user_cannot_read_is_refused_before_compute(shared_tmp):
+    cache = shared_tmp / "cache"
+    first = _public(shared_tmp / "first")
+    code = main(["run", *FAST, "pretrain.epochs=0", "task=linear", f"results_dir={first}", f"cache_dir={cache}"])
+    assert code == 0
+    (dataset,) = cache.iterdir()
+    dataset.chmod(0o700)  # as an older version left it
+    second = _public(shared_tmp / "second")
+    args = [*FAST, "pretrain.epochs=0", "task=linear", f"results_dir={second}", f"cache_dir={cache}"]
+    code, err = _as_another_user(args, second, {})
+    assert code == 2 and "cannot be read by this user" in err and "chmod -R a+rX" in err, err
+    assert len(err.strip().splitlines()) == 1 and not any(second.iterdir()), err
+
+    folder = shared_tmp / "folder"
+    shutil.copytree(dataset / "train", folder / "train")
+    shutil.copytree(dataset / "val", folder / "val")
+    (folder / "val").chmod(0o700)
+    args = [*MODEL, "pretrain.epochs=0", "data=folder", f"data.root={folder}", f"results_dir={second}"]
+    code, err = _as_another_user(args, second, {})
+    assert code == 2 and f"data folder {folder / 'val'} cannot be read by this user" in err, err
+    assert not any(second.iterdir()), err

@@ -249,6 +249,12 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
             raise DataError(f"data.label must be one of {', '.join(synthetic.LABELS)}, got {cfg.label!r}")
         name = synthetic.dataset_id(cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
         root = Path(cache_dir).expanduser() / name
+        if root.exists() and not os.access(root, os.R_OK | os.X_OK):
+            raise DataError(
+                f"data cache {root} cannot be read by this user (owner uid {root.stat().st_uid}, mode "
+                f"{root.stat().st_mode & 0o777:o}): its owner can run `chmod -R a+rX {root}`, or set $BENCH_CACHE "
+                "to a folder of your own"
+            )
         if generate:
             synthetic.generate(root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
         return DataSource(
@@ -270,6 +276,8 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
         for split in (cfg.train_split, cfg.val_split):
             if not (root / split).is_dir():
                 raise DataError(f"data folder not found: {root / split} (data.root={cfg.root}, split '{split}')")
+            if not os.access(root / split, os.R_OK | os.X_OK):
+                raise DataError(f"data folder {root / split} cannot be read by this user (data.root={cfg.root})")
         label_file = None
         if cfg.labels_csv:
             label_file = root / str(cfg.labels_csv)
