@@ -256,8 +256,10 @@ def cmd_perf(args) -> int:
             f"precisions: {', '.join(PRECISIONS)})",
             EXIT_USAGE,
         )
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        return _fail("--steps and --rounds must be >= 1 and --warmup >= 0", EXIT_USAGE)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.pairs < 1:
+        return _fail("--steps, --rounds and --pairs must be >= 1 and --warmup >= 0", EXIT_USAGE)
+    if args.official_ijepa and "ijepa" not in methods:
+        return _fail("--official-ijepa times the I-JEPA step: add ijepa to --methods", EXIT_USAGE)
     if args.device.startswith("cuda"):
         import torch
 
@@ -279,6 +281,8 @@ def cmd_perf(args) -> int:
             {"fp32": args.rtol_fp32, "bf16": args.rtol_bf16},
             args.peak_tflops,
             log=lambda m: err.print(m, highlight=False, markup=False),
+            official_ijepa=args.official_ijepa,
+            pairs=args.pairs,
         )
     except (ConfigError, DataError, PerfError) as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -496,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         help="config overrides of the linear-probe timing (default config)",
     )
     perf.add_argument("--no-probe", action="store_true", help="skip the linear-probe timing")
+    perf.add_argument(
+        "--official-ijepa",
+        metavar="DIR",
+        default=None,
+        help="a checkout of facebookresearch/ijepa: time its I-JEPA step against ours, side by side",
+    )
+    perf.add_argument("--pairs", type=int, default=6, help="paired passes of ours and the official step")
     perf.add_argument("--out", default="perf.json", help="where the JSON goes")
     export = sub.add_parser(
         "export",

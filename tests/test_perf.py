@@ -5,6 +5,7 @@ Speed itself is never asserted: it depends on the machine and its load.
 
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -244,7 +245,7 @@ def test_numerics_check_and_summary():
     )
     assert row["s_per_step"] == 1.5 and row["loop_s_per_step"] == 1.7 and row["images_per_s"] == pytest.approx(8 / 1.5)
     assert row["gflops"] == pytest.approx(100.0) and row["ceiling_fraction"] == pytest.approx(0.5)
-    assert row["mfu"] == pytest.approx(0.1) and row["speedup_vs_reference"] == pytest.approx(1.62 / 1.5)
+    assert row["mfu"] == pytest.approx(0.1)
     assert not row["waits_for_data"]
 
 
@@ -337,7 +338,7 @@ def test_perf_cli_times_step_and_loop_over_interleaved_rounds(bench, tmp_path):
         assert len(case["seconds"]) == len(case["loop_seconds"]) == len(case["waits"]) == 4  # 2 steps x 2 rounds
         assert len(case["round_medians_s"]) == 2 and case["gflop_per_step"] > 0
         assert case["s_per_step"] == pytest.approx(statistics.median(case["seconds"]))
-        assert case["speedup_vs_reference"] == pytest.approx(0.21 / case["s_per_step"])
+        assert "speedup_vs_reference" not in case  # a speed-up is only measured in the same run
     # Each round replays the same batches: same losses every round, and the fast path equals eager.
     assert fast["losses_every_round"][0] == fast["losses_every_round"][1]
     assert fast["equal_numerics"] and fast["loss_rel_diff_vs_eager"] < 1e-4
@@ -378,3 +379,42 @@ def test_math_attention_computes_what_sdpa_computes():
         math_out = method.predict_full(method.eval_encoder()(images))
     assert not torch.equal(fused, torch.zeros_like(fused))
     torch.testing.assert_close(math_out, fused, rtol=1e-4, atol=1e-5)
+
+
+# --- against the official code --------------------------------------------------------------------
+# The official I-JEPA code is not shipped: these run where IJEPA_CHECKOUT names a checkout of
+# facebookresearch/ijepa (git clone https://github.com/facebookresearch/ijepa).
+OFFICIAL = os.environ.get("IJEPA_CHECKOUT")
+needs_official = pytest.mark.skipif(not OFFICIAL, reason="IJEPA_CHECKOUT (an official I-JEPA checkout) not set")
+TINY_OFFICIAL = [
+    "model.patch_size=8",
+    "data.image_size=64",
+    "data.num_train=16",
+    "method.predictor.depth=1",
+    "method.predictor.width=96",
+    "method.mask.min_keep=4",
+    "pretrain.batch_size=4",
+]
+
+
+def test_a_folder_that_is_not_the_official_code_is_refused_before_compute(bench, tmp_path):
+    proc = bench("perf", "--methods", "ijepa", "--official-ijepa", str(tmp_path), check=2)
+    assert "is not a checkout of facebookresearch/ijepa" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = bench("perf", "--methods", "mae", "--official-ijepa", str(tmp_path), check=2)
+    assert "add ijepa to --methods" in proc.stderr
+
+
+@needs_official
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_our_step_and_the_official_one_start_equal_and_are_timed_in_pairs(precision):
+    from benchmark import perf_official
+
+    ov = perf.case_overrides("ijepa", precision, "fast", False, False, TINY_OFFICIAL)
+    result = perf_official.time_against_official(OFFICIAL, ov, batches=3, pairs=3, device="cpu", threads=1)
+    first = result["first_loss"]
+    # Same weights, same batch: the first losses agree (bf16 rounds the two differently).
+    assert first["ours"] == pytest.approx(first["official"], rel=1e-5 if precision == "fp32" else 2e-2)
+    assert len(result["ours"]) == len(result["official"]) == len(result["ratios"]) == 3
+    assert result["ratios"] == pytest.approx([t / o for o, t in zip(result["ours"], result["official"])])
+    assert result["speedup"] == pytest.approx(statistics.median(result["ratios"]))
+    assert all(0.2 < r < 5 for r in result["ratios"]), result  # the same work on both sides, give or take
