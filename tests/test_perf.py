@@ -201,9 +201,10 @@ def test_timed_step_reports_every_measure(tmp_path, monkeypatch):
     assert overrides[:1] == ["method=ijepa"] and overrides[-3:] == perf.VARIANTS["eager"]
     assert "pretrain.bf16=False" in overrides and overrides.index("model=vit_micro") > overrides.index("model=vit_tiny")
     out = perf.time_training_step(overrides, steps=2, warmup=1, device="cpu", threads=None)
-    # Two timed steps alone on built batches, two in the loop fed by the workers; a loss for each.
+    # Two timed steps alone on built batches (after an untimed pass over the same two), two in the
+    # loop fed by the workers; a loss for each of the six.
     assert len(out["seconds"]) == len(out["loop_seconds"]) == len(out["waits"]) == len(out["flops"]) == 2
-    assert len(out["losses"]) == 4
+    assert len(out["losses"]) == 6
     assert all(s > 0 for s in out["seconds"] + out["loop_seconds"]) and all(v > 0 for v in out["losses"])
     # FLOPs of a 2-block 32x32 ViT step: at least the target encoder's matmuls over 64 tokens x 4 images.
     cfg = load_config(overrides)
