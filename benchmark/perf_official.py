@@ -70,17 +70,20 @@ class OfficialStep:
     def __init__(self, code: dict, model: str, image_size: int, patch_size: int, depth: int, width: int, cfg):
         torch.manual_seed(0)
         helper = code["helper"]
+        if not hasattr(code["vit"], model):
+            raise OfficialCodeError(f"the official code has no model {model} (it has vit_tiny ... vit_gigantic)")
         self.encoder, self.predictor = helper.init_model(
             torch.device("cpu"), patch_size, model, image_size, pred_depth=depth, pred_emb_dim=width
         )
         self.target_encoder = copy.deepcopy(self.encoder)
         for p in self.target_encoder.parameters():
             p.requires_grad = False
-        steps = 1000
+        # The schedules only have to exist (their values do not change what a step costs): a
+        # warm-up epoch of 1000 steps out of 2, from the run's own lr and weight-decay settings.
         self.optimizer, _, self.scheduler, self.wd_scheduler = helper.init_opt(
             self.encoder,
             self.predictor,
-            iterations_per_epoch=steps,
+            iterations_per_epoch=1000,
             start_lr=cfg.start_lr,
             ref_lr=cfg.lr,
             warmup=1,
@@ -89,7 +92,7 @@ class OfficialStep:
             final_wd=cfg.final_weight_decay,
             final_lr=cfg.final_lr,
         )
-        self.momentum = 0.996
+        self.momentum = 0.996  # the first value of the official EMA schedule
         self.apply_masks = code["masks"].apply_masks
         self.repeat = code["tensors"].repeat_interleave_batch
         self.grad_logger = code["logging"].grad_logger
@@ -149,7 +152,7 @@ def time_against_official(
     code = import_official_ijepa(checkout)
     official = OfficialStep(
         code,
-        f"vit_{cfg.model.name.removeprefix('vit_')}",
+        cfg.model.name,
         cfg.data.image_size,
         cfg.model.patch_size,
         mcfg.predictor.depth,
