@@ -419,3 +419,12 @@ def test_our_step_and_the_official_one_start_equal_and_are_timed_in_pairs(precis
     assert result["ratios"] == pytest.approx([t / o for o, t in zip(result["ours"], result["official"])])
     assert result["speedup"] == pytest.approx(statistics.median(result["ratios"]))
     assert all(0.2 < r < 5 for r in result["ratios"]), result  # the same work on both sides, give or take
+
+
+@needs_official
+def test_a_model_the_official_code_lacks_is_named():
+    from benchmark import perf_official
+
+    ov = perf.case_overrides("ijepa", "fp32", "fast", False, False, [*TINY_OFFICIAL, "model=vit_micro"])
+    with pytest.raises(perf_official.OfficialCodeError, match="the official code has no model vit_micro"):
+        perf_official.time_against_official(OFFICIAL, ov, batches=1, pairs=1, device="cpu", threads=1)
