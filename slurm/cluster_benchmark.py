@@ -1,6 +1,6 @@
 """Do jobs on the local cluster use the CPUs SLURM gave them? A benchmark, not a test.
 
-    python -m slurm.cluster_benchmark [--cells 2] [--out cluster_benchmark.json]
+    python -m slurm.cluster_benchmark [--cells 2] [--epochs 3] [--out cluster_benchmark.json]
 
 The same units (2 cells x pretraining + 2 tasks, small but not trivial) run twice:
 
@@ -34,7 +34,6 @@ from benchmark.core.threads import usable_cpus
 # Small but not trivial: tens of seconds per unit on one core, so that a job's start-up (python,
 # imports, SLURM's scheduling and dependency passes: a few seconds) does not dominate.
 SETTINGS = [
-    "pretrain.epochs=3",
     "data.num_train=2000",
     "data.num_val=500",
     "pretrain.checkpoint_every=0",
@@ -42,13 +41,13 @@ SETTINGS = [
 ]
 
 
-def sweep_file(folder: Path, cells: int) -> Path:
+def sweep_file(folder: Path, cells: int, epochs: int) -> Path:
     methods = ["ijepa", "iwm", "mae"][:cells]
     path = folder / "cluster_benchmark.yaml"
     path.write_text(
         f"grid: {{method: [{', '.join(methods)}], seed: [0]}}\n"
         f"tasks: [linear, attentive]\n"
-        f"overrides: [{', '.join(SETTINGS)}]\n"
+        f"overrides: [pretrain.epochs={epochs}, {', '.join(SETTINGS)}]\n"
     )
     return path
 
@@ -95,6 +94,7 @@ def timed_sweep(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2, choices=(1, 2, 3))
+    parser.add_argument("--epochs", type=int, default=3, help="pretraining epochs per cell (longer units)")
     parser.add_argument("--out", default="cluster_benchmark.json")
     args = parser.parse_args(argv)
     if shutil.which("sbatch") is None:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cluster-benchmark-"))
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     try:
-        spec = sweep_file(work, args.cells)
+        spec = sweep_file(work, args.cells, args.epochs)
         data_cfg = load_config([s for s in SETTINGS if not s.startswith("tasks.")])
         resolve_data(data_cfg.data, data_cfg.cache_dir)  # generated once, untimed
         if queued():
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = cluster / (sequential / cores)
     result = {
         "cells": args.cells,
+        "pretrain_epochs": args.epochs,
         "units": args.cells * 3,
         "cores": cores,
         "sequential_seconds": sequential,
