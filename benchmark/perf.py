@@ -124,15 +124,38 @@ def _method_and_data(cfg, device: torch.device):
     return method.to(device).train(), dataset
 
 
+def training_step(cfg, method, dataset_size: int, device: torch.device):
+    """The step the pretraining loop runs, as `train(step_index, batch) -> loss`, and its optimizer:
+    the run's optimizer, attention kernel, lr / weight-decay schedule and EMA, nothing else."""
+    from benchmark.core.layers import use_attention
+    from benchmark.pretrain import Schedule, set_hyperparameters
+    from benchmark.step import forward_loss, make_optimizer, step_function, update
+
+    pcfg = cfg.pretrain
+    opt = make_optimizer(method, pcfg)
+    step_fn = step_function(method, bool(pcfg.compile))
+    use_attention(method, pcfg.attention, device, bool(pcfg.bf16))
+    schedule = Schedule.of(pcfg, dataset_size)
+
+    def train(i: int, batch: dict) -> float:
+        set_hyperparameters(opt, pcfg, schedule, i)
+        loss = forward_loss(step_fn, batch, device, bool(pcfg.bf16))
+        update(method, opt, loss, pcfg.clip_grad, i / schedule.total_steps)
+        value = loss.item()
+        _sync(device)
+        return value
+
+    return train, opt
+
+
 def time_training_step(overrides: list[str], steps: int, warmup: int, device: str, threads: int | None) -> dict:
     """Warm-up then timed steps of the real training step on the real data path (one case)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark.config import load_config
     from benchmark.core.data import train_loader
-    from benchmark.core.layers import to_device, use_attention
-    from benchmark.pretrain import Schedule, set_hyperparameters
-    from benchmark.step import forward_loss, make_optimizer, step_function, update
+    from benchmark.core.layers import to_device
+    from benchmark.step import forward_loss
 
     if threads:
         torch.set_num_threads(threads)
@@ -140,10 +163,7 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
     cfg = load_config(overrides)
     pcfg = cfg.pretrain
     method, dataset = _method_and_data(cfg, dev)
-    opt = make_optimizer(method, pcfg)
-    step_fn = step_function(method, bool(pcfg.compile))
-    use_attention(method, pcfg.attention, dev, bool(pcfg.bf16))
-    schedule = Schedule.of(pcfg, len(dataset))
+    train, opt = training_step(cfg, method, len(dataset), dev)
     total = warmup + steps
 
     def loader(workers: int, epoch: int):
@@ -163,14 +183,6 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
     start = time.perf_counter()
     prebuilt = [to_device(b, dev) for _, b in zip(range(steps), loader(0, 1))]
     data_seconds = (time.perf_counter() - start) / len(prebuilt)
-
-    def train(i: int, batch: dict) -> float:
-        set_hyperparameters(opt, pcfg, schedule, i)
-        loss = forward_loss(step_fn, batch, dev, bool(pcfg.bf16))
-        update(method, opt, loss, pcfg.clip_grad, i / schedule.total_steps)
-        value = loss.item()
-        _sync(dev)
-        return value
 
     # The training loop as pretraining runs it: warm-up, then timed steps, fed by the default
     # loader workers (which share the CPU with the step); how long each step waited for its batch.

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmark.perf import PerfError, _method_and_data
+from benchmark.perf import PerfError, _method_and_data, training_step
 
 OFFICIAL_FILES = ("src/models/vision_transformer.py", "src/helper.py", "src/masks/utils.py", "src/utils/tensors.py")
 
@@ -138,9 +138,7 @@ def time_against_official(
     """Paired passes of our step and the official one over the same prebuilt batches (one case)."""
     from benchmark.config import load_config
     from benchmark.core.data import train_loader
-    from benchmark.core.layers import to_device, use_attention
-    from benchmark.pretrain import Schedule, set_hyperparameters
-    from benchmark.step import forward_loss, make_optimizer, step_function, update
+    from benchmark.core.layers import to_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -163,21 +161,15 @@ def time_against_official(
     method.load_official(official.state(), Path(checkout))
     method.to(dev).train()
     official.to(dev)
-    opt = make_optimizer(method, pcfg)
-    step_fn = step_function(method, bool(pcfg.compile))
-    use_attention(method, pcfg.attention, dev, bool(pcfg.bf16))
-    schedule = Schedule.of(pcfg, len(dataset))
+    train, _ = training_step(cfg, method, len(dataset), dev)
     loader = train_loader(dataset, method.train_transform(), method.collate, pcfg.batch_size, cfg.seed, 0, workers=0)
     prebuilt = [to_device(b, dev) for _, b in zip(range(batches), loader)]
     bf16 = bool(pcfg.bf16)
     count = [0]
 
     def ours(batch: dict) -> float:
-        set_hyperparameters(opt, pcfg, schedule, count[0])
-        loss = forward_loss(step_fn, batch, dev, bf16)
-        update(method, opt, loss, pcfg.clip_grad, count[0] / schedule.total_steps)
         count[0] += 1
-        return loss.item()
+        return train(count[0] - 1, batch)
 
     def theirs(batch: dict) -> float:
         return official(batch, bf16)
