@@ -1,8 +1,11 @@
 """Do jobs on the local cluster use the CPUs SLURM gave them? A benchmark, not a test.
 
-    python -m slurm.cluster_benchmark [--cells 2] [--epochs 3] [--out cluster_benchmark.json]
+    python -m slurm.cluster_benchmark [--cells 2] [--methods iwm] [--epochs 6] [--out cluster_benchmark.json]
 
-The same units (2 cells x pretraining + 2 tasks, small but not trivial) run twice:
+The same units (2 cells x pretraining + 2 tasks, small but not trivial) run twice. The cells are
+seeds 0, 1, ... of one method (IWM by default): units of equal length, so the node's cores can be
+shared evenly. `--methods ijepa,iwm` makes one cell per method instead (units of unequal length,
+which leave a core idle at the end).
 
     sequential  one after another, 1 thread each (`launcher=local threads=1`), the process and its
                 loader worker pinned to one core (`taskset`), as a 1-CPU job is
@@ -41,11 +44,12 @@ SETTINGS = [
 ]
 
 
-def sweep_file(folder: Path, cells: int, epochs: int) -> Path:
-    methods = ["ijepa", "iwm", "mae"][:cells]
+def sweep_file(folder: Path, cells: int, methods: list[str], epochs: int) -> Path:
+    """cells seeds of one method, or one cell per method when several are named."""
+    seeds = list(range(cells)) if len(methods) == 1 else [0]
     path = folder / "cluster_benchmark.yaml"
     path.write_text(
-        f"grid: {{method: [{', '.join(methods)}], seed: [0]}}\n"
+        f"grid: {{method: [{', '.join(methods)}], seed: {seeds}}}\n"
         f"tasks: [linear, attentive]\n"
         f"overrides: [pretrain.epochs={epochs}, {', '.join(SETTINGS)}]\n"
     )
@@ -93,17 +97,22 @@ def timed_sweep(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=2, choices=(1, 2, 3))
-    parser.add_argument("--epochs", type=int, default=3, help="pretraining epochs per cell (longer units)")
+    parser.add_argument("--cells", type=int, default=2, choices=(1, 2, 3, 4), help="seeds of the one method")
+    parser.add_argument(
+        "--methods", default="iwm", help="one method (its seeds are the cells) or several, comma-separated (a cell each)"
+    )
+    parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs per cell")
     parser.add_argument("--out", default="cluster_benchmark.json")
     args = parser.parse_args(argv)
     if shutil.which("sbatch") is None:
         raise SystemExit("no SLURM here: start the local cluster with slurm/cluster.sh start")
+    methods = [m for m in args.methods.split(",") if m]
+    cells = args.cells if len(methods) == 1 else len(methods)
     cores = usable_cpus()
     work = Path(tempfile.mkdtemp(prefix="cluster-benchmark-"))
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     try:
-        spec = sweep_file(work, args.cells, args.epochs)
+        spec = sweep_file(work, cells, methods, args.epochs)
         data_cfg = load_config([s for s in SETTINGS if not s.startswith("tasks.")])
         resolve_data(data_cfg.data, data_cfg.cache_dir)  # generated once, untimed
         if queued():
@@ -117,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     ratio = cluster / (sequential / cores)
     result = {
-        "cells": args.cells,
+        "cells": cells,
+        "methods": methods,
         "pretrain_epochs": args.epochs,
-        "units": args.cells * 3,
+        "units": cells * 3,
         "cores": cores,
         "sequential_seconds": sequential,
         "cluster_seconds": cluster,
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "cluster_job_seconds": jobs,
     }
     print(
-        f"{args.cells * 3} units: sequential (1 thread each) {sequential:.1f} s; local cluster (1 CPU per job, "
+        f"{cells * 3} units ({cells} cells of {'/'.join(methods)}): sequential (1 thread each) {sequential:.1f} s; local cluster (1 CPU per job, "
         f"{cores} cores) {cluster:.1f} s; cluster / (sequential / {cores}) = {ratio:.2f}"
     )
     # Where the cluster's wall time goes: the jobs' own time (their sum over the cores is the best
