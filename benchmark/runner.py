@@ -28,6 +28,7 @@ from benchmark.core.data import DataSource, resolve_data
 from benchmark.core.errors import CheckpointError, ConfigError, DataError, one_line
 from benchmark.core.layers import use_attention
 from benchmark.core.progress import console
+from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import bootstrap_ci
 from benchmark.core.threads import use_threads
 from benchmark.pretrain import LAST, pretrain
@@ -36,6 +37,7 @@ from methods import METHODS, build_method, method_from_state
 from methods.base import Method
 from tasks import TASKS, TaskContext, build_task
 from tasks.base import Task
+from tasks.core import GLOBAL_RNG_SEED
 
 # Settings that may differ when a run is resumed: they do not change its results.
 ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -368,10 +370,15 @@ def _execute_main(plan: Plan) -> list[dict]:
 
 def run_task(task: Task, method: Method, ctx: TaskContext, attention: str) -> dict:
     """One task with the attention kernel its precision calls for (`attention`, per task: the
-    task's bf16 setting decides `auto`); the method's own kernels are restored afterwards."""
+    task's bf16 setting decides `auto`); the method's own kernels are restored afterwards.
+
+    The task runs under torch's global RNG seeded from the run's seed and the task's name (drop
+    path and dropout draw from it), so its result does not depend on what ran before it in this
+    process: pretraining, other tasks, or nothing (a run from a checkpoint)."""
     restore = use_attention(method, attention, ctx.device, bool(task.cfg.get("bf16", False)))
     try:
-        return task.run(method, ctx)
+        with seeded(derive_seed(ctx.seed, sum(map(ord, task.name)), GLOBAL_RNG_SEED)):
+            return task.run(method, ctx)
     finally:
         restore()
 

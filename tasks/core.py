@@ -23,7 +23,7 @@ from methods.base import Method
 
 # What each draw of a protocol is seeded with: derive_seed(the protocol's seed, X). Named once so
 # that no two draws of one protocol share a seed by accident.
-MIX_SEED, RANDOM_PREDICTOR_SEED, HEAD_SEED, TRAIN_POOL_SEED = 1, 2, 3, 4
+MIX_SEED, RANDOM_PREDICTOR_SEED, HEAD_SEED, TRAIN_POOL_SEED, GLOBAL_RNG_SEED = 1, 2, 3, 4, 5
 
 
 def working_copy(method: Method, trained: list[nn.Module]) -> Method:

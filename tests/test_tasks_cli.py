@@ -154,6 +154,20 @@ def test_the_same_command_and_seed_give_identical_records(bench, tmp_path):
     assert logs[0] == logs[1] and logs[0]
 
 
+def test_a_task_gives_the_same_record_after_pretraining_in_process_as_from_the_checkpoint(bench, tmp_path):
+    """Drop path draws from torch's global RNG, which pretraining has advanced: each task runs
+    under its own seeded RNG, so `task=all` and a run from the saved checkpoint agree."""
+    args = [*NO_TASK, "task=encoder_ft", "tasks.encoder_ft.epochs=1", "tasks.encoder_ft.batch_size=16"]
+    bench("run", "method=iwm", "run_dir=inline", *args, check=0)
+    bench("run", "method=iwm", "checkpoint=inline/checkpoints/last.pt", "run_dir=loaded", *args, check=0)
+    a, b = (
+        json.loads((tmp_path / run / "records/encoder_ft.json").read_text())["metrics"] for run in ("inline", "loaded")
+    )
+    assert a["first_loss"] == b["first_loss"] and a["loss_curve"] == b["loss_curve"] and a["top1"] == b["top1"]
+    evidence = [(tmp_path / run / "records/encoder_ft.examples.npz").read_bytes() for run in ("inline", "loaded")]
+    assert evidence[0] == evidence[1]
+
+
 def test_the_cpu_presets_stability_settings_stay_out_of_the_paper_recipes():
     """The CPU schedule's halved peak lr and the CPU end-to-end preset's gradient clipping were
     chosen for seed stability on the built-in data; the paper presets keep the papers' values."""
