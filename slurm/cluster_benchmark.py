@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2, choices=(1, 2, 3, 4), help="seeds of the one method")
     parser.add_argument(
-        "--methods", default="iwm", help="one method (its seeds are the cells) or several, comma-separated (a cell each)"
+        "--methods",
+        default="iwm",
+        help="one method (its seeds are the cells) or several, comma-separated (a cell each)",
     )
     parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs per cell")
     parser.add_argument("--out", default="cluster_benchmark.json")
@@ -137,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         "cluster_job_seconds": jobs,
     }
     print(
-        f"{cells * 3} units ({cells} cells of {'/'.join(methods)}): sequential (1 thread each) {sequential:.1f} s; local cluster (1 CPU per job, "
-        f"{cores} cores) {cluster:.1f} s; cluster / (sequential / {cores}) = {ratio:.2f}"
+        f"{cells * 3} units ({cells} cells of {'/'.join(methods)}): sequential (1 thread each) {sequential:.1f} s; "
+        f"local cluster (1 CPU per job, {cores} cores) {cluster:.1f} s; "
+        f"cluster / (sequential / {cores}) = {ratio:.2f}"
     )
     # Where the cluster's wall time goes: the jobs' own time (their sum over the cores is the best
     # the node could do with them) and what is left (submission, scheduling, dependencies, idle cores).
