@@ -1,6 +1,9 @@
 import csv
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -130,6 +133,41 @@ def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(sh
     # The training process itself keeps its priority and its handlers.
     assert os.getpriority(os.PRIO_PROCESS, 0) == parent_nice
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
+
+
+def test_a_job_signal_arriving_while_workers_start_does_not_kill_them(shapes, monkeypatch):
+    """SLURM signals every process of a job, from outside it: a worker signalled right after its
+    fork, before its own handlers are set up, must not die (the next batch would fail)."""
+    import benchmark.core.data as data
+
+    sender = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys\nfor pid in sys.stdin: os.kill(int(pid), 15)"],
+        stdin=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    fork = data.DataLoader.__iter__
+
+    def signal_right_after_fork(self):
+        batches = fork(self)
+        for worker in batches._workers:
+            sender.stdin.write(f"{worker.pid}\n")
+        return batches
+
+    monkeypatch.setattr(data.DataLoader, "__iter__", signal_right_after_fork)
+    ds = ImageFolder(shapes / "train")
+
+    def collate(items):
+        time.sleep(0.01)  # the epoch outlasts the signal's delivery
+        return torch.stack([v for v, _, _ in items])
+
+    try:
+        for epoch in range(5):
+            batches = list(train_loader(ds, crop_transform(32, (0.3, 1.0)), collate, 4, 0, epoch, workers=1))
+            assert len(batches) == 6
+    finally:
+        sender.stdin.close()
+        sender.wait()
 
 
 def test_seeded_batches_cover_the_epoch_once():

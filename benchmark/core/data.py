@@ -435,6 +435,9 @@ def _closing_event():
     return _CLOSING
 
 
+_SCHEDULER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+
+
 def _on_sigterm(_signum, _frame) -> None:
     if _CLOSING is not None and _CLOSING.is_set():
         os._exit(0)
@@ -453,6 +456,8 @@ def init_loader_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    # Blocked since the fork (Loader.__iter__); one that arrived meanwhile is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SCHEDULER_SIGNALS)
     os.nice(WORKER_NICENESS)
     multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_batch_not_sent)
 
@@ -477,7 +482,15 @@ class Loader(DataLoader):
     """A DataLoader whose failure when a worker stopped says why the worker stopped."""
 
     def __iter__(self):
-        batches = super().__iter__()
+        # Workers are forked here. Until a worker has run init_loader_worker it has torch's SIGTERM
+        # handler, which dies on a signal from any process but its parent; a scheduler signalling
+        # the whole job in that moment would fail the next batch. So the signals stay blocked
+        # across the fork, and each worker unblocks them once its own handlers are in place.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SCHEDULER_SIGNALS)
+        try:
+            batches = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         while True:
             try:
                 batch = next(batches)
