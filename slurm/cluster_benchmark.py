@@ -7,15 +7,20 @@ seeds 0, 1, ... of one method (IWM by default): units of equal length, so the no
 shared evenly. `--methods ijepa,iwm` makes one cell per method instead (units of unequal length,
 which leave a core idle at the end).
 
-    sequential  one after another, 1 thread each (`launcher=local threads=1`), the process and its
-                loader worker pinned to one core (`taskset`), as a 1-CPU job is
+    sequential  one after another in one process, 1 thread (`bench sweep ... launcher=local
+                threads=1`), the process and its loader worker pinned to one core (`taskset`), as
+                a 1-CPU job is
+    processes   one after another as above, but each unit in its own `bench run` process, as each
+                job of the cluster is one: every unit pays Python's start-up, the imports and its
+                kernel building again
     cluster     as a sweep on the local cluster (`launcher=slurm_localhost`: 1 CPU per task), the
                 node's cores shared by the jobs SLURM runs side by side
 
 With N cores and well-behaved jobs the cluster's wall time is close to sequential / N; a job that
 runs more threads than its allocation (or that is not bound to its cores) makes it several times
-longer. Prints both wall times and the ratio cluster / (sequential / N). Needs the cluster
-(`slurm/cluster.sh start`); the data is generated before anything is timed.
+longer. Prints the wall times and the ratios cluster / (sequential / N) and cluster / (processes /
+N): the first includes the per-job start-up, the second compares like with like. Needs the
+cluster (`slurm/cluster.sh start`); the data is generated before anything is timed.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from pathlib import Path
 from benchmark.config import load_config
 from benchmark.core.data import resolve_data
 from benchmark.core.threads import usable_cpus
+from slurm.jobs import PRETRAIN
+from slurm.sweep import load_sweep, unit_job
 
 # Small but not trivial: tens of seconds per unit on one core, so that a job's start-up (python,
 # imports, SLURM's scheduling and dependency passes: a few seconds) does not dominate.
@@ -95,6 +102,18 @@ def timed_sweep(
     return seconds
 
 
+def timed_processes(spec: Path, sweep_dir: Path, env: dict, pin: str) -> float:
+    """The sweep's units one after another, each in its own `bench run` process with the overrides
+    its job would run with, 1 thread, pinned to one core."""
+    sweep = load_sweep(str(spec), ["launcher=local", "threads=1", f"sweep_dir={sweep_dir}"])
+    units = [f"{cell.name}/{what}" for cell in sweep.cells for what in (PRETRAIN, *cell.tasks)]
+    sweep_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    for unit in units:
+        bench("run", *unit_job(sweep, unit).run_overrides(), env=env, pin=pin)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2, choices=(1, 2, 3, 4), help="seeds of the one method")
@@ -121,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the local cluster's queue is not empty: the benchmark needs it to itself")
         one_core = str(min(os.sched_getaffinity(0)))
         sequential = timed_sweep(spec, work / "sequential", ["launcher=local", "threads=1"], env, pin=one_core)
+        processes = timed_processes(spec, work / "processes", env, pin=one_core)
         since = time.strftime("%Y-%m-%dT%H:%M:%S")
         cluster = timed_sweep(spec, work / "cluster", ["launcher=slurm_localhost"], env)
         jobs = job_seconds(since)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratio = cluster / (sequential / cores)
+    ratio_processes = cluster / (processes / cores)
     result = {
         "cells": cells,
         "methods": methods,
@@ -134,14 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         "units": cells * 3,
         "cores": cores,
         "sequential_seconds": sequential,
+        "processes_seconds": processes,
         "cluster_seconds": cluster,
         "ratio_to_ideal": ratio,
+        "ratio_to_processes": ratio_processes,
         "cluster_job_seconds": jobs,
     }
     print(
         f"{cells * 3} units ({cells} cells of {'/'.join(methods)}): sequential (1 thread each) {sequential:.1f} s; "
         f"local cluster (1 CPU per job, {cores} cores) {cluster:.1f} s; "
         f"cluster / (sequential / {cores}) = {ratio:.2f}"
+    )
+    print(
+        f"each unit in its own process (1 thread each) {processes:.1f} s: "
+        f"cluster / (processes / {cores}) = {ratio_processes:.2f}"
     )
     # Where the cluster's wall time goes: the jobs' own time (their sum over the cores is the best
     # the node could do with them) and what is left (submission, scheduling, dependencies, idle cores).

@@ -381,7 +381,8 @@ def unit_states(sweep_dir: Path, manifest: dict) -> list[UnitState]:
 # ---- submission ------------------------------------------------------------------------------
 
 
-def _jobs_for(sweep: Sweep, unit: str) -> SweepJob:
+def unit_job(sweep: Sweep, unit: str) -> SweepJob:
+    """What runs unit "<cell>/pretrain" or "<cell>/<task>" (a job, or in-process for launcher=local)."""
     cell_name, _, what = unit.partition("/")
     cell = next(c for c in sweep.cells if c.name == cell_name)
     run_dir = unit_dir(sweep.sweep_dir, unit)
@@ -449,7 +450,7 @@ def _submit_slurm(sweep: Sweep, manifest: dict, cell: Cell, decision: Decision, 
     logs = sweep.sweep_dir / "logs" / "%j"
     after = decision.after
     if decision.pretrain:
-        job = executor_for(sweep.launcher, logs).submit(_jobs_for(sweep, f"{cell.name}/{PRETRAIN}"))
+        job = executor_for(sweep.launcher, logs).submit(unit_job(sweep, f"{cell.name}/{PRETRAIN}"))
         _note(manifest, f"{cell.name}/{PRETRAIN}", job)
         after = job.job_id
         on_event(f"submitted {cell.name}/{PRETRAIN}: job {job.job_id}")
@@ -460,7 +461,7 @@ def _submit_slurm(sweep: Sweep, manifest: dict, cell: Cell, decision: Decision, 
             extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
             executor.update_parameters(slurm_additional_parameters=extra)
         with executor.batch():
-            jobs = [executor.submit(_jobs_for(sweep, f"{cell.name}/{t}")) for t in decision.tasks]
+            jobs = [executor.submit(unit_job(sweep, f"{cell.name}/{t}")) for t in decision.tasks]
         for task, job in zip(decision.tasks, jobs):
             _note(manifest, f"{cell.name}/{task}", job, after)
         wait = f" after job {after}" if after else ""
@@ -486,7 +487,7 @@ def _run_local(sweep: Sweep, manifest: dict, cell: Cell, decision: Decision, on_
         write_manifest(sweep.sweep_dir, manifest)
         on_event(f"running {unit}")
         try:
-            _jobs_for(sweep, unit)()
+            unit_job(sweep, unit)()
         except Exception as exc:  # the failed record says why; later cells still run
             entry["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             on_event(f"failed {unit}: {entry['error']}")
