@@ -2,7 +2,7 @@
 
     python -m slurm.cluster_benchmark [--cells 2] [--methods iwm] [--epochs 6] [--out cluster_benchmark.json]
 
-The same units (2 cells x pretraining + 2 tasks, small but not trivial) run twice. The cells are
+The same units (2 cells x pretraining + 2 tasks, small but not trivial) run three ways. The cells are
 seeds 0, 1, ... of one method (IWM by default): units of equal length, so the node's cores can be
 shared evenly. `--methods ijepa,iwm` makes one cell per method instead (units of unequal length,
 which leave a core idle at the end).

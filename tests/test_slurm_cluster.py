@@ -147,10 +147,10 @@ def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
 
     states = wait_for_sweep(bench, hit, timeout=900)
     twin_states = wait_for_sweep(bench, twin, timeout=300)
-    job_log = Path(manifest(hit)["jobs"][unit]["log"])
-    out = job_log.with_suffix(".out").read_text()
+    err = Path(manifest(hit)["jobs"][unit]["log"])  # the job's stderr; stdout beside it
+    out = err.with_suffix(".out").read_text()
     stopped = [line for line in out.splitlines() if line.startswith("preempted: pretraining stopped")]
-    assert stopped, out + job_log.with_suffix(".err").read_text()[-3000:]
+    assert stopped, out + err.read_text()[-3000:]
     step = int(stopped[0].split("at step ")[1].split(";")[0])
     assert 2 <= step < 30  # a checkpoint mid-run, not at an epoch end or the end
     restarts = subprocess.run(
