@@ -153,8 +153,8 @@ def time_training_step(overrides: list[str], steps: int, warmup: int, device: st
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark.config import load_config
-    from benchmark.core.data import train_loader
     from benchmark.core.layers import to_device
+    from benchmark.core.loading import train_loader
     from benchmark.step import forward_loss
 
     if threads:

@@ -137,8 +137,8 @@ def time_against_official(
 ) -> dict:
     """Paired passes of our step and the official one over the same prebuilt batches (one case)."""
     from benchmark.config import load_config
-    from benchmark.core.data import train_loader
     from benchmark.core.layers import to_device
+    from benchmark.core.loading import train_loader
 
     if threads:
         torch.set_num_threads(threads)

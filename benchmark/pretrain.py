@@ -26,10 +26,11 @@ import torch
 
 from benchmark.core import checkpoint as ckpt
 from benchmark.core import distributed, interrupt
-from benchmark.core.data import UNREADABLE_LOG, DataSource, train_loader
+from benchmark.core.data import UNREADABLE_LOG, DataSource
 from benchmark.core.errors import DataError, DivergenceError
 from benchmark.core.faults import fault_point
 from benchmark.core.layers import to_device, use_attention
+from benchmark.core.loading import train_loader
 from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import cosine, warmup_cosine
 from benchmark.core.seeding import rng_state, set_rng_state

@@ -269,7 +269,7 @@ def execute(plan: Plan) -> list[dict]:
                 resolve_data(cfg.data, cfg.cache_dir)  # generated once, for all ranks (shared disk)
         distributed.barrier()
         if not world.is_main:
-            return _pretrain_only(plan)
+            return _follow(plan)
     _create_run_dir(plan)
     with run_lock(plan.run_dir):
         return _execute_main(plan)
@@ -350,32 +350,47 @@ def _execute_main(plan: Plan) -> list[dict]:
             ),
         )
     plan.method.to(plan.device).eval()
-    ctx = TaskContext(
-        source=source,
+    ctx = task_context(plan, cfg.progress)
+    for task in task_order(plan):
+        console.print(f"[bold]task[/] {task.name}")
+        guarded(task.name, lambda task=task: run_task(task, plan.method, ctx, cfg.attention))
+    return records
+
+
+def task_context(plan: Plan, show_progress: bool) -> TaskContext:
+    cfg = plan.cfg
+    return TaskContext(
+        source=plan.source,
         device=plan.device,
         encoder_key=plan.encoder_key,
         seed=cfg.seed,
         run_dir=plan.run_dir,
         workers=cfg.workers,
-        show_progress=cfg.progress,
+        show_progress=show_progress,
         token_cache_bytes=int(cfg.token_cache_gb * 2**30),
         attention=cfg.attention,
     )
-    for name in plan.task_names:
-        console.print(f"[bold]task[/] {name}")
-        task = build_task(name, plan.config["tasks"][name])
-        guarded(name, lambda task=task: run_task(task, plan.method, ctx, cfg.attention))
-    return records
+
+
+def task_order(plan: Plan) -> list[Task]:
+    """The plan's tasks in the order they run. In a data-parallel job the data-parallel tasks come
+    first, while every rank is there to run them; then rank 0 runs the others alone (a task's
+    result does not depend on what ran before it: each runs under its own seeded RNG)."""
+    tasks = [build_task(name, plan.config["tasks"][name]) for name in plan.task_names]
+    if not distributed.current().active:
+        return tasks
+    return [t for t in tasks if t.data_parallel] + [t for t in tasks if not t.data_parallel]
 
 
 def run_task(task: Task, method: Method, ctx: TaskContext, attention: str) -> dict:
     """One task with the attention kernel its precision calls for (`attention`, per task: the
-    task's bf16 setting decides `auto`); the method's own kernels are restored afterwards.
+    task's mixed precision decides `auto`); the method's own kernels are restored afterwards.
 
     The task runs under torch's global RNG seeded from the run's seed and the task's name (drop
     path and dropout draw from it), so its result does not depend on what ran before it in this
     process: pretraining, other tasks, or nothing (a run from a checkpoint)."""
-    restore = use_attention(method, attention, ctx.device, bool(task.cfg.get("bf16", False)))
+    mixed = task.cfg.get("precision", "bf16" if task.cfg.get("bf16") else "fp32") != "fp32"
+    restore = use_attention(method, attention, ctx.device, mixed)
     try:
         with seeded(derive_seed(ctx.seed, sum(map(ord, task.name)), GLOBAL_RNG_SEED)):
             return task.run(method, ctx)
@@ -383,8 +398,9 @@ def run_task(task: Task, method: Method, ctx: TaskContext, attention: str) -> di
         restore()
 
 
-def _pretrain_only(plan: Plan) -> list[dict]:
-    """A non-zero rank's part of a run: pretraining (when there is any); nothing written."""
+def _follow(plan: Plan) -> list[dict]:
+    """A non-zero rank's part of a run: pretraining (when there is any) and the data-parallel
+    tasks, in step with rank 0; nothing written."""
     if plan.checkpoint_path is None:
         pretrain(
             plan.method,
@@ -397,4 +413,9 @@ def _pretrain_only(plan: Plan) -> list[dict]:
             plan.cfg.workers,
             False,
         )
+    plan.method.to(plan.device).eval()
+    ctx = task_context(plan, show_progress=False)
+    for task in task_order(plan):
+        if task.data_parallel:
+            run_task(task, plan.method, ctx, plan.cfg.attention)
     return []

@@ -55,6 +55,10 @@ class Method(nn.Module, metaclass=ABCMeta):
     official_layout: ClassVar[str | None] = None
     # How error messages describe a file in that layout.
     official_about: ClassVar[str] = ""
+    # What `probe_features` can pool, and what the method's own paper probes linearly (the
+    # linear probe's `pool: method`): the patch-token mean (I-JEPA) or a cls token (MAE).
+    probe_pools: ClassVar[tuple[str, ...]] = ("mean",)
+    probe_pool: ClassVar[str] = "mean"
     encoder: nn.Module
     target_encoder: nn.Module | None
     predictor: nn.Module | None
@@ -126,6 +130,15 @@ class Method(nn.Module, metaclass=ABCMeta):
         if key == "target_encoder" and self.target_encoder is None:
             raise ValueError(f"method {self.name} has no target encoder: use checkpoint_key=encoder")
         return self.target_encoder if key == "target_encoder" else self.encoder
+
+    def probe_features(self, images: torch.Tensor, key: str, pool: str) -> torch.Tensor:
+        """One feature vector [B, token_dim] per image for a linear probe, pooled as `pool` (one of
+        `probe_pools`) from the eval encoder's last layer."""
+        if pool not in self.probe_pools:
+            raise ValueError(
+                f"method {self.name} cannot pool {pool!r} features (it offers {', '.join(self.probe_pools)})"
+            )
+        return self.eval_encoder(key)(images).mean(dim=1)
 
     @abstractmethod
     def dense_features(

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from benchmark.core.checkpoint import load_weights, strip_prefix
-from benchmark.core.data import crop_transform
 from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import gather_tokens
 from benchmark.core.schedules import linear
+from benchmark.core.transforms import crop_transform
 from methods.base import Capabilities, Method
 from methods.losses import LATENT_LOSSES, ema_update, latent_regression
 from methods.masks import MaskConfig, MultiBlockMasker

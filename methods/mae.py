@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from benchmark.core.checkpoint import load_weights, strip_prefix
-from benchmark.core.data import crop_transform
 from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import LayerNorm, gather_tokens
+from benchmark.core.transforms import crop_transform
 from methods.base import Capabilities, Method
 from methods.losses import masked_pixel_loss, normalize_patches, patchify
 from methods.masks import random_masking
@@ -112,7 +112,7 @@ class MAEEncoder(nn.Module):
         return self.forward_with_cls(images)[:, 1:]
 
     def cls_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The last-layer cls token [B, D] (MAE's `pool: cls` linear-probe feature)."""
+        """The last-layer cls token [B, D], normed (the feature MAE's official linear probe reads)."""
         return self.forward_with_cls(images)[:, 0]
 
 
@@ -229,6 +229,9 @@ class MAE(Method):
     default_encoder_key = "encoder"
     official_layout = "mae"
     official_about = "an MAE checkpoint ({'model': ...})"
+    # MAE's official linear probe reads the cls token (main_linprobe.py, --cls_token).
+    probe_pools = ("mean", "cls")
+    probe_pool = "cls"
 
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
         super().__init__(model_cfg, method_cfg, image_size)
@@ -254,6 +257,11 @@ class MAE(Method):
     @property
     def world_model_dim(self) -> int:
         return self.method_cfg["predictor"]["width"]
+
+    def probe_features(self, images, key, pool):
+        if pool == "cls":
+            return self.eval_encoder(key).cls_features(images)
+        return super().probe_features(images, key, pool)
 
     def dense_features(self, images, key, blocks):
         encoder = self.eval_encoder(key)

@@ -3,7 +3,8 @@
 A copy of the method becomes a segmenter (tasks/segmentation/model.py): a UperNet head on four
 feature levels (+ an auxiliary FCN head, loss weight 0.4) or a linear head on the last layer;
 which of encoder and predictor train is the mode. Training follows mmseg's ADE20k recipe
-(iteration-based, AdamW, linear warmup then poly decay, layer-wise lr decay on the encoder);
+(iteration-based, AdamW, mmengine's LinearLR warmup then PolyLR decay, layer-wise lr decay on
+the encoder, cross-entropy averaged over all pixels of the batch, ignored ones included);
 evaluation rescales each val image, slides a crop-sized window, resizes the logits to the
 label map and scores mIoU. `backend=mmseg` uses mmsegmentation's UPerHead/FCNHead and
 IoUMetric, `native` our torch heads and mIoU, `auto` mmseg when installed.
@@ -17,24 +18,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from timm.models.vision_transformer import Block
 
-from benchmark.core.data import SeededBatches, make_loader
 from benchmark.core.errors import ConfigError, DataError
+from benchmark.core.loading import SeededBatches, make_loader
 from benchmark.core.optim import count_parameters
 from benchmark.core.progress import progress_bar
-from benchmark.core.schedules import warmup_poly
 from benchmark.core.stats import Evidence, fingerprint
 from methods.base import Method
 from tasks.base import Applies, Choice, Flag, Number, Numbers, Task, TaskContext
-from tasks.core import loss_summary, train
+from tasks.core import PRECISIONS, autocast, loss_summary, train
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.data import ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs
 from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU, confusion
 from tasks.segmentation.model import HEADS, MODES, Segmenter, uses_predictor
 
 BACKENDS = ("auto", "native", "mmseg")
+
+
+def lr_factor(step: int, c: dict) -> float:
+    """The lr multiplier at iteration `step`: mmengine's LinearLR (warmup_ratio -> 1 over
+    warmup_iters) then PolyLR (-> min_lr_ratio at the last iteration), in closed form.
+
+    mmengine counts end - begin - 1 steps in each: the warmup reaches 1 at its last iteration
+    and the decay reaches its floor at the last training iteration."""
+    warmup, total = c["warmup_iters"], c["iters"]
+    if step < warmup:
+        return c["warmup_ratio"] + (1 - c["warmup_ratio"]) * step / max(1, warmup - 1)
+    progress = (step - warmup) / max(1, total - warmup - 1)
+    return c["min_lr_ratio"] + (1 - c["min_lr_ratio"]) * (1 - progress) ** c["poly_power"]
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mmseg's CrossEntropyLoss (avg_non_ignore=False): summed over labelled pixels, divided by
+    all pixels, so a batch with more ignored pixels weighs less."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
 def colourise(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -78,7 +99,13 @@ class ADE20kSegmentation(Task):
         "min_lr_ratio": Number(0, 1),
         "random_predictor": Flag(),
         "random_predictor_lr_scale": Number(0, low_open=True),
-        "bf16": Flag(),
+        "drop_path": Number(0, 1, high_open=True, nullable=True),
+        "layer_scale": Number(0, low_open=True, nullable=True),
+        "rel_pos_bias": Flag(),
+        "train_pos_embed": Flag(),
+        "head_init": Choice(("torch", "mmseg")),
+        "precision": Choice(PRECISIONS),
+        "eval_precision": Choice(PRECISIONS),
         "reduce_zero_label": Flag(),
         "scale": Numbers(Number(1, integer=True)),
         "ratio_range": Numbers(Number(0, low_open=True)),
@@ -131,6 +158,19 @@ class ADE20kSegmentation(Task):
         if blocks and (len(blocks) != 4 or not all(1 <= b <= method.depth for b in blocks)):
             raise ConfigError(
                 f"tasks.ade20k.feature_blocks must be 4 block numbers in 1..{method.depth}, got {list(blocks)}"
+            )
+        if c["mode"] not in ("encoder", "end_to_end"):
+            return
+        encoder = method.encoder  # the eval encoder, if another, has its architecture
+        for key in ("train_pos_embed", "rel_pos_bias"):
+            if c[key] and not isinstance(getattr(encoder, "pos_embed", None), nn.Parameter):
+                raise ConfigError(f"tasks.ade20k.{key}=true: method {method.name}'s encoder has no pos_embed")
+        if (c["layer_scale"] is not None or c["rel_pos_bias"]) and not any(
+            isinstance(m, Block) for m in encoder.modules()
+        ):
+            raise ConfigError(
+                f"tasks.ade20k.layer_scale / rel_pos_bias: method {method.name}'s encoder has no timm transformer "
+                "blocks to change"
             )
 
     def run(self, method, ctx: TaskContext) -> dict:
@@ -203,15 +243,13 @@ class ADE20kSegmentation(Task):
         def loss(batch):
             images, labels = batch
             logits, aux = model(images)
-            value = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            value = seg_loss(logits, labels)
             if aux is not None:
-                value = value + c["aux_weight"] * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE_INDEX)
+                value = value + c["aux_weight"] * seg_loss(aux, labels)
             return value
 
         def lr_at(it: int) -> float:
-            return c["lr"] * warmup_poly(
-                it, c["iters"], c["warmup_iters"], c["warmup_ratio"], c["poly_power"], c["min_lr_ratio"]
-            )
+            return c["lr"] * lr_factor(it, c)
 
         model.train()
         return train(
@@ -223,7 +261,7 @@ class ADE20kSegmentation(Task):
             betas=c["betas"],
             clip_grad=0.0,
             device=ctx.device,
-            bf16=bool(c["bf16"]),
+            precision=c["precision"],
             label="ade20k train",
             show_progress=ctx.show_progress,
         )
@@ -232,10 +270,9 @@ class ADE20kSegmentation(Task):
     def predict(self, model: Segmenter, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Class map [B, H, W] at out_size for rescaled images [B, 3, H', W'] (sliding window)."""
         c = self.cfg
-        autocast = dict(device_type=image.device.type, dtype=torch.bfloat16, enabled=bool(c["bf16"]))
 
         def logits_fn(window: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(**autocast):
+            with autocast(image.device, c["eval_precision"]):
                 return model(window)[0]
 
         logits = slide_inference(logits_fn, image, c["num_classes"], c["crop_size"], c["stride"])

@@ -20,11 +20,13 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from benchmark.core.data import DataSource, Transformed, eval_loader, eval_transform, make_loader, stack_views
+from benchmark.core.data import DataSource
 from benchmark.core.errors import ConfigError
 from benchmark.core.layers import to_device, use_attention
+from benchmark.core.loading import Transformed, eval_loader, make_loader, stack_views
 from benchmark.core.progress import progress_bar
 from benchmark.core.stats import fingerprint
+from benchmark.core.transforms import eval_transform
 from methods.base import Method
 
 
@@ -242,6 +244,12 @@ class Task(ABC):
         # Plain containers: list-valued settings arrive as OmegaConf lists from the runner.
         self.cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
         check_settings(self.name, self.cfg, self.settings)
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether every rank of a data-parallel job runs this task together (each on its share
+        of every batch; rank 0 evaluates and records). Otherwise rank 0 runs it alone."""
+        return False
 
     def applies_to(self, method: Method) -> Applies:
         """Whether the method has what this task needs (capabilities), with the reason if not."""

@@ -61,6 +61,17 @@ def set_drop_path(module: nn.Module, rate: float) -> None:
         block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
 
 
+# Mixed precision of a training stage: bf16 autocast, fp16 autocast with a dynamic loss scale
+# (the official MAE recipes' torch.cuda.amp), or none.
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def train(
     groups: list[dict],
     batches: Iterable,
@@ -71,17 +82,23 @@ def train(
     betas,
     clip_grad: float,
     device: torch.device,
-    bf16: bool,
+    precision: str,
     label: str,
     show_progress: bool = False,
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+    wd_at: Callable[[int], float] | None = None,
 ) -> list[float]:
-    """AdamW over `groups` for up to `total_steps` batches; returns the loss of every step.
+    """AdamW (or `optimizer(groups)`) over `groups` for up to `total_steps` batches; returns the
+    loss of every step.
 
-    Per step: every group's lr is lr_at(step) * its lr_scale, the loss is computed under optional
-    bf16 autocast, a non-finite loss stops the stage with DivergenceError naming the step, then
-    backward, optional gradient clipping and the update.
+    Per step: every group's lr is lr_at(step) * its lr_scale, with `wd_at` every decayed group's
+    (apply_wd) weight decay is wd_at(step), the loss is computed under the
+    precision's autocast, a non-finite loss stops the stage with DivergenceError naming the step,
+    then backward (through a dynamic loss scale under fp16), optional gradient clipping and the
+    update.
     """
-    opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas))
+    opt = optimizer(groups) if optimizer is not None else torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = [p for g in groups for p in g["params"]]
     losses: list[float] = []
     with progress_bar(label, total_steps, enabled=show_progress) as bar:
@@ -92,15 +109,19 @@ def train(
             lr = lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                if wd_at is not None and group.get("apply_wd"):
+                    group["weight_decay"] = wd_at(step)
+            with autocast(device, precision):
                 loss = loss_fn(batch)
             if not torch.isfinite(loss):
                 raise DivergenceError(f"{label}: training loss is {loss.item()} at step {step} (lower the lr?)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if clip_grad:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             losses.append(loss.item())
             bar.advance(loss=losses[-1])
     return losses

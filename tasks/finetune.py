@@ -21,7 +21,6 @@ the last epoch (nothing is selected on val).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -29,41 +28,44 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from torch.utils.data import Subset
 
-from benchmark.core.data import crop_transform, eval_loader, stack_views, train_loader
 from benchmark.core.errors import ConfigError
 from benchmark.core.layers import to_device
+from benchmark.core.loading import eval_loader, stack_views, train_loader
 from benchmark.core.optim import count_parameters, param_groups
-from benchmark.core.schedules import warmup_cosine
 from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import Evidence
+from benchmark.core.transforms import crop_transform, recipe_transform
 from methods.base import Method
-from tasks.base import Applies, Choice, Flag, Number, Numbers, Task, TaskContext
+from tasks.base import Applies, Task, TaskContext
 from tasks.core import (
     HEAD_SEED,
     MIX_SEED,
     RANDOM_PREDICTOR_SEED,
     TRAIN_POOL_SEED,
+    autocast,
     loss_summary,
     set_drop_path,
     train,
     train_like,
     working_copy,
 )
-from tasks.heads import HEADS, build_head
-from tasks.mixing import mix, soft_cross_entropy, soft_targets
+from tasks.heads import build_head
+from tasks.mixing import soft_cross_entropy
+from tasks.recipe import ENCODER_RECIPE, PREDICTOR_RECIPE, RECIPE, check_head, lr_schedule, mixed, wd_schedule
 
 Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 # --- the model being tuned -------------------------------------------------------------------------
 class Classifier(nn.Module):
-    """[trained encoder] -> [world model on the whole clean image] -> head.
+    """[encoder] -> [world model on the whole clean image] -> head.
 
     Without an encoder the inputs are already the frozen encoder's tokens. Modules listed in
     `frozen` (the ones shared with the run's method) stay in eval mode whatever mode the
-    classifier is put in.
+    classifier is put in; a frozen encoder that reads images runs without gradients.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.head, self.encoder, self.world_model = head, encoder, world_model
         self.frozen = frozen
+        self.encoder_frozen = any(encoder is m for m in frozen)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -85,48 +88,14 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         if self.encoder is not None:
-            x = self.encoder(x)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+                x = self.encoder(x)
         if self.world_model is not None:
             x = self.world_model.predict_full(x, extra=extra)
         return self.head(x)
 
 
 # --- the loop ----------------------------------------------------------------------------------------
-def as_grid(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """Tokens [B, N, D] on a square patch grid as [B, D, h, w] (so cutmix swaps patches), and back."""
-    if x.dim() == 4:
-        return x, lambda y: y
-    side = math.isqrt(x.size(1))
-    if side * side != x.size(1):
-        return x.transpose(1, 2).unsqueeze(-1), lambda y: y.squeeze(-1).transpose(1, 2)
-    grid = x.transpose(1, 2).reshape(x.size(0), x.size(2), side, side)
-    return grid, lambda y: y.flatten(2).transpose(1, 2)
-
-
-def mixed(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: dict, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and soft targets after label smoothing and mixup/cutmix (on the token grid for tokens)."""
-    grid, back = as_grid(x)
-    grid, targets = mix(
-        grid,
-        soft_targets(y, num_classes, cfg["label_smoothing"]),
-        cfg["mixup"],
-        cfg["cutmix"],
-        cfg["mix_prob"],
-        cfg["switch_prob"],
-        gen,
-    )
-    return back(grid), targets
-
-
-def lr_schedule(cfg: dict, steps_per_epoch: int) -> tuple[int, Callable[[int], float]]:
-    """(total steps, lr at a step): linear warmup from 0, then cosine to min_lr, per step."""
-    total = cfg["epochs"] * steps_per_epoch
-    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
-    return total, lambda step: warmup_cosine(step, total, warmup, 0.0, cfg["lr"], cfg["min_lr"])
-
-
 def train_classifier(
     model: Classifier,
     groups: list[dict],
@@ -158,10 +127,11 @@ def train_classifier(
         total,
         lr_at,
         loss,
+        wd_at=wd_schedule(cfg, total),
         betas=cfg["betas"],
         clip_grad=cfg["clip_grad"],
         device=device,
-        bf16=bool(cfg["bf16"]),
+        precision=cfg["precision"],
         label=label,
         show_progress=show_progress,
     )
@@ -170,12 +140,12 @@ def train_classifier(
 
 
 def evaluate(
-    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, bf16: bool
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, precision: str
 ) -> np.ndarray:
     """Whether each sample, in order, is classified right (top-1)."""
     correct = []
     model.eval()
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), autocast(device, precision):
         for x, y in batches:
             correct.append((model(x).argmax(dim=-1).cpu() == y.cpu()).numpy())
     return np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
@@ -213,11 +183,23 @@ def frozen_inputs(
 def image_inputs(
     ctx: TaskContext, cfg: dict, seed: int, column: str | None, pool: torch.Tensor
 ) -> tuple[Batches, int, Callable]:
-    """Augmented training images (RandomResizedCrop + flip) of the samples in `pool`, their steps
-    per epoch, and val images, labelled by `column` (default: the data's label)."""
+    """Augmented training images of the samples in `pool` (RandomResizedCrop + flip, plus
+    RandAugment and random erasing when the recipe asks for them), their steps per epoch, and val
+    images, labelled by `column` (default: the data's label)."""
     source = ctx.source if column is None else replace(ctx.source, label_column=column)
     dataset = Subset(source.split("train"), pool.tolist())
-    transform = crop_transform(source.image_size, cfg["crop_scale"], flip=cfg["flip"])
+    if cfg["auto_augment"] or cfg["reprob"]:
+        transform = recipe_transform(
+            source.image_size,
+            cfg["crop_scale"],
+            cfg["flip"],
+            cfg["auto_augment"],
+            cfg["reprob"],
+            cfg["remode"],
+            cfg["recount"],
+        )
+    else:
+        transform = crop_transform(source.image_size, cfg["crop_scale"], flip=cfg["flip"])
 
     def train_images(epoch: int):
         loader = train_loader(dataset, transform, stack_views, cfg["batch_size"], seed, epoch, workers=ctx.workers)
@@ -226,7 +208,9 @@ def image_inputs(
             yield batch["images"], batch["labels"]
 
     def val():
-        loader = eval_loader(source.split("val"), source.image_size, cfg["batch_size"], ctx.workers)
+        loader = eval_loader(
+            source.split("val"), source.image_size, cfg["batch_size"], ctx.workers, cfg["eval_interpolation"]
+        )
         for batch in loader:
             batch = to_device(batch, ctx.device)
             yield batch["images"], batch["labels"]
@@ -235,46 +219,6 @@ def image_inputs(
 
 
 # --- the adapters --------------------------------------------------------------------------------------
-# The finetuning recipe's settings (shared by every adapter and multitask tuning).
-PROBABILITY = Number(0, 1)
-RECIPE = {
-    "epochs": Number(1, integer=True),
-    "batch_size": Number(1, integer=True),
-    "train_samples": Number(1, integer=True, nullable=True),
-    "warmup_epochs": Number(0),
-    "lr": Number(0, low_open=True),
-    "min_lr": Number(0),
-    "betas": Numbers(Number(0, 1, high_open=True)),
-    "weight_decay": Number(0),
-    "label_smoothing": PROBABILITY,
-    "mixup": Number(0),
-    "cutmix": Number(0),
-    "mix_prob": PROBABILITY,
-    "switch_prob": PROBABILITY,
-    "clip_grad": Number(0),
-    "bf16": Flag(),
-    "head": Choice(HEADS),
-    "head_heads": Number(1, integer=True),
-}
-ENCODER_RECIPE = {
-    **RECIPE,
-    "drop_path": PROBABILITY,
-    "layer_decay": Number(0, 1, low_open=True, nullable=True),
-    "crop_scale": Numbers(Number(0, 1, low_open=True)),
-    "flip": Flag(),
-}
-PREDICTOR_RECIPE = {**RECIPE, "drop_path": PROBABILITY, "predictor_lr_scale": Number(0, low_open=True)}
-
-
-def check_head(name: str, cfg: dict, width: int) -> None:
-    """An attentive head splits the width of the tokens it reads over its heads."""
-    if cfg["head"] == "attentive" and width % cfg["head_heads"]:
-        raise ConfigError(
-            f"tasks.{name}.head_heads={cfg['head_heads']} does not divide the width {width} of the "
-            f"tokens the head reads"
-        )
-
-
 class Finetune(Task):
     """Shared by the finetuning adapters; subclasses say what is trained."""
 
@@ -287,7 +231,30 @@ class Finetune(Task):
         return Applies.needs(method, predictor=self.use_predictor)
 
     def check(self, method: Method) -> None:
-        check_head(self.name, self.cfg, method.world_model_dim if self.use_predictor else method.token_dim)
+        cfg = self.cfg
+        check_head(self.name, cfg, method.world_model_dim if self.use_predictor else method.token_dim)
+        if (cfg["mixup"] or cfg["cutmix"]) and cfg["batch_size"] % 2:
+            raise ConfigError(
+                f"tasks.{self.name}.batch_size={cfg['batch_size']}: mixup/cutmix pair each sample with "
+                f"the batch's mirror image and need an even batch"
+            )
+        if self.train_encoder and cfg["inputs"] != "images":
+            raise ConfigError(f"tasks.{self.name}.inputs=tokens: a trained encoder reads images (inputs: images)")
+        scale = cfg["crop_scale"]
+        if len(scale) != 2 or scale[0] > scale[1]:
+            raise ConfigError(f"tasks.{self.name}.crop_scale must be [low, high] with low <= high, got {scale}")
+        if not self.train_encoder:
+            return
+        encoder = method.encoder
+        if cfg["train_pos_embed"] and not isinstance(getattr(encoder, "pos_embed", None), nn.Parameter):
+            raise ConfigError(
+                f"tasks.{self.name}.train_pos_embed=true: method {method.name}'s encoder has no pos_embed"
+            )
+        if not cfg["final_norm"] and (self.use_predictor or not isinstance(getattr(encoder, "norm", None), nn.Module)):
+            raise ConfigError(
+                f"tasks.{self.name}.final_norm=false applies to an encoder with a final `norm` that "
+                f"feeds the head directly (encoder_ft)"
+            )
 
     def build(
         self, method: Method, ctx: TaskContext, num_classes: int, seed: int
@@ -305,12 +272,21 @@ class Finetune(Task):
         with seeded(derive_seed(seed, HEAD_SEED)):
             width = work.world_model_dim if self.use_predictor else work.token_dim
             head = build_head(cfg["head"], width, num_classes, cfg["head_heads"])
-        groups = param_groups(head, cfg["weight_decay"])
+        # The official attentive probe decays its query tokens like any matrix (tokens=False).
+        groups = param_groups(head, cfg["weight_decay"], tokens=False)
         if self.use_predictor:
             set_drop_path(work.predictor, cfg["drop_path"])
             groups += param_groups(work.predictor, cfg["weight_decay"], cfg["predictor_lr_scale"])
+        if cfg.get("head_init_std") is not None:
+            with seeded(derive_seed(seed, HEAD_SEED)):
+                trunc_normal_(head.linear.weight, std=cfg["head_init_std"])
+            nn.init.zeros_(head.linear.bias)
         if self.train_encoder:
             train_like(encoder, method.encoder)
+            if cfg["train_pos_embed"]:
+                encoder.pos_embed.requires_grad_(True)
+            if not cfg["final_norm"]:
+                encoder.norm = nn.Identity()
             set_drop_path(encoder, cfg["drop_path"])
             groups += param_groups(encoder, cfg["weight_decay"], layer_decay=cfg["layer_decay"])
         frozen = tuple(
@@ -320,7 +296,8 @@ class Finetune(Task):
             and not (m is encoder and self.train_encoder)
             and not (m is work.predictor and self.use_predictor)
         )
-        model = Classifier(head, encoder if self.train_encoder else None, work if self.use_predictor else None, frozen)
+        reads_images = self.train_encoder or cfg["inputs"] == "images"
+        model = Classifier(head, encoder if reads_images else None, work if self.use_predictor else None, frozen)
         return model, groups, work
 
     def run(self, method: Method, ctx: TaskContext) -> dict:
@@ -336,7 +313,7 @@ class Finetune(Task):
         bs = cfg["batch_size"]
         # Seeded by the run only: every task of a run (and multitask's comparison) uses one subset.
         pool = train_pool(len(y_train), cfg.get("train_samples"), derive_seed(ctx.seed, TRAIN_POOL_SEED))
-        if self.train_encoder:
+        if cfg["inputs"] == "images":
             train_batches, steps, val_batches = image_inputs(ctx, cfg, seed, column, pool)
         else:
 
@@ -354,7 +331,7 @@ class Finetune(Task):
             model, groups, train_batches, steps, num_classes, cfg, seed, ctx.device, self.name, ctx.show_progress
         )
         train_seconds = time.perf_counter() - started
-        correct = evaluate(model, val_batches(), ctx.device, bool(cfg["bf16"]))
+        correct = evaluate(model, val_batches(), ctx.device, cfg["precision"])
         metrics = {
             "top1": 100.0 * float(correct.mean()),
             "evidence": Evidence("correct", {"correct": correct}, ctx.val_fingerprint(column)),
@@ -369,7 +346,7 @@ class Finetune(Task):
             "val_samples": len(correct),
             "encoder": "trained" if self.train_encoder else "frozen",
             "inputs": "images"
-            if self.train_encoder
+            if cfg["inputs"] == "images"
             else "cached tokens"
             if ctx.frozen_tokens(method, "train") is not None
             else "tokens encoded per batch",

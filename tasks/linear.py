@@ -1,22 +1,40 @@
-"""Linear probe: frozen encoder, average-pooled tokens, a grid of linear heads trained at once.
+"""Linear probe on a frozen encoder, by one of two protocols (`tasks.linear.protocol`).
 
-Features are extracted once; every (learning rate, weight decay) head trains on the same cached
-features in the same pass. The head used for the reported top-1 is the one with the best
-accuracy on a held-out part of the train split, never chosen on the val split.
+- `grid` (the CPU preset): average-pooled tokens extracted once; every (learning rate, weight
+  decay) head trains on the same cached features in the same pass, and the head reported is the
+  one with the best accuracy on a held-out part of the train split (never chosen on val).
+- `streaming` (the paper preset: MAE's `main_linprobe.py`): the frozen encoder runs inside the
+  loop on augmented crops (one-draw random resized crop + flip), no gradient and under autocast;
+  its pooled feature (`pool`: cls token for MAE, patch-token mean for the JEPAs) goes through
+  BatchNorm1d(affine=False, eps=1e-6) and one linear layer (weights trunc-normal std 0.01),
+  trained with LARS (momentum 0.9, trust 0.001, lr = blr x batch / 256) under a per-step linear
+  warmup + half-cosine schedule, cross-entropy; top-1 on centre crops after the last epoch.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
 
+from benchmark.core import distributed
+from benchmark.core.errors import ConfigError
+from benchmark.core.layers import to_device
+from benchmark.core.loading import eval_loader, stack_views, train_loader
+from benchmark.core.optim import LARS
 from benchmark.core.progress import progress_bar
-from benchmark.core.schedules import cosine
+from benchmark.core.schedules import cosine, warmup_cosine
+from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import Evidence
-from tasks.base import Flag, Number, Numbers, Task, TaskContext
-from tasks.core import loss_summary
+from benchmark.core.transforms import probe_transform
+from methods.base import Method
+from tasks.base import Choice, Flag, Number, Numbers, Task, TaskContext
+from tasks.core import HEAD_SEED, PRECISIONS, autocast, loss_summary, train
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -103,21 +121,91 @@ def train_heads(
     return out
 
 
+class BatchNormLinear(nn.Module):
+    """MAE's linear-probe head: BatchNorm1d without affine parameters (eps 1e-6), then linear
+    (weights trunc-normal with `init_std`, bias 0)."""
+
+    def __init__(self, dim: int, num_classes: int, init_std: float = 0.01):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+        trunc_normal_(self.linear.weight, std=init_std)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features))
+
+
+PROTOCOLS = ("grid", "streaming")
+POOLS = ("mean", "cls", "method")
+
+
 class LinearProbe(Task):
-    """Linear probe on frozen average-pooled tokens, a grid of heads picked on held-out data."""
+    """Linear probe on a frozen encoder: a cached grid of heads, or MAE's streaming LARS probe."""
 
     name = "linear"
     settings = {
-        "lrs": Numbers(Number(0, low_open=True)),
-        "weight_decays": Numbers(Number(0)),
+        "protocol": Choice(PROTOCOLS),
+        # mean of the patch tokens, the cls token, or `method`: what the method's own paper probes.
+        "pool": Choice(POOLS),
         "epochs": Number(1, integer=True),
         "batch_size": Number(1, integer=True),
+        # grid
+        "lrs": Numbers(Number(0, low_open=True)),
+        "weight_decays": Numbers(Number(0)),
         # Both parts of the train split keep samples: (0, 1) open.
         "heldout_fraction": Number(0, 1, low_open=True, high_open=True),
         "standardize": Flag(),
+        # streaming
+        "blr": Number(0, low_open=True),
+        "min_lr": Number(0),
+        "warmup_epochs": Number(0),
+        "weight_decay": Number(0),
+        "momentum": Number(0, 1, high_open=True),
+        "trust_coefficient": Number(0, low_open=True),
+        "crop_scale": Numbers(Number(0, 1, low_open=True)),
+        "head_init_std": Number(0, low_open=True),
+        "precision": Choice(PRECISIONS),
     }
 
+    @property
+    def data_parallel(self) -> bool:
+        return self.cfg["protocol"] == "streaming"
+
+    def pool(self, method: Method) -> str:
+        return method.probe_pool if self.cfg["pool"] == "method" else self.cfg["pool"]
+
+    def check(self, method: Method) -> None:
+        pool = self.pool(method)
+        if pool not in method.probe_pools:
+            raise ConfigError(
+                f"tasks.linear.pool={self.cfg['pool']}: method {method.name} has no {pool} feature "
+                f"(it offers {', '.join(method.probe_pools)})"
+            )
+        if self.cfg["protocol"] == "grid" and pool != "mean":
+            raise ConfigError(
+                f"tasks.linear.pool={self.cfg['pool']} ({pool}): the grid protocol reads the cached "
+                f"patch tokens' mean; use tasks.linear.protocol=streaming for a {pool} probe"
+            )
+        if self.cfg["protocol"] != "streaming":
+            return
+        scale = self.cfg["crop_scale"]
+        if len(scale) != 2 or scale[0] > scale[1]:
+            raise ConfigError(f"tasks.linear.crop_scale must be [low, high] with low <= high, got {scale}")
+        ranks = distributed.planned_size()
+        if self.cfg["batch_size"] % ranks:
+            raise ConfigError(f"tasks.linear.batch_size={self.cfg['batch_size']} does not split over {ranks} processes")
+        if self.cfg["warmup_epochs"] > self.cfg["epochs"]:
+            raise ConfigError(
+                f"tasks.linear.warmup_epochs={self.cfg['warmup_epochs']} is longer than epochs={self.cfg['epochs']}"
+            )
+
     def run(self, method, ctx: TaskContext) -> dict:
+        if self.cfg["protocol"] == "streaming":
+            return self.run_streaming(method, ctx)
+        return self.run_grid(method, ctx)
+
+    def run_grid(self, method, ctx: TaskContext) -> dict:
         cfg = self.cfg
         x_train, y_train = ctx.pooled_features(method, "train")
         x_val, y_val = ctx.pooled_features(method, "val")
@@ -154,6 +242,8 @@ class LinearProbe(Task):
         with torch.no_grad():
             correct = (heads[best_index][2](x_val).argmax(dim=-1) == y_val).numpy()
         return {
+            "protocol": "grid",
+            "pool": "mean",
             "evidence": Evidence("correct", {"correct": correct}, ctx.val_fingerprint()),
             "top1": best["val_top1"],
             "heldout_top1": best["heldout_top1"],
@@ -168,4 +258,105 @@ class LinearProbe(Task):
             "grid": grid,
             # The chosen head's training loss, one point per epoch (tasks/core.py's rule).
             **loss_summary(curve, 1),
+        }
+
+    def run_streaming(self, method: Method, ctx: TaskContext) -> dict:
+        cfg, device = self.cfg, ctx.device
+        seed = derive_seed(ctx.seed, sum(map(ord, self.name)))
+        pool, key = self.pool(method), ctx.encoder_key
+        train_set, val_set = ctx.source.split("train"), ctx.source.split("val")
+        num_classes = len(train_set.classes)
+        bs = cfg["batch_size"]
+        steps_per_epoch = len(train_set) // bs
+        if steps_per_epoch == 0:
+            raise ValueError(f"tasks.linear.batch_size={bs} is larger than the training set ({len(train_set)})")
+        total = cfg["epochs"] * steps_per_epoch
+        warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+        # MAE's linear scaling rule: the base lr is per 256 images of the (global) batch.
+        peak = cfg["blr"] * bs / 256
+        world = distributed.current()
+        with seeded(derive_seed(seed, HEAD_SEED)):
+            probe = BatchNormLinear(method.token_dim, num_classes, cfg["head_init_std"]).to(device)
+        # On several ranks each takes its share of every batch and normalises it with its own
+        # batch statistics (plain BatchNorm under DDP, as the official probe), gradients averaged.
+        head = distributed.replicated(probe, device)
+        encoder = method.eval_encoder(key).to(device)
+        was_training = encoder.training
+        encoder.eval()
+        transform = probe_transform(ctx.source.image_size, cfg["crop_scale"])
+
+        def batches():
+            for epoch in range(cfg["epochs"]):
+                loader = train_loader(
+                    train_set,
+                    transform,
+                    stack_views,
+                    bs,
+                    seed,
+                    epoch,
+                    workers=ctx.workers,
+                    rank=world.rank,
+                    world_size=world.size,
+                )
+                for batch in loader:
+                    yield to_device(batch, device)
+
+        def loss(batch):
+            with torch.no_grad():
+                features = method.probe_features(batch["images"], key, pool)
+            return F.cross_entropy(head(features.float()), batch["labels"])
+
+        def lars(groups):
+            return LARS(
+                groups,
+                weight_decay=cfg["weight_decay"],
+                momentum=cfg["momentum"],
+                trust_coefficient=cfg["trust_coefficient"],
+            )
+
+        started = time.perf_counter()
+        head.train()
+        losses = train(
+            [{"params": list(probe.parameters()), "lr_scale": 1.0}],
+            batches(),
+            total,
+            lambda step: warmup_cosine(step, total, warmup, 0.0, peak, cfg["min_lr"]),
+            loss,
+            betas=None,
+            clip_grad=0.0,
+            device=device,
+            precision=cfg["precision"],
+            label="linear",
+            show_progress=ctx.show_progress,
+            optimizer=lars,
+        )
+        train_seconds = time.perf_counter() - started
+        distributed.check_in_sync(probe, "the linear probe")  # every rank took the same averaged steps
+        if not world.is_main:
+            encoder.train(was_training)
+            return {}
+        probe.eval()
+        correct = []
+        with torch.no_grad():
+            for batch in eval_loader(val_set, ctx.source.image_size, bs, ctx.workers):
+                batch = to_device(batch, device)
+                with autocast(device, cfg["precision"]):
+                    features = method.probe_features(batch["images"], key, pool)
+                correct.append((probe(features.float()).argmax(-1) == batch["labels"]).cpu().numpy())
+        encoder.train(was_training)
+        correct = np.concatenate(correct)
+        return {
+            "protocol": "streaming",
+            "pool": pool,
+            "evidence": Evidence("correct", {"correct": correct}, ctx.val_fingerprint()),
+            "top1": 100.0 * float(correct.mean()),
+            "chance_top1": 100.0 / num_classes,
+            "num_classes": num_classes,
+            "feature_dim": method.token_dim,
+            "lr": peak,
+            "train_samples": steps_per_epoch * bs,
+            "val_samples": len(correct),
+            "train_seconds": train_seconds,
+            "ranks": world.size,
+            **loss_summary(losses, steps_per_epoch),
         }

@@ -1,16 +1,18 @@
-"""Label smoothing, mixup and cutmix as pure functions (the MAE finetuning recipe's regularisers).
+"""Label smoothing, mixup and cutmix (the MAE finetuning recipe's regularisers).
 
-They work on any [B, C, H, W] input: images, or a token grid [B, D, h, w] when a frozen
-encoder's tokens are the input (cutmix then swaps whole patches). Randomness comes only from
-the generator passed in, so a seeded run mixes the same way every time.
+Mixup and cutmix are timm's `Mixup` in batch mode, the one MAE's finetuning calls. They work on
+any [B, C, H, W] input: images, or a token grid [B, D, h, w] when a frozen encoder's tokens are
+the input (cutmix then swaps whole patches). timm draws from numpy's global RNG: each call runs
+under a numpy state seeded from the generator passed in, so a seeded run mixes the same way
+every time and nothing outside is disturbed.
 """
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -23,51 +25,36 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def cutmix_box(height: int, width: int, lam: float, gen: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of a box covering about 1 - lam of the area, centred uniformly,
-    clipped at the borders."""
-    cut = math.sqrt(1.0 - lam)
-    h, w = int(height * cut), int(width * cut)
-    cy = int(torch.randint(height, (1,), generator=gen))
-    cx = int(torch.randint(width, (1,), generator=gen))
-    return max(cy - h // 2, 0), min(cy + h // 2, height), max(cx - w // 2, 0), min(cx + w // 2, width)
-
-
 def mix(
     x: torch.Tensor,
-    targets: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    smoothing: float,
     mixup_alpha: float,
     cutmix_alpha: float,
     prob: float,
     switch_prob: float,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or cutmix of a batch with its flipped self (one draw per batch, as in MAE/timm).
-
-    With probability `prob` the batch is mixed: by cutmix when only cutmix is on, or with
-    probability `switch_prob` when both are; the target weights follow the pixels actually
-    swapped. Alphas of 0 switch a method off.
-    """
-    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or float(torch.rand(1, generator=gen)) >= prob:
-        return x, targets
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(torch.rand(1, generator=gen)) < switch_prob)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = beta_sample(alpha, gen)
-    flipped = x.flip(0)
-    if use_cutmix:
-        top, bottom, left, right = cutmix_box(x.size(-2), x.size(-1), lam, gen)
-        x = x.clone()
-        x[..., top:bottom, left:right] = flipped[..., top:bottom, left:right]
-        lam = 1.0 - (bottom - top) * (right - left) / (x.size(-2) * x.size(-1))
-    else:
-        x = lam * x + (1.0 - lam) * flipped
-    return x, lam * targets + (1.0 - lam) * targets.flip(0)
-
-
-def beta_sample(alpha: float, gen: torch.Generator) -> float:
-    """One draw of Beta(alpha, alpha)."""
-    # torch.distributions takes no generator: sample under the global RNG seeded from `gen`.
-    seed = int(torch.randint(2**62, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
+    """(inputs, soft targets): label smoothing, and with probability `prob` mixup or cutmix of the
+    batch with its flipped self (cutmix with probability `switch_prob` when both are on; the
+    targets follow the area actually pasted). Alphas of 0 switch a method off; both off leaves
+    the inputs as they are."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return x, soft_targets(labels, num_classes, smoothing)
+    mixer = Mixup(
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode="batch",
+        label_smoothing=smoothing,
+        num_classes=num_classes,
+    )
+    outer = np.random.get_state()
+    np.random.seed(int(torch.randint(2**31, (1,), generator=gen)))
+    try:
+        # timm mixes in place: never into a tensor the caller keeps (a token cache).
+        return mixer(x.clone(), labels)
+    finally:
+        np.random.set_state(outer)

@@ -24,18 +24,10 @@ from benchmark.core.stats import Evidence, fingerprint
 from methods.base import Method
 from tasks.base import Applies, Task, TaskContext
 from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, loss_summary, set_drop_path, train, working_copy
-from tasks.finetune import (
-    PREDICTOR_RECIPE,
-    PredictorFinetune,
-    check_head,
-    evaluate,
-    frozen_inputs,
-    lr_schedule,
-    mixed,
-    train_pool,
-)
+from tasks.finetune import PredictorFinetune, evaluate, frozen_inputs, train_pool
 from tasks.heads import build_head
 from tasks.mixing import soft_cross_entropy
+from tasks.recipe import PREDICTOR_RECIPE, check_head, lr_schedule, mixed, wd_schedule
 
 
 class MultitaskModel(nn.Module):
@@ -94,6 +86,10 @@ class MultitaskPredictor(Task):
 
     def check(self, method: Method) -> None:
         check_head(self.name, self.cfg, method.world_model_dim)
+        if self.cfg["inputs"] != "tokens":
+            raise ConfigError("tasks.multitask.inputs must be tokens: the joint stage tunes on cached frozen tokens")
+        if self.cfg["head_init_std"] is not None:
+            raise ConfigError("tasks.multitask.head_init_std must be null: its heads keep their own initialisation")
 
     def run(self, method: Method, ctx: TaskContext) -> dict:
         cfg, sets = self.cfg, list(self.cfg["label_sets"])
@@ -145,7 +141,7 @@ class MultitaskPredictor(Task):
         model = self.build(method, ctx, [k for _, k in train_sets], seed)
         # Task tokens learn at the predictor's rate (they are its inputs); tokens are not decayed.
         groups = (
-            param_groups(model.heads, cfg["weight_decay"])
+            param_groups(model.heads, cfg["weight_decay"], tokens=False)
             + param_groups(model.work.predictor, cfg["weight_decay"], cfg["predictor_lr_scale"])
             + param_groups(
                 model, cfg["weight_decay"], cfg["predictor_lr_scale"], named=[("task_tokens", model.task_tokens)]
@@ -186,14 +182,15 @@ class MultitaskPredictor(Task):
             betas=cfg["betas"],
             clip_grad=cfg["clip_grad"],
             device=ctx.device,
-            bf16=bool(cfg["bf16"]),
+            precision=cfg["precision"],
             label=self.name,
             show_progress=ctx.show_progress,
+            wd_at=wd_schedule(cfg, total),
         )
         seconds = time.perf_counter() - started
         correct = {
             c: evaluate(
-                model.for_task(t), frozen_inputs(method, ctx, "val", val[t], bs, None), ctx.device, bool(cfg["bf16"])
+                model.for_task(t), frozen_inputs(method, ctx, "val", val[t], bs, None), ctx.device, cfg["precision"]
             )
             for t, c in enumerate(sets)
         }

@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 from benchmark.config import load_config
 from benchmark.core import synthetic
 from benchmark.core.errors import DataError
-from benchmark.core.schedules import warmup_poly
 from methods import build_method
 from tasks.ade20k import ADE20kSegmentation
 from tasks.base import TaskContext
@@ -111,9 +110,13 @@ def test_level_blocks_and_lr_schedule():
     assert level_blocks(6) == [2, 3, 4, 6]
     with pytest.raises(ValueError, match="feature blocks"):
         level_blocks(6, [1, 2, 3, 7])
-    assert warmup_poly(0, 100, 10, 0.0, 1.0, 0.0) == 0.0
-    assert warmup_poly(10, 100, 10, 0.0, 1.0, 0.0) == 1.0
-    assert warmup_poly(55, 100, 10, 0.0, 1.0, 0.0) == pytest.approx(0.5)
+    from tasks.ade20k import lr_factor
+
+    # mmengine's LinearLR over iterations 0..9 reaches 1 at the 10th; PolyLR reaches its floor at
+    # the last iteration (99), halfway between at 10 + 89 / 2.
+    c = {"warmup_iters": 10, "iters": 100, "warmup_ratio": 0.0, "poly_power": 1.0, "min_lr_ratio": 0.0}
+    assert lr_factor(0, c) == 0.0 and lr_factor(9, c) == 1.0 and lr_factor(10, c) == 1.0
+    assert lr_factor(99, c) == 0.0 and lr_factor(10 + 44.5, c) == pytest.approx(0.5)
 
 
 def tiny_method(depth=4):

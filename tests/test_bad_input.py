@@ -21,8 +21,9 @@ from test_crash_safety import FAST
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.core import checkpoint as ckpt
-from benchmark.core.data import ImageFolder, check_label_png, crop_transform, eval_transform
+from benchmark.core.data import ImageFolder, check_label_png
 from benchmark.core.errors import DataError
+from benchmark.core.transforms import crop_transform, eval_transform
 from benchmark.records import non_finite_metrics
 from methods import build_method
 
@@ -493,7 +494,7 @@ def test_a_loader_worker_that_cannot_send_its_batch_fails_the_run_instead_of_han
 
     code = (
         "import resource, signal, torch\n"
-        "from benchmark.core.data import make_loader\n"
+        "from benchmark.core.loading import make_loader\n"
         "from benchmark.core.errors import DataError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"

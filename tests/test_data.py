@@ -11,15 +11,9 @@ import torch
 from PIL import Image
 
 from benchmark.core import synthetic
-from benchmark.core.data import (
-    WORKER_NICENESS,
-    DataError,
-    ImageFolder,
-    SeededBatches,
-    crop_transform,
-    eval_loader,
-    train_loader,
-)
+from benchmark.core.data import DataError, ImageFolder
+from benchmark.core.loading import WORKER_NICENESS, SeededBatches, eval_loader, train_loader
+from benchmark.core.transforms import crop_transform
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +115,7 @@ def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(sh
     def collate(items):
         return torch.stack([v for v, _, _ in items])
 
-    monkeypatch.setattr("benchmark.core.data.eval_transform", lambda size: _worker_state)
+    monkeypatch.setattr("benchmark.core.loading.eval_transform", lambda size, interpolation: _worker_state)
     for loader in (
         train_loader(ds, _worker_state, collate, 4, seed=0, epoch=0, workers=1),
         eval_loader(ds, 32, 4, workers=1),

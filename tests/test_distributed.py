@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
-from benchmark.core.data import SeededBatches
+from benchmark.core.loading import SeededBatches
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 RUN = TINY + ["pretrain.batch_size=8", "data.num_train=64", "tasks.linear.epochs=1", "task=linear"]
@@ -150,3 +150,34 @@ def test_a_two_task_submitit_local_job_is_one_data_parallel_run(bench, tmp_path)
     assert [o[0] for o in outcomes] == ["success", "success"]
     assert [len(o[1]) for o in outcomes] == [2, 0]  # pretrain + linear records, from rank 0 only
     assert len(log_losses(tmp_path / "run")) == 8  # 64 images / global batch 8: each step logged once
+
+
+@pytest.mark.slow
+def test_the_streaming_linear_probe_runs_on_every_rank_and_is_recorded_once(bench, tmp_path, cache_dir):
+    """The paper's linear probe is data-parallel: both ranks stream their half of every batch
+    through the frozen encoder, gradients are averaged, rank 0 evaluates and records."""
+    common = TINY + [
+        "method=iwm",
+        "pretrain.epochs=0",
+        "task=linear",
+        "tasks.linear.protocol=streaming",
+        "tasks.linear.epochs=4",
+        "tasks.linear.batch_size=16",
+        "tasks.linear.warmup_epochs=1",
+        "tasks.linear.blr=40",
+        "tasks.linear.precision=fp32",
+    ]
+    bench("run", *common, f"run_dir={tmp_path / 'one'}", check=0)
+    proc = bench_torchrun(tmp_path, cache_dir, 2, *common, f"run_dir={tmp_path / 'two'}")
+    assert proc.stderr.count("task linear") == 1  # rank 1 runs it quietly
+    one, two = (json.loads((tmp_path / r / "records" / "linear.json").read_text()) for r in ("one", "two"))
+    assert one["status"] == two["status"] == "ok"
+    assert (one["metrics"]["ranks"], two["metrics"]["ranks"]) == (1, 2)
+    # The same global schedule (96 images / 16 per step x 4 epochs), the same val set.
+    assert one["metrics"]["steps"] == two["metrics"]["steps"] == 24
+    assert one["metrics"]["val_samples"] == two["metrics"]["val_samples"] == 48
+    # Each rank normalises its own 8 images (BatchNorm per rank, as the official probe under
+    # DDP), so the runs differ a little, not more: the mean training loss within 10 %.
+    mean_one, mean_two = (sum(r["metrics"]["loss_curve"]) / 20 for r in (one, two))
+    assert mean_two == pytest.approx(mean_one, rel=0.1)
+    assert sorted(p.name for p in (tmp_path / "two" / "records").glob("*.json")) == ["linear.json", "pretrain.json"]

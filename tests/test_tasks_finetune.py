@@ -6,7 +6,7 @@ import pytest
 import torch
 from tasks_helpers import context, same, snapshot, tiny_config, tiny_data, tiny_method
 
-from benchmark.core.data import derive_seed
+from benchmark.core.seeding import derive_seed
 from tasks import build_task
 
 
@@ -148,7 +148,7 @@ def test_task_stages_run_the_attention_kernel_their_precision_calls_for(cfg, sou
 
     method = tiny_method(cfg)
     assert kernels(method) == {True}
-    task = Watched({**cfg["tasks"]["predictor_ft_random"], "epochs": 1, "bf16": bf16})
+    task = Watched({**cfg["tasks"]["predictor_ft_random"], "epochs": 1, "precision": "bf16" if bf16 else "fp32"})
     metrics = run_task(task, method, context(source, tmp_path), "auto")
     assert seen == {"encoder": {fused}, "predictor": {fused}}
     assert kernels(method) == {True}  # restored

@@ -44,18 +44,24 @@ def test_soft_targets_and_cross_entropy():
 
 def test_mixup_is_a_convex_pair_and_cutmix_weights_follow_the_pasted_area():
     x = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])
-    y = torch.eye(2)
+    y = torch.tensor([0, 1])
     gen = torch.Generator().manual_seed(0)
-    mixed, targets = mix(x, y, 0.8, 0.0, 1.0, 0.5, gen)
+    mixed, targets = mix(x, y, 2, 0.0, 0.8, 0.0, 1.0, 0.5, gen)
     lam = 1 - mixed[0].mean().item()  # image 0 = lam * zeros + (1 - lam) * ones
-    assert targets[0].tolist() == pytest.approx([lam, 1 - lam]) and mixed[1].mean().item() == pytest.approx(lam)
+    assert targets[0].tolist() == pytest.approx([lam, 1 - lam], abs=1e-6)
+    assert mixed[1].mean().item() == pytest.approx(lam, abs=1e-6)
+    assert torch.equal(x[0], torch.zeros(1, 8, 8))  # the caller's tensor is left as it was
     for seed in range(5):
-        cut, targets = mix(x, y, 0.0, 1.0, 1.0, 0.5, torch.Generator().manual_seed(seed))
+        cut, targets = mix(x, y, 2, 0.0, 0.0, 1.0, 1.0, 0.5, torch.Generator().manual_seed(seed))
         pasted = cut[0].mean().item()  # share of image 0 now taken from image 1
         assert set(cut.unique().tolist()) <= {0.0, 1.0}
         assert targets[0].tolist() == pytest.approx([1 - pasted, pasted])
-    same, targets = mix(x, y, 0.8, 1.0, 0.0, 0.5, gen)  # mix_prob 0
-    assert torch.equal(same, x) and torch.equal(targets, y)
+    # Label smoothing alone, and the same draws from the same generator state.
+    same, targets = mix(x, y, 2, 0.2, 0.0, 0.0, 1.0, 0.5, gen)
+    assert torch.equal(same, x) and torch.allclose(targets, torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    a = mix(x, y, 2, 0.1, 0.8, 1.0, 1.0, 0.5, torch.Generator().manual_seed(3))
+    b = mix(x, y, 2, 0.1, 0.8, 1.0, 1.0, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_attentive_classifier_pools_tokens_through_one_learned_query():
@@ -160,7 +166,7 @@ def test_the_protocol_core_stops_on_a_non_finite_loss_naming_the_step():
             betas=(0.9, 0.999),
             clip_grad=0.0,
             device=torch.device("cpu"),
-            bf16=False,
+            precision="fp32",
             label="probe",
         )
     before = layer.weight.detach().clone()
@@ -173,7 +179,7 @@ def test_the_protocol_core_stops_on_a_non_finite_loss_naming_the_step():
         betas=(0.9, 0.999),
         clip_grad=1.0,
         device=torch.device("cpu"),
-        bf16=False,
+        precision="fp32",
         label="probe",
     )
     assert len(curve) == 2 and curve[1] < curve[0] and not torch.equal(before, layer.weight)

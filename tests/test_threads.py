@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmark.core import threads
-from benchmark.core.data import make_loader
+from benchmark.core.loading import make_loader
 
 
 @pytest.fixture

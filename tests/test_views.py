@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.core.data import Transformed, to_rgb
+from benchmark.core.data import to_rgb
+from benchmark.core.loading import Transformed
 from benchmark.core.views import (
     ACTION_DIM,
     PairedViews,

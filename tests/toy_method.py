@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from benchmark.core.data import crop_transform
 from benchmark.core.layers import LayerNorm, gather_tokens, init_transformer_weights, tokens_to_map
+from benchmark.core.transforms import crop_transform
 from methods.base import Capabilities, Method
 from methods.losses import normalize_targets
 from methods.vit import PatchEmbed, resample_pos_embed, set_geometry

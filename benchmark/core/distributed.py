@@ -12,8 +12,10 @@ batch (schedules and results do not depend on N); each rank builds views and mas
 contiguous 1/N of every batch, the method runs wrapped in DistributedDataParallel (gradients
 averaged across ranks during backward, weights broadcast from rank 0 at the start), the logged
 loss is the mean over ranks, and only rank 0 writes checkpoints, logs and records. Evaluation
-tasks run on rank 0 only. A preemption or timeout signal is agreed across ranks at every step, so
-all of them stop at the same step boundary.
+tasks run on rank 0 only, except those that declare themselves data-parallel (the streaming
+linear probe): every rank runs those, before rank 0 runs the rest, and rank 0 records them. A
+preemption or timeout signal is agreed across ranks at every step, so all of them stop at the
+same step boundary.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def any_rank(flag: int) -> int:
     return int(t.item())
 
 
-def check_in_sync(module: torch.nn.Module) -> None:
+def check_in_sync(module: torch.nn.Module, stage: str = "pretraining") -> None:
     """Raise if any rank's weights differ from rank 0's (e.g. a rank that skipped a step)."""
     if not _world.active:
         return
@@ -156,7 +158,7 @@ def check_in_sync(module: torch.nn.Module) -> None:
     dist.broadcast(ref, src=0)
     differ = int(not torch.equal(local, ref))
     if any_rank(differ):
-        raise RuntimeError(f"rank {_world.rank}: weights differ between ranks after pretraining")
+        raise RuntimeError(f"rank {_world.rank}: weights differ between ranks after {stage}")
 
 
 class StepModule(torch.nn.Module):
@@ -168,6 +170,16 @@ class StepModule(torch.nn.Module):
 
     def forward(self, batch: dict) -> dict:
         return self.method.training_step(batch)
+
+
+def replicated(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module wrapped so that backward averages its gradients across ranks (DDP: weights
+    broadcast from rank 0 first, buffers such as BatchNorm statistics from rank 0 at every
+    forward), or the module itself in a single process."""
+    if not _world.active:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def data_parallel(method: torch.nn.Module, device: torch.device):

@@ -68,7 +68,10 @@ def param_groups(
     order: by lr scale, decayed before not decayed.
     """
     layers = block_layers(module) if layer_decay is not None else {}
-    top = max(layers.values(), default=0)
+    # The top layer is depth + 1 even when nothing trainable sits after the blocks (an encoder
+    # whose final norm was removed): BEiT/MAE number it so whatever follows gets scale 1.
+    depth = sum(1 for m in module.modules() if isinstance(m, Block))
+    top = depth + 1 if depth else 0
     groups: dict[tuple[float, bool], dict] = {}
     for name, p in named if named is not None else module.named_parameters():
         if not p.requires_grad:  # fixed position tables, frozen networks
@@ -84,3 +87,46 @@ def param_groups(
 
 def count_parameters(groups: list[dict]) -> int:
     return sum(p.numel() for g in groups for p in g["params"])
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step on each matrix is rescaled to a trust ratio of its norm.
+
+    The linear-probe optimiser of MAE (taken there from MoCo v3): for a parameter with more than
+    one dimension the gradient gets the weight-decay term, then is scaled by
+    trust_coefficient * |w| / |g| (by 1 when either norm is 0); biases and other 1-D parameters
+    get neither. Then mu = momentum * mu + g and w -= lr * mu. Groups may carry `lr_scale` like
+    the AdamW groups above; the training loop sets each group's lr.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    weight_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    ratio = group["trust_coefficient"] * weight_norm / update_norm
+                    ratio = torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+                    update = update.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(group["momentum"]).add_(update)
+                p.add_(buffer, alpha=-group["lr"])

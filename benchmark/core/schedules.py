@@ -22,11 +22,3 @@ def cosine(step: int, total: int, start: float, final: float) -> float:
 def linear(step: int, total: int, start: float, final: float) -> float:
     """Straight line from start (step 0) to final (step `total`), flat after."""
     return start + (final - start) * min(1.0, step / max(1, total))
-
-
-def warmup_poly(step: int, total: int, warmup: int, warmup_ratio: float, power: float, min_ratio: float) -> float:
-    """lr factor: linear warmup from warmup_ratio to 1, then polynomial decay to min_ratio (mmseg)."""
-    if step < warmup:
-        return warmup_ratio + (1 - warmup_ratio) * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * (1 - progress) ** power

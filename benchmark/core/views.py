@@ -21,7 +21,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
-from benchmark.core.data import IMAGENET_MEAN, IMAGENET_STD
+from benchmark.core.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Action layout; the geometric part of the action is carried by the mask tokens' positions.
 ACTION_NAMES = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur_sigma", "solarize")
@@ -193,7 +193,7 @@ class PairedViews:
     """PIL image -> (target view, source view, action, target treatment, crop), normalised views.
 
     Random choices use torch's global RNG, so the data pipeline's per-sample seeding
-    (benchmark.core.data.Transformed) makes the views reproducible in any DataLoader worker.
+    (benchmark.core.loading.Transformed) makes the views reproducible in any DataLoader worker.
     """
 
     def __init__(self, cfg: ViewConfig):

@@ -8,6 +8,8 @@ class down by one, so ADE20k's 150 classes become 0..149 (the built-in data's 7 
 The training pipeline is the one of mmseg's ADE20k configs: random rescale by a ratio in
 [0.5, 2.0] of the base scale, random crop (redrawn while one class covers more than
 cat_max_ratio of it), horizontal flip, photometric distortion, padding to the crop size.
+Images are resampled as mmcv's cv2 backend does (bilinear without antialiasing, 8-bit results);
+label maps by PIL's nearest neighbour (pixel centres).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from benchmark.core.data import IMAGENET_MEAN, IMAGENET_STD, check_label_png, to_rgb
+from benchmark.core.data import check_label_png, to_rgb
 from benchmark.core.errors import DataError
+from benchmark.core.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tasks.segmentation.metrics import IGNORE_INDEX
 
 ADE_DIR = "ADEChallengeData2016"
@@ -115,31 +118,64 @@ class Pipeline:
 
 
 def rescale_size(h: int, w: int, scale: tuple[int, int], ratio: float = 1.0) -> tuple[int, int]:
-    """mmcv's keep-ratio rescale: the largest size fitting (long, short) * ratio."""
-    long_side, short_side = max(scale) * ratio, min(scale) * ratio
+    """mmcv's keep-ratio rescale: the largest size fitting (long, short) * ratio.
+
+    RandomResize truncates the scaled target to integers before fitting the image to it."""
+    long_side, short_side = int(max(scale) * ratio), int(min(scale) * ratio)
     factor = min(long_side / max(h, w), short_side / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
+def resize_image(image: Image.Image, h: int, w: int) -> np.ndarray:
+    """RGB image -> float HWC array [h, w, 3] of integers in 0..255, resampled as cv2's
+    INTER_LINEAR (what mmcv's Resize uses): no antialiasing when shrinking, rounded to 8 bits."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    out = F.interpolate(pixels, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).numpy().astype(np.float64)
+
+
+# mmseg's PhotoMetricDistortion defaults; hue in OpenCV's 8-bit unit (2 degrees, 180 a turn).
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18
+
+
+def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    # float32 arithmetic, clipped, truncated back to 8 bits: each step sees the previous one's
+    # saturated pixels, as in mmseg.
+    return np.floor(np.clip(img.astype(np.float32) * alpha + beta, 0, 255)).astype(np.float64)
+
+
 def photometric_distortion(img: np.ndarray, rng: random.Random) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion on a float HWC array in 0..255, each step with p 0.5."""
-    if rng.random() < 0.5:
-        img = img + rng.uniform(-32, 32)
-    contrast_first = rng.random() < 0.5
-    if contrast_first and rng.random() < 0.5:
-        img = img * rng.uniform(0.5, 1.5)
-    img = np.clip(img, 0, 255)
-    do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
-    if do_sat or do_hue:
+    """mmseg's PhotoMetricDistortion on an HWC array of 8-bit values, in its order of steps and
+    draws: brightness, contrast (first or last, a coin decides), saturation, hue, each with p 0.5.
+
+    Saturation and hue are separate passes through HSV (float here, 8-bit in OpenCV), each
+    rounded back to 8 bits; the hue shift is a whole number of OpenCV hue units in [-18, 18)."""
+
+    def coin() -> bool:
+        return rng.random() < 0.5
+
+    def contrast(img: np.ndarray) -> np.ndarray:
+        return _convert(img, alpha=rng.uniform(*CONTRAST_RANGE)) if coin() else img
+
+    if coin():
+        img = _convert(img, beta=rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA))
+    contrast_first = coin()
+    if contrast_first:
+        img = contrast(img)
+    if coin():
         h, s, v = _rgb_to_hsv(img / 255.0)
-        if do_sat:
-            s = np.clip(s * rng.uniform(0.5, 1.5), 0, 1)
-        if do_hue:
-            h = (h + rng.uniform(-18, 18) / 180.0) % 1.0
-        img = _hsv_to_rgb(h, s, v) * 255.0
-    if not contrast_first and rng.random() < 0.5:
-        img = img * rng.uniform(0.5, 1.5)
-    return np.clip(img, 0, 255)
+        s = np.clip(s * rng.uniform(*SATURATION_RANGE), 0, 1)
+        img = np.round(_hsv_to_rgb(h, s, v) * 255.0)
+    if coin():
+        h, s, v = _rgb_to_hsv(img / 255.0)
+        h = (h + rng.randrange(-HUE_DELTA, HUE_DELTA) / 180.0) % 1.0
+        img = np.round(_hsv_to_rgb(h, s, v) * 255.0)
+    if not contrast_first:
+        img = contrast(img)
+    return img
 
 
 def _rgb_to_hsv(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,15 +213,21 @@ def train_sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented crop: image [3, crop, crop] normalised, label [crop, crop] (255 = ignore)."""
     h, w = rescale_size(image.height, image.width, p.scale, rng.uniform(*p.ratio_range))
-    img = np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float64)
+    img = resize_image(image, h, w)
     lab = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST), dtype=np.int64)
     ch, cw = min(p.crop, h), min(p.crop, w)
-    for _ in range(10):
-        y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+
+    def draw() -> tuple[int, int]:
+        return rng.randint(0, h - ch), rng.randint(0, w - cw)
+
+    y, x = draw()
+    # mmseg checks up to 10 crops and draws an 11th, unchecked, when all of them fail.
+    for _ in range(10 if p.cat_max_ratio < 1 else 0):
         window = lab[y : y + ch, x : x + cw]
         _, counts = np.unique(window[window != IGNORE_INDEX], return_counts=True)
-        if p.cat_max_ratio >= 1 or (len(counts) > 1 and counts.max() / counts.sum() < p.cat_max_ratio):
+        if len(counts) > 1 and counts.max() / counts.sum() < p.cat_max_ratio:
             break
+        y, x = draw()
     img, lab = img[y : y + ch, x : x + cw], lab[y : y + ch, x : x + cw]
     if rng.random() < p.flip:
         img, lab = img[:, ::-1], lab[:, ::-1]
@@ -201,7 +243,7 @@ def train_sample(
 def eval_image(image: Image.Image, scale: tuple[int, int]) -> torch.Tensor:
     """The test-time rescale (keep ratio to `scale`), normalised [3, H', W']."""
     h, w = rescale_size(image.height, image.width, scale)
-    return to_tensor(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float64))
+    return to_tensor(resize_image(image, h, w))
 
 
 class TrainCrops(Dataset):

@@ -4,6 +4,7 @@
 `UperNetHead`: pyramid pooling on the coarsest level + a feature pyramid over all four,
 fused by a 3x3 convolution (the layout of mmseg's UPerHead). `FCNHead`: the auxiliary head
 (one 3x3 conv block on one level), whose loss is added with a weight (0.4).
+They start from torch's default initialisation, or from mmseg's (`init_like_mmseg`).
 """
 
 from __future__ import annotations
@@ -73,3 +74,15 @@ class FCNHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.dropout(self.conv(x)))
+
+
+def init_like_mmseg(head: nn.Module) -> nn.Module:
+    """mmseg's initialisation of a decode head: its ConvModules' convolutions kaiming-normal
+    (fan_out, relu), norms 1 and 0 (torch's default already), the classifier normal(0, 0.01)
+    with a zero bias."""
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d) and m is not head.classify:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    nn.init.normal_(head.classify.weight, std=0.01)
+    nn.init.zeros_(head.classify.bias)
+    return head

@@ -7,6 +7,10 @@ Modes (what trains; the head always trains):
               on the whole clean image, null action) feeds the head;
 - end_to_end: encoder and predictor, same features as `predictor`.
 The method is deep-copied first: finetuning never changes the weights later tasks evaluate.
+
+A training encoder gets what mmseg's MAE backbone recipe sets (each optional): a drop-path
+rate, layer scale, relative position bias, a trained position table on the crop's grid. Its
+optimiser groups follow mmseg's LayerDecayOptimizerConstructor (see `param_groups`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,16 @@ from benchmark.core.layers import tokens_to_map
 from benchmark.core.optim import param_groups
 from benchmark.core.seeding import derive_seed
 from methods.base import Method
-from tasks.core import RANDOM_PREDICTOR_SEED, train_like
+from tasks.core import RANDOM_PREDICTOR_SEED, set_drop_path, train_like
 from tasks.segmentation import heads
-from tasks.segmentation.backbone import SCALES, Pyramid, level_blocks
+from tasks.segmentation.backbone import (
+    SCALES,
+    Pyramid,
+    add_layer_scale,
+    add_rel_pos_bias,
+    level_blocks,
+    train_pos_table,
+)
 
 MODES = ("frozen", "encoder", "predictor", "end_to_end")
 HEADS = ("linear", "upernet")
@@ -52,7 +63,17 @@ class Segmenter(nn.Module):
         self.train_encoder, self.train_predictor = TRAINS[mode]
         self.method = copy.deepcopy(method).requires_grad_(False)
         if self.train_encoder:
-            train_like(self.method.eval_encoder(encoder_key), method.encoder)
+            encoder = self.method.eval_encoder(encoder_key)
+            train_like(encoder, method.encoder)
+            if cfg["drop_path"] is not None:
+                set_drop_path(encoder, cfg["drop_path"])
+            grid = cfg["crop_size"] // method.patch_size
+            if cfg["layer_scale"] is not None:
+                add_layer_scale(encoder, cfg["layer_scale"])
+            if cfg["rel_pos_bias"]:
+                add_rel_pos_bias(encoder, grid)
+            if cfg["train_pos_embed"]:
+                train_pos_table(encoder, grid)
         if uses_predictor(mode):
             # Both predictor modes train it: a fresh one for the random-predictor control.
             if cfg["random_predictor"]:
@@ -78,6 +99,10 @@ class Segmenter(nn.Module):
             self.aux = (
                 heads.FCNHead(dim, cfg["aux_channels"], num_classes, cfg["dropout"]) if cfg["aux_weight"] else None
             )
+            if cfg["head_init"] == "mmseg":
+                for module in (self.head, self.aux):
+                    if module is not None:
+                        heads.init_like_mmseg(module)
 
     @property
     def encoder(self) -> nn.Module:
@@ -113,10 +138,20 @@ class Segmenter(nn.Module):
         return upsample(logits, images), None if aux is None else upsample(aux, images)
 
     def param_groups(self, weight_decay: float, layer_decay: float, predictor_lr_scale: float) -> list[dict]:
-        """AdamW groups: encoder lr decayed by depth (BEiT), predictor at its own scale, heads at 1."""
+        """AdamW groups: encoder lr decayed by depth (BEiT), predictor at its own scale, heads at 1.
+
+        As mmseg's layer-decay constructor: the encoder's tokens and position table are decayed
+        (its no-decay names never match a backbone's), and a parameter that never reaches the
+        loss is left out: the final norm, when the UperNet levels are raw block outputs (mmseg's
+        MAE backbone has no final norm)."""
         groups = []
         if self.train_encoder:
-            groups += param_groups(self.encoder, weight_decay, layer_decay=layer_decay)
+            norm = getattr(self.encoder, "norm", None)
+            unused = set()
+            if norm is not None and self.pyramid is not None and not uses_predictor(self.mode):
+                unused = {id(p) for p in norm.parameters()}
+            named = [(n, p) for n, p in self.encoder.named_parameters() if id(p) not in unused]
+            groups += param_groups(self.encoder, weight_decay, layer_decay=layer_decay, tokens=False, named=named)
         if uses_predictor(self.mode) and self.train_predictor:
             groups += param_groups(self.method.predictor, weight_decay, predictor_lr_scale)
         for module in (self.pyramid, self.head, self.aux):
