@@ -132,7 +132,7 @@ def test_loader_workers_run_below_the_training_process_and_ignore_job_signals(sh
 def test_a_job_signal_arriving_while_workers_start_does_not_kill_them(shapes, monkeypatch):
     """SLURM signals every process of a job, from outside it: a worker signalled right after its
     fork, before its own handlers are set up, must not die (the next batch would fail)."""
-    import benchmark.core.data as data
+    import benchmark.core.loading as loading
 
     sender = subprocess.Popen(
         [sys.executable, "-c", "import os, sys\nfor pid in sys.stdin: os.kill(int(pid), 15)"],
@@ -140,7 +140,7 @@ def test_a_job_signal_arriving_while_workers_start_does_not_kill_them(shapes, mo
         text=True,
         bufsize=1,
     )
-    fork = data.DataLoader.__iter__
+    fork = loading.DataLoader.__iter__
 
     def signal_right_after_fork(self):
         batches = fork(self)
@@ -148,7 +148,7 @@ def test_a_job_signal_arriving_while_workers_start_does_not_kill_them(shapes, mo
             sender.stdin.write(f"{worker.pid}\n")
         return batches
 
-    monkeypatch.setattr(data.DataLoader, "__iter__", signal_right_after_fork)
+    monkeypatch.setattr(loading.DataLoader, "__iter__", signal_right_after_fork)
     ds = ImageFolder(shapes / "train")
 
     def collate(items):
