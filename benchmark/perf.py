@@ -348,7 +348,7 @@ def _stage_steps(model, groups: list[dict], x: torch.Tensor, targets: torch.Tens
         betas=(0.9, 0.999),
         clip_grad=0.0,
         device=torch.device("cpu"),
-        bf16=bf16,
+        precision="bf16" if bf16 else "fp32",
         label="timing",
     )
     return (time.perf_counter() - start) / n
@@ -381,7 +381,7 @@ def time_task_stages(
         task = build_task(stage, cfg.tasks[stage])
         if not task.applies_to(method):
             continue
-        bs, bf16 = int(task.cfg["batch_size"]), bool(task.cfg["bf16"])
+        bs, bf16 = int(task.cfg["batch_size"]), task.cfg["precision"] == "bf16"
         size = cfg.data.image_size
         x = (
             torch.randn(bs, 3, size, size, generator=gen)

@@ -7,7 +7,7 @@ tests/test_official_mae_recipes.py."""
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tasks_helpers import SIZE, context, snapshot, tiny_data
+from tasks_helpers import OVERRIDES, SIZE, context, snapshot, tiny_data
 
 from benchmark.config import load_config
 from benchmark.core import synthetic
@@ -16,15 +16,8 @@ from benchmark.core.errors import ConfigError
 from methods import build_method
 from tasks import build_task
 
-TINY = [
-    "model.patch_size=8",
-    "model.embed_dim=48",
-    "model.num_heads=3",
-    "model.depth=2",
-    "method.predictor.depth=1",
-    "method.predictor.width=24",
-    f"data.image_size={SIZE}",
-]
+# The task tests' tiny model, for any method (the IWM-only mask setting is added per method).
+TINY = [o for o in OVERRIDES if not o.startswith(("method=", "task=", "method.mask."))]
 
 
 def setup(method_name: str, *overrides: str):
