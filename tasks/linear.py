@@ -339,7 +339,8 @@ class LinearProbe(Task):
         probe.eval()
         correct = []
         with torch.no_grad():
-            for batch in eval_loader(val_set, ctx.source.image_size, bs, ctx.workers):
+            # The run's extraction batch, not the global training one (16,384 at paper scale).
+            for batch in eval_loader(val_set, ctx.source.image_size, ctx.batch_size, ctx.workers):
                 batch = to_device(batch, device)
                 with autocast(device, cfg["precision"]):
                     features = method.probe_features(batch["images"], key, pool)
