@@ -16,7 +16,15 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.core.stats import Evidence, paired_difference, t_interval
-from benchmark.records import LOWER_IS_BETTER, headline, headline_metric, read_records  # noqa: F401 (API)
+from benchmark.records import (  # noqa: F401 (API)
+    LOWER_IS_BETTER,
+    PRETRAINED,
+    RANDOM_INIT,
+    headline,
+    headline_metric,
+    is_control,
+    read_records,
+)
 from tasks import TASKS
 
 ROW_KEYS = ["method", "preset", "model", "data"]
@@ -80,6 +88,7 @@ def load_frame(
                 {
                     **{k: r[k] for k in ROW_KEYS},
                     **extra,
+                    "init": RANDOM_INIT if is_control(r) else PRETRAINED,
                     "task": r["task"],
                     "metric": metric,
                     "value": float(value),
@@ -98,6 +107,7 @@ def load_frame(
         ROW_KEYS
         + list(by or [])
         + [
+            "init",
             "task",
             "metric",
             "value",
@@ -121,7 +131,12 @@ def paper_table(records: list[dict]) -> pd.DataFrame:
     `table.attrs["metrics"]` maps each task column to its headline metric.
     """
     rows = [
-        {"method": r["preset"], "task": r["task"], "metric": metric, "value": value}
+        {
+            "method": r["preset"] + (" (random init)" if is_control(r) else ""),
+            "task": r["task"],
+            "metric": metric,
+            "value": value,
+        }
         for r in records
         if r["status"] == "ok" and r["task"] in TASKS
         for metric, value in [headline(r)]
@@ -188,7 +203,16 @@ def _seed_interval(values: pd.Series, ci_low: pd.Series, ci_high: pd.Series) -> 
     return float(ci_low.iloc[0]), float(ci_high.iloc[0])
 
 
+GAIN = " gain"  # suffix of the metric of a gain-over-random-init column: "top1 gain"
+
+
 def board(frame: pd.DataFrame, by: list[str] | None = None) -> Board:
+    """Rows: configurations; columns: each task's headline (and any other metric asked for), and,
+    where random-init control records exist, the task's gain over its control."""
+    if "init" in frame:
+        controls, frame = frame[frame["init"] == RANDOM_INIT], frame[frame["init"] != RANDOM_INIT]
+    else:
+        controls = frame.iloc[0:0]
     if frame.empty:
         raise ValueError("no records match: nothing to tabulate")
     keys = ROW_KEYS + list(by or [])
@@ -203,9 +227,44 @@ def board(frame: pd.DataFrame, by: list[str] | None = None) -> Board:
     stats = stats.join(bounds)
     pivot = {name: stats[name].unstack(["task", "metric"]) for name in ("mean", "std", "count", "low", "high")}
     b = Board(pivot["mean"], pivot["std"], pivot["count"], pivot["low"], pivot["high"])
+    if not controls.empty:
+        _add_gains(b, latest, controls.sort_values("finished").groupby(keys + ["task", "metric", "seed"]).last(), keys)
     b.separated = significance(b, latest, keys)
     b.commits = sorted({str(c) for c in frame["git_commit"].dropna()})
     return b
+
+
+def _add_gains(b: Board, latest: pd.DataFrame, controls: pd.DataFrame, keys: list[str]) -> None:
+    """A '<headline> gain' column after each task column that has control records: pretrained
+    minus random init, paired over seeds and val examples (benchmark/compare.py's bootstrap)."""
+    controls = controls.reset_index()
+    added = []
+    for task, metric in list(b.mean.columns):
+        pick = latest[(latest["task"] == task) & (latest["metric"] == metric)]
+        theirs = controls[(controls["task"] == task) & (controls["metric"] == metric)]
+        if theirs.empty:
+            continue
+        column = (task, metric + GAIN)
+        for idx in b.mean.index:
+            mine, control = _evidence_by_seed(pick, keys, idx), _evidence_by_seed(theirs, keys, idx)
+            seeds = sorted(set(mine) & set(control))
+            if not seeds:
+                continue
+            try:
+                read = lambda path: Evidence.from_bytes(Path(path).read_bytes())  # noqa: E731
+                diff = paired_difference([(read(mine[s]), read(control[s])) for s in seeds])
+            except (OSError, ValueError):
+                continue
+            for frame_, value in ((b.mean, diff.mean), (b.low, diff.low), (b.high, diff.high), (b.n, len(seeds))):
+                frame_.loc[idx, column] = value
+            b.std.loc[idx, column] = math.nan
+            added.append(column)
+    if added:
+        pairs = [(col, (col[0], col[1] + GAIN)) for col in b.mean.columns if not col[1].endswith(GAIN)]
+        kept = [c for pair in pairs for c in pair if c in b.mean]
+        order = pd.MultiIndex.from_tuples(kept, names=b.mean.columns.names)
+        for name in ("mean", "std", "n", "low", "high"):
+            setattr(b, name, getattr(b, name).reindex(columns=order))
 
 
 def _evidence_by_seed(pick: pd.DataFrame, keys: list[str], row: tuple) -> dict[int, str]:
@@ -263,16 +322,18 @@ DIGITS = {"mrr": 3, "final_loss": 3}
 
 
 def digits_of(metric: str, override: int | None = None) -> int:
-    return override if override is not None else DIGITS.get(metric, 1)
+    return override if override is not None else DIGITS.get(metric.removesuffix(GAIN), 1)
 
 
-def cell_text(mean: float, low: float, high: float, digits: int = 1) -> str:
-    """'82.0 [77.0, 87.0]': the mean and its 95% interval (the mean alone when there is none)."""
+def cell_text(mean: float, low: float, high: float, digits: int = 1, signed: bool = False) -> str:
+    """'82.0 [77.0, 87.0]': the mean and its 95% interval (the mean alone when there is none);
+    signed ('+1.5 [-1.3, +4.3]') for a difference."""
     if math.isnan(mean):
         return ""
+    sign = "+" if signed else ""
     if math.isnan(low) or math.isnan(high):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
 
 def column_label(task: str, metric: str) -> str:
@@ -288,7 +349,9 @@ def _cells(b: Board, digits: int | None) -> tuple[list[str], list[str], list[lis
     for idx in b.mean.index:
         texts.append(
             [
-                cell_text(b.mean.at[idx, c], b.low.at[idx, c], b.high.at[idx, c], digits_of(c[1], digits))
+                cell_text(
+                    b.mean.at[idx, c], b.low.at[idx, c], b.high.at[idx, c], digits_of(c[1], digits), c[1].endswith(GAIN)
+                )
                 for c in b.mean.columns
             ]
         )
@@ -301,7 +364,9 @@ def _cells(b: Board, digits: int | None) -> tuple[list[str], list[str], list[lis
 LEGEND = (
     "Cells: mean [95% CI] over the seeds of a cell (Student-t), or over the val examples (bootstrap) for "
     "one seed. Bold: best, and distinguishable from the runner-up (paired bootstrap over shared seeds and "
-    "val examples, 95%). ≈: not distinguishable from the column's best."
+    "val examples, 95%). ≈: not distinguishable from the column's best. A 'gain' column: the task's result "
+    "minus the same task on the random-init encoder of the same seeds (the control), paired over seeds and "
+    "val examples; pretraining made a difference where its interval excludes 0."
 )
 
 

@@ -5,6 +5,8 @@ Run folder layout (documented in README.md):
     <run_dir>/checkpoints/last.pt    pretraining checkpoint (latest; also the final one)
     <run_dir>/train_log.jsonl        step, epoch, loss, lr, weight decay every log_every steps
     <run_dir>/records/<task>.json    one record per task ("pretrain" included)
+    <run_dir>/records/<task>.random_init.json
+                                     the same task on the random-init encoder (the control)
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ from tasks import TASKS
 
 SCHEMA_VERSION = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+PRETRAINED, RANDOM_INIT = "pretrained", "random"
+CONTROL_SUFFIX = ".random_init"
+
+
+def is_control(record: dict) -> bool:
+    """Whether a record is of the random-init control (records before controls have no `init`)."""
+    return record.get("init", PRETRAINED) == RANDOM_INIT
+
+
+def step_name(task: str, init: str = PRETRAINED) -> str:
+    """The file stem of a task's record (and evidence) in a run folder's records/."""
+    return task + CONTROL_SUFFIX if init == RANDOM_INIT else task
 
 
 def git_commit() -> str | None:
@@ -66,6 +81,7 @@ def make_record(
     device: str,
     error: str | None = None,
     examples: dict | None = None,
+    init: str = PRETRAINED,
 ) -> dict[str, Any]:
     choices = config["choices"]
     return {
@@ -77,6 +93,9 @@ def make_record(
         "method": config["method"]["name"],
         "preset": choices["method"],
         "task": task,
+        # pretrained, or random: the control, the same task on the random-init encoder of the run's
+        # seed and architecture.
+        "init": init,
         "model": choices["model"],
         "data": config["data"]["name"],
         "seed": config["seed"],
@@ -126,9 +145,9 @@ def non_finite_metrics(metrics, prefix: str = "") -> list[str]:
 EXAMPLES_SUFFIX = ".examples.npz"
 
 
-def write_evidence(run_dir: Path, task: str, evidence: Evidence) -> dict:
-    """Store a task's per-example evidence beside its record; returns what the record says of it."""
-    name = f"{task}{EXAMPLES_SUFFIX}"
+def write_evidence(run_dir: Path, step: str, evidence: Evidence) -> dict:
+    """Store a step's per-example evidence beside its record; returns what the record says of it."""
+    name = f"{step}{EXAMPLES_SUFFIX}"
     data = evidence.to_bytes()
     atomic_write(Path(run_dir) / "records" / name, lambda f: f.write(data))
     return {
@@ -149,7 +168,7 @@ def read_evidence(record: dict) -> Evidence | None:
 
 
 def write_record(run_dir: Path, record: dict) -> Path:
-    path = Path(run_dir) / "records" / f"{record['task']}.json"
+    path = Path(run_dir) / "records" / f"{step_name(record['task'], record.get('init', PRETRAINED))}.json"
     data = json.dumps(record, indent=2, sort_keys=False, default=str).encode()
     atomic_write(path, lambda f: f.write(data))
     return path

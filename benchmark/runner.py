@@ -32,7 +32,16 @@ from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import bootstrap_ci
 from benchmark.core.threads import use_threads
 from benchmark.pretrain import LAST, pretrain
-from benchmark.records import make_record, non_finite_metrics, now, write_evidence, write_record
+from benchmark.records import (
+    PRETRAINED,
+    RANDOM_INIT,
+    make_record,
+    non_finite_metrics,
+    now,
+    step_name,
+    write_evidence,
+    write_record,
+)
 from methods import METHODS, build_method, method_from_state
 from methods.base import Method
 from tasks import TASKS, TaskContext, build_task
@@ -59,6 +68,8 @@ class Plan:
     skipped: dict[str, str]
     # resume=true on a run whose every step already has an ok record: nothing to do.
     finished: bool = False
+    # Run every task a second time on the random-init encoder of the same seed (the control).
+    control: bool = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,6 +95,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def resolve_control(cfg: DictConfig) -> bool:
+    """`control`: true, false, or auto (on for task=all on the built-in data)."""
+    value = cfg.get("control", "auto")
+    if value == "auto":
+        return cfg.choices.task == "all" and cfg.data.kind == "builtin"
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"control must be true, false or auto, got {value!r}")
+
+
+def control_method(plan: Plan) -> Method:
+    """The random-init control: the method as built from the run's seed before any pretraining
+    (the same weights pretraining started from), in eval mode on the run's device."""
+    config = plan.config
+    with seeded(plan.cfg.seed):
+        method = build_method(config["method"]["name"], config["model"], config["method"], config["data"]["image_size"])
+    return method.to(plan.device).eval()
 
 
 def _check_resume(run_dir: Path, config: dict) -> None:
@@ -145,6 +175,8 @@ def plan_run(cfg: DictConfig) -> Plan:
             )
     device = pick_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
+    control = resolve_control(cfg)
+    config["control"] = control  # recorded as resolved, like checkpoint_key
     checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
     torch.manual_seed(cfg.seed)
     try:
@@ -199,8 +231,11 @@ def plan_run(cfg: DictConfig) -> Plan:
     if cfg.data.kind == "builtin" and not source.root.exists():  # generated at the start of the run
         ckpt.check_writable_folder(source.root, "data cache (cache_dir, or $BENCH_CACHE)")
     steps = (["pretrain"] if checkpoint_path is None and cfg.pretrain.epochs > 0 else []) + tasks
+    steps += [step_name(task, RANDOM_INIT) for task in tasks] if control else []
     finished = cfg.resume and run_dir.exists() and all(_ok_record(run_dir, step) for step in steps)
-    return Plan(cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped, finished)
+    return Plan(
+        cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped, finished, control
+    )
 
 
 def _ok_record(run_dir: Path, step: str) -> bool:
@@ -292,6 +327,7 @@ def _execute_main(plan: Plan) -> list[dict]:
         status: str = "ok",
         error: str | None = None,
         examples: dict | None = None,
+        init: str = PRETRAINED,
     ) -> dict:
         ckpt_path = plan.checkpoint_path or plan.run_dir / "checkpoints" / LAST
         rec = make_record(
@@ -308,12 +344,13 @@ def _execute_main(plan: Plan) -> list[dict]:
             device=str(plan.device),
             error=error,
             examples=examples,
+            init=init,
         )
         write_record(plan.run_dir, rec)
         records.append(rec)
         return rec
 
-    def guarded(task: str, fn):
+    def guarded(task: str, fn, init: str = PRETRAINED):
         started, t0 = now(), time.perf_counter()
         examples = None
         try:
@@ -324,11 +361,11 @@ def _execute_main(plan: Plan) -> list[dict]:
                 raise FloatingPointError(f"non-finite metrics: {', '.join(bad[:5])}")
             if evidence is not None:
                 metrics["ci95"] = list(bootstrap_ci(evidence))
-                examples = write_evidence(plan.run_dir, task, evidence)
+                examples = write_evidence(plan.run_dir, step_name(task, init), evidence)
         except Exception as exc:
-            record(task, {}, started, time.perf_counter() - t0, status="failed", error=one_line(exc))
+            record(task, {}, started, time.perf_counter() - t0, status="failed", error=one_line(exc), init=init)
             raise
-        return record(task, metrics, started, time.perf_counter() - t0, examples=examples)
+        return record(task, metrics, started, time.perf_counter() - t0, examples=examples, init=init)
 
     if plan.checkpoint_path is None:
         console.print(
@@ -354,6 +391,13 @@ def _execute_main(plan: Plan) -> list[dict]:
     for task in task_order(plan):
         console.print(f"[bold]task[/] {task.name}")
         guarded(task.name, lambda task=task: run_task(task, plan.method, ctx, cfg.attention))
+    if plan.control:
+        # A context of its own: the control's frozen tokens are cached for its tasks, and the
+        # pretrained encoder's are let go.
+        control, ctx = control_method(plan), task_context(plan, cfg.progress)
+        for task in task_order(plan):
+            console.print(f"[bold]task[/] {task.name} [dim](random-init control)[/]")
+            guarded(task.name, lambda task=task: run_task(task, control, ctx, cfg.attention), init=RANDOM_INIT)
     return records
 
 
@@ -414,8 +458,10 @@ def _follow(plan: Plan) -> list[dict]:
             False,
         )
     plan.method.to(plan.device).eval()
-    ctx = task_context(plan, show_progress=False)
-    for task in task_order(plan):
-        if task.data_parallel:
-            run_task(task, plan.method, ctx, plan.cfg.attention)
+    arms = [plan.method] + ([control_method(plan)] if plan.control else [])
+    for method in arms:
+        ctx = task_context(plan, show_progress=False)
+        for task in task_order(plan):
+            if task.data_parallel:
+                run_task(task, method, ctx, plan.cfg.attention)
     return []

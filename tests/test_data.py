@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -15,25 +16,67 @@ from benchmark.core.data import DataError, ImageFolder
 from benchmark.core.loading import WORKER_NICENESS, SeededBatches, eval_loader, train_loader
 from benchmark.core.transforms import crop_transform
 
+# Version 3's first three train images at 32 px (seed 0), as its generator drew them.
+V3_DIGESTS = ["057464e54192", "5e4dee983c74", "1677b2e0ce80"]
+V3_LABELS = {"shape": "ring", "colour": "green"}
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return synthetic.generate(tmp_path_factory.mktemp("gen") / "shapes", 24, 8, 32, seed=5)
 
 
-def test_generator_is_deterministic_and_differs_across_seeds():
-    a = np.array(synthetic.render(0, "train", 3, 32)[0])
-    b = np.array(synthetic.render(0, "train", 3, 32)[0])
-    c = np.array(synthetic.render(1, "train", 3, 32)[0])
+@pytest.mark.parametrize("version", synthetic.VERSIONS)
+def test_generator_is_deterministic_and_differs_across_seeds(version):
+    a = np.array(synthetic.render(0, "train", 3, 32, version)[0])
+    b = np.array(synthetic.render(0, "train", 3, 32, version)[0])
+    c = np.array(synthetic.render(1, "train", 3, 32, version)[0])
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_version_3_is_still_the_data_it_was():
+    """data.version=3 reproduces the data before version 4, pixel for pixel (digests of images
+    rendered by the version-3 generator when it was the only one)."""
+    import hashlib
+
+    digests = [
+        hashlib.sha1(np.array(synthetic.render(0, "train", i, 32, 3)[0]).tobytes()).hexdigest()[:12] for i in range(3)
+    ]
+    assert digests == V3_DIGESTS
+    assert synthetic.render(0, "train", 0, 32, 3)[2] == V3_LABELS
+    with pytest.raises(ValueError, match="unknown generator version 2"):
+        synthetic.render(0, "train", 0, 32, 2)
+
+
+def test_version_4_counts_separated_shapes_of_unrelated_sizes():
+    """Every count 1-4 occurs, the shapes never touch (each is its own connected region of the label
+    map), and the covered area overlaps between counts, so it does not give the count away."""
+    from scipy import ndimage
+
+    areas: dict[int, list[int]] = {}
+    for i in range(60):
+        _, labels, classes = synthetic.render(0, "train", i, 64, 4)
+        labels = np.array(labels)
+        count = int(classes["count"])
+        foreground = labels == 2 + synthetic.SHAPES_V4.index(classes["shape"])
+        assert set(np.unique(labels)) <= {1, 2 + synthetic.SHAPES_V4.index(classes["shape"])}
+        # One region per shape (8-connected; a star's tip a pixel wide may break off when the
+        # supersampled label map is resized: regions under 6 pixels are not counted).
+        regions, _ = ndimage.label(foreground, structure=np.ones((3, 3)))
+        assert (np.bincount(regions.ravel())[1:] >= 6).sum() == count
+        areas.setdefault(count, []).append(int(foreground.sum()))
+    assert sorted(areas) == [1, 2, 3, 4]
+    assert max(areas[1]) > min(areas[2]) and max(areas[2]) > min(areas[3])
 
 
 def test_generated_folder_has_classification_and_segmentation_layouts(shapes):
     train = ImageFolder(shapes / "train")
-    assert train.classes == sorted(synthetic.SHAPES) and len(train) == 24
+    assert set(train.classes) <= set(synthetic.SHAPES_V4) and len(train) == 24
     assert len(ImageFolder(shapes / "val")) == 8
     rows = list(csv.DictReader(open(shapes / "labels.csv")))
     assert len(rows) == 32 and {r["colour"] for r in rows} <= set(synthetic.COLOURS)
+    assert list(rows[0]) == ["split", "file", "shape", "colour", "count"]
+    assert {r["count"] for r in rows} <= {"1", "2", "3", "4"}
     for row in rows:  # the class folder agrees with the recorded shape
         assert row["file"].split("/")[1] == row["shape"]
     ade = shapes / "ADEChallengeData2016"
@@ -42,12 +85,27 @@ def test_generated_folder_has_classification_and_segmentation_layouts(shapes):
         labels = sorted((ade / "annotations" / split).glob("*.png"))
         assert [p.stem for p in images] == [p.stem for p in labels] and images
     label = np.array(Image.open(labels[0]))
-    assert label.shape == (32, 32) and label.min() >= 1 and label.max() <= 1 + len(synthetic.COLOURS)
+    assert label.shape == (32, 32) and label.min() >= 1 and label.max() <= 1 + len(synthetic.SHAPES_V4)
+    assert json.loads((shapes / synthetic.DONE_FILE).read_text())["segmentation_classes"] == [
+        "background",
+        *synthetic.SHAPES_V4,
+    ]
 
 
-def test_segmentation_label_marks_the_shapes_by_colour_class():
+def test_segmentation_label_marks_the_shapes_by_shape_class():
     for i in range(10):
-        image, labels, _, colour = synthetic.render(0, "val", i, 64)
+        image, labels, classes = synthetic.render(0, "val", i, 64)
+        labels, shape = np.array(labels), synthetic.SHAPES_V4.index(classes["shape"])
+        assert set(np.unique(labels)) == {1, 2 + shape}
+        # The labelled pixels are the saturated shapes (saturation 0.65-1), not the background (0.1-0.6).
+        hsv = np.array(image.convert("HSV")).astype(float)
+        assert hsv[labels == 2 + shape, 1].mean() > hsv[labels == 1, 1].mean() + 20
+
+
+def test_version_3_segmentation_label_marks_the_shapes_by_colour_class():
+    for i in range(10):
+        image, labels, classes = synthetic.render(0, "val", i, 64, 3)
+        colour = synthetic.COLOUR_NAMES.index(classes["colour"])
         labels = np.array(labels)
         counts = np.bincount(labels.ravel(), minlength=2 + len(synthetic.COLOURS))
         assert counts[2 + colour] > 0.03 * 64 * 64, "the class shapes should cover a visible part of the image"

@@ -234,9 +234,18 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
     With generate=False only paths are checked (nothing written), for validation before a run.
     """
     if cfg.kind == "builtin":
-        if cfg.label not in synthetic.LABELS:
-            raise DataError(f"data.label must be one of {', '.join(synthetic.LABELS)}, got {cfg.label!r}")
-        name = synthetic.dataset_id(cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
+        version = cfg.get("version", synthetic.GENERATOR_VERSION)
+        if version not in synthetic.VERSIONS:
+            raise DataError(
+                f"data.version must be one of {', '.join(map(str, synthetic.VERSIONS))} (the generator's versions), "
+                f"got {version!r}"
+            )
+        if cfg.label not in synthetic.label_sets(version):
+            raise DataError(
+                f"data.label must be one of {', '.join(synthetic.label_sets(version))} (data.version={version}), "
+                f"got {cfg.label!r}"
+            )
+        name = synthetic.dataset_id(cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed, version)
         root = Path(cache_dir).expanduser() / name
         if root.exists() and not os.access(root, os.R_OK | os.X_OK):
             raise DataError(
@@ -245,7 +254,7 @@ def resolve_data(cfg, cache_dir: str | Path, generate: bool = True) -> DataSourc
                 "to a folder of your own"
             )
         if generate:
-            synthetic.generate(root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
+            synthetic.generate(root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed, version)
         return DataSource(
             cfg.name,
             root,

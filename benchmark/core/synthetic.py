@@ -1,23 +1,27 @@
 """The built-in dataset: procedurally drawn shapes, generated deterministically onto disk.
 
-Every image shows a scattering of three to six shapes of one class, all of one colour class
-(varied shades, sizes, positions and rotations), sometimes with one small shape of another
-class and colour, on a low-contrast textured background. The scene is
-drawn twice: as an RGB image and as a per-pixel label map, so the same generator serves
-classification (ImageFolder layout by shape; `labels.csv` carries both labels) and
-semantic segmentation (ADE20k layout). Image i of a split depends only on (seed, split, i).
+Version 4 (the default): every image shows one to four separated shapes of one shape class and
+one colour class (varied shades, unrelated sizes, positions and rotations) on a low-contrast
+textured background. Three label sets describe it: `shape` (6 outlines), `colour` (6 hue classes)
+and `count` (1-4). Colour is a property of single pixels; shape and count need the extent of
+each object, which is what a pretrained encoder should offer over a random one. The segmentation
+classes are the shape classes, so a pixel's class, too, depends on the object it belongs to.
+
+Version 3 (`data.version=3`, the data before version 4): three to six small shapes of one of 8
+classes and one colour, sometimes with a smaller odd shape; label sets `shape` and `colour`;
+segmentation classes are the colour classes. It stays reproducible image for image.
+
+The scene is drawn twice: as an RGB image and as a per-pixel label map, so the same generator
+serves classification (ImageFolder layout by shape; `labels.csv` carries every label set) and
+semantic segmentation (ADE20k layout). Image i of a split depends only on (version, seed, split, i).
 
 Layout written under `root`:
     train/<shape>/<id>.png, val/<shape>/<id>.png         classification (ImageFolder)
-    labels.csv                                            split, file, shape, colour
+    labels.csv                                            split, file, then one column per label set
     ADEChallengeData2016/images/{training,validation}/<id>.jpg
     ADEChallengeData2016/annotations/{training,validation}/<id>.png
-                                                          0 = ignore, 1 = background,
-                                                          2 + k = colour class k (COLOURS order)
-
-The segmentation classes are the colour classes, like the default classification label: CPU-sized
-models do not learn the shape classes (see docs/results.md), and a segmentation task where every model
-predicts background everywhere would compare nothing.
+                                                          0 = ignore, 1 = background, 2 + k = class k
+                                                          (version 4: shape k; version 3: colour k)
 """
 
 from __future__ import annotations
@@ -35,15 +39,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 3
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
+GENERATOR_VERSION = 4
+VERSIONS = (3, 4)
+SHAPES_V3 = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
+SHAPES_V4 = ("circle", "square", "triangle", "star", "cross", "ring")
 # Colour classes are hue bins centred on these hues (degrees).
 COLOURS = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
+COLOUR_NAMES = tuple(COLOURS)
+MAX_COUNT = 4
 SPLITS = {"train": "training", "val": "validation"}
-# The label sets of labels.csv: what a classification task on the built-in data predicts.
-LABELS = ("shape", "colour")
 SUPERSAMPLE = 4
 DONE_FILE = "DONE.json"
+
+
+def shapes(version: int = GENERATOR_VERSION) -> tuple[str, ...]:
+    return SHAPES_V4 if version == 4 else SHAPES_V3
+
+
+def label_sets(version: int = GENERATOR_VERSION) -> tuple[str, ...]:
+    """The label sets of labels.csv: what a classification task on the built-in data can predict."""
+    return ("shape", "colour", "count") if version == 4 else ("shape", "colour")
+
+
+def segmentation_classes(version: int = GENERATOR_VERSION) -> list[str]:
+    return ["background", *(shapes(version) if version == 4 else COLOUR_NAMES)]
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -145,31 +164,32 @@ def _shape_colour(rng: np.random.Generator, colour: str) -> tuple[int, int, int]
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def render(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, Image.Image, int, int]:
-    """One sample: (RGB image, label map, shape class, colour class), deterministic."""
+def _render_v3(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, Image.Image, dict[str, str]]:
+    """Version 3: three to six small shapes of one class and colour, sometimes a smaller odd one;
+    segmentation classes are the colour classes."""
     rng = np.random.default_rng([seed, list(SPLITS).index(split), index])
     big = size * SUPERSAMPLE
     image = Image.fromarray((_background(rng, big) * 255).astype(np.uint8))
     labels = Image.new("L", (big, big), 1)
-    shape = int(rng.integers(len(SHAPES)))
+    shape = int(rng.integers(len(SHAPES_V3)))
     colour = int(rng.integers(len(COLOURS)))
 
     # A scattering of the class's shape (one colour class, varied shades and sizes), sometimes
     # with one small shape of another class among them.
     objects = [(shape, colour, rng.uniform(0.08, 0.16)) for _ in range(int(rng.integers(3, 7)))]
     if rng.random() < 0.3:
-        other = int((shape + rng.integers(1, len(SHAPES))) % len(SHAPES))
+        other = int((shape + rng.integers(1, len(SHAPES_V3))) % len(SHAPES_V3))
         objects.insert(
             int(rng.integers(len(objects) + 1)), (other, int(rng.integers(len(COLOURS))), rng.uniform(0.06, 0.1))
         )
     for kind_id, colour_id, radius in objects:
-        kind = SHAPES[kind_id]
+        kind = SHAPES_V3[kind_id]
         r = radius * big
         cx, cy = rng.uniform(r * 0.8, big - r * 0.8, size=2)
         angle = rng.uniform(0, 2 * math.pi)
         below = (image.copy(), labels.copy())
         draws = [ImageDraw.Draw(image), ImageDraw.Draw(labels)]
-        fills = [_shape_colour(rng, list(COLOURS)[colour_id]), 1 + 1 + colour_id]
+        fills = [_shape_colour(rng, COLOUR_NAMES[colour_id]), 1 + 1 + colour_id]
         _draw_shape(draws, fills, kind, cx, cy, r, angle)
         hole = _hole(kind, cx, cy, r, angle, big)
         if hole is not None:
@@ -178,21 +198,76 @@ def render(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, I
 
     image = image.resize((size, size), Image.BOX)
     labels = labels.resize((size, size), Image.NEAREST)
-    return image, labels, shape, colour
+    return image, labels, {"shape": SHAPES_V3[shape], "colour": COLOUR_NAMES[colour]}
 
 
-def dataset_id(num_train: int, num_val: int, image_size: int, seed: int) -> str:
-    spec = json.dumps(
-        dict(v=GENERATOR_VERSION, train=num_train, val=num_val, size=image_size, seed=seed), sort_keys=True
-    )
-    return f"shapes-{image_size}px-{num_train}-{num_val}-s{seed}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+def _place(rng: np.random.Generator, radii: list[float], big: int) -> list[tuple[float, float]] | None:
+    """Centres for discs of these radii inside the canvas with a gap between any two, or None."""
+    centres: list[tuple[float, float]] = []
+    for r in radii:
+        for _ in range(50):
+            c = rng.uniform(r * 1.05, big - r * 1.05, size=2)
+            if all(math.hypot(c[0] - x, c[1] - y) > r + q + 0.04 * big for (x, y), q in zip(centres, radii)):
+                centres.append((float(c[0]), float(c[1])))
+                break
+        else:
+            return None
+    return centres
+
+
+def _render_v4(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, Image.Image, dict[str, str]]:
+    """Version 4: one to four separated shapes of one class and colour class, of unrelated sizes;
+    segmentation classes are the shape classes."""
+    rng = np.random.default_rng([seed, list(SPLITS).index(split), index, 4])
+    big = size * SUPERSAMPLE
+    image = Image.fromarray((_background(rng, big) * 255).astype(np.uint8))
+    labels = Image.new("L", (big, big), 1)
+    shape = int(rng.integers(len(SHAPES_V4)))
+    colour = int(rng.integers(len(COLOURS)))
+    count = int(rng.integers(1, MAX_COUNT + 1))
+    # Sizes vary 2.5x in radius (6x in area), so the covered area does not give the count away.
+    while True:
+        radii = sorted((rng.uniform(0.08, 0.2) * big for _ in range(count)), reverse=True)
+        centres = _place(rng, radii, big)
+        if centres is not None:
+            break
+    kind = SHAPES_V4[shape]
+    for (cx, cy), r in zip(centres, radii):
+        angle = rng.uniform(0, 2 * math.pi)
+        below = (image.copy(), labels.copy())
+        draws = [ImageDraw.Draw(image), ImageDraw.Draw(labels)]
+        _draw_shape(draws, [_shape_colour(rng, COLOUR_NAMES[colour]), 2 + shape], kind, cx, cy, r, angle)
+        hole = _hole(kind, cx, cy, r, angle, big)
+        if hole is not None:
+            image.paste(below[0], mask=hole)
+            labels.paste(below[1], mask=hole)
+    image = image.resize((size, size), Image.BOX)
+    labels = labels.resize((size, size), Image.NEAREST)
+    return image, labels, {"shape": kind, "colour": COLOUR_NAMES[colour], "count": str(count)}
+
+
+def render(
+    seed: int, split: str, index: int, size: int, version: int = GENERATOR_VERSION
+) -> tuple[Image.Image, Image.Image, dict[str, str]]:
+    """One sample: (RGB image, label map, {label set: class name}), deterministic."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown generator version {version} (known: {', '.join(map(str, VERSIONS))})")
+    return _render_v4(seed, split, index, size) if version == 4 else _render_v3(seed, split, index, size)
+
+
+def dataset_id(num_train: int, num_val: int, image_size: int, seed: int, version: int = GENERATOR_VERSION) -> str:
+    spec = json.dumps(dict(v=version, train=num_train, val=num_val, size=image_size, seed=seed), sort_keys=True)
+    digest = hashlib.sha1(spec.encode()).hexdigest()[:8]
+    return f"shapes-v{version}-{image_size}px-{num_train}-{num_val}-s{seed}-{digest}"
 
 
 def is_complete(root: Path) -> bool:
     return (Path(root) / DONE_FILE).is_file()
 
 
-def generate(root: str | Path, num_train: int, num_val: int, image_size: int, seed: int) -> Path:
+def generate(
+    root: str | Path, num_train: int, num_val: int, image_size: int, seed: int, version: int = GENERATOR_VERSION
+) -> Path:
     """Write the dataset under root (once: an existing complete copy is reused).
 
     Written into a temporary sibling folder and renamed into place, so an interrupted
@@ -217,29 +292,30 @@ def generate(root: str | Path, num_train: int, num_val: int, image_size: int, se
                 tmp / "ADEChallengeData2016" / "annotations" / ade,
             ):
                 d.mkdir(parents=True, exist_ok=True)
-            for name in SHAPES:
+            for name in shapes(version):
                 (tmp / split / name).mkdir(exist_ok=True)
             for i in range(count):
-                image, labels, shape, colour = render(seed, split, i, image_size)
+                image, labels, classes = render(seed, split, i, image_size, version)
                 stem = f"{split}_{i:06d}"
-                rel = f"{split}/{SHAPES[shape]}/{stem}.png"
+                rel = f"{split}/{classes['shape']}/{stem}.png"
                 image.save(tmp / rel)
                 image.save(tmp / "ADEChallengeData2016" / "images" / ade / f"{stem}.jpg", quality=95)
                 labels.save(tmp / "ADEChallengeData2016" / "annotations" / ade / f"{stem}.png")
-                rows.append((split, rel, SHAPES[shape], list(COLOURS)[colour]))
+                rows.append((split, rel, *(classes[k] for k in label_sets(version))))
         with open(tmp / "labels.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["split", "file", "shape", "colour"])
+            writer.writerow(["split", "file", *label_sets(version)])
             writer.writerows(rows)
         meta = dict(
-            generator_version=GENERATOR_VERSION,
+            generator_version=version,
             num_train=num_train,
             num_val=num_val,
             image_size=image_size,
             seed=seed,
-            shapes=list(SHAPES),
+            label_sets=list(label_sets(version)),
+            shapes=list(shapes(version)),
             colours=list(COLOURS),
-            segmentation_classes=["background", *COLOURS],
+            segmentation_classes=segmentation_classes(version),
             ignore_index=0,
         )
         (tmp / DONE_FILE).write_text(json.dumps(meta, indent=2))
