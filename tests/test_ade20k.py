@@ -227,7 +227,7 @@ def test_bench_run_ade20k_writes_miou_and_a_picture(bench, tmp_path, backend):
     record = json.loads((tmp_path / "run" / "records" / "ade20k.json").read_text())
     m = record["metrics"]
     assert record["status"] == "ok" and m["backend"] == backend and m["mode"] == "end_to_end"
-    assert 0 <= m["miou"] <= 100 and len(m["per_class_iou"]) == 7 and m["val_images"] == 48
+    assert 0 <= m["miou"] <= 100 and len(m["per_class_iou"]) == 13 and m["val_images"] == 48
     assert (tmp_path / "run" / "ade20k_end_to_end_upernet.png").is_file()
     assert "miou" in proc.stdout
 

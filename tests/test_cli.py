@@ -73,7 +73,7 @@ def test_run_end_to_end_writes_records_and_refuses_to_overwrite(bench, tmp_path)
     assert rec["git_commit"] is None or len(rec["git_commit"]) >= 40
     assert rec["host"] and rec["wall_seconds"] > 0
     m = rec["metrics"]
-    assert 0 <= m["top1"] <= 100 and m["chance_top1"] == pytest.approx(100 / 6) and m["num_classes"] == 6
+    assert 0 <= m["top1"] <= 100 and m["chance_top1"] == pytest.approx(100 / 12) and m["num_classes"] == 12
     assert m["val_samples"] == 48 and m["train_samples"] + m["heldout_samples"] == 96
     best = max(m["grid"], key=lambda row: row["heldout_top1"])
     assert m["top1"] == best["val_top1"] and m["best_lr"] == best["lr"]

@@ -49,22 +49,21 @@ def test_version_3_is_still_the_data_it_was():
 
 
 def test_version_4_counts_separated_shapes_of_unrelated_sizes():
-    """Every count 1-4 occurs, the shapes never touch (each is its own connected region of the label
-    map), and the covered area overlaps between counts, so it does not give the count away."""
+    """Every count 1-4 occurs, the shapes never touch (each is its own region of the label map),
+    and the covered area overlaps between counts, so it does not give the count away."""
     from scipy import ndimage
 
     areas: dict[int, list[int]] = {}
     for i in range(60):
         _, labels, classes = synthetic.render(0, "train", i, 64, 4)
         labels = np.array(labels)
-        count = int(classes["count"])
-        foreground = labels == 2 + synthetic.SHAPES_V4.index(classes["shape"])
-        assert set(np.unique(labels)) <= {1, 2 + synthetic.SHAPES_V4.index(classes["shape"])}
+        count, colour = int(classes["count"]), synthetic.colours(4).index(classes["colour"])
+        assert set(np.unique(labels)) == {1, 2 + colour}
         # One region per shape (8-connected; a star's tip a pixel wide may break off when the
         # supersampled label map is resized: regions under 6 pixels are not counted).
-        regions, _ = ndimage.label(foreground, structure=np.ones((3, 3)))
+        regions, _ = ndimage.label(labels == 2 + colour, structure=np.ones((3, 3)))
         assert (np.bincount(regions.ravel())[1:] >= 6).sum() == count
-        areas.setdefault(count, []).append(int(foreground.sum()))
+        areas.setdefault(count, []).append(int((labels == 2 + colour).sum()))
     assert sorted(areas) == [1, 2, 3, 4]
     assert max(areas[1]) > min(areas[2]) and max(areas[2]) > min(areas[3])
 
@@ -74,7 +73,7 @@ def test_generated_folder_has_classification_and_segmentation_layouts(shapes):
     assert set(train.classes) <= set(synthetic.SHAPES_V4) and len(train) == 24
     assert len(ImageFolder(shapes / "val")) == 8
     rows = list(csv.DictReader(open(shapes / "labels.csv")))
-    assert len(rows) == 32 and {r["colour"] for r in rows} <= set(synthetic.COLOURS)
+    assert len(rows) == 32 and {r["colour"] for r in rows} <= set(synthetic.colours(4))
     assert list(rows[0]) == ["split", "file", "shape", "colour", "count"]
     assert {r["count"] for r in rows} <= {"1", "2", "3", "4"}
     for row in rows:  # the class folder agrees with the recorded shape
@@ -85,33 +84,26 @@ def test_generated_folder_has_classification_and_segmentation_layouts(shapes):
         labels = sorted((ade / "annotations" / split).glob("*.png"))
         assert [p.stem for p in images] == [p.stem for p in labels] and images
     label = np.array(Image.open(labels[0]))
-    assert label.shape == (32, 32) and label.min() >= 1 and label.max() <= 1 + len(synthetic.SHAPES_V4)
-    assert json.loads((shapes / synthetic.DONE_FILE).read_text())["segmentation_classes"] == [
-        "background",
-        *synthetic.SHAPES_V4,
-    ]
+    assert label.shape == (32, 32) and label.min() >= 1 and label.max() <= 1 + len(synthetic.colours(4))
+    meta = json.loads((shapes / synthetic.DONE_FILE).read_text())
+    assert meta["segmentation_classes"] == ["background", *synthetic.colours(4)] and len(meta["colours"]) == 12
 
 
-def test_segmentation_label_marks_the_shapes_by_shape_class():
+@pytest.mark.parametrize("version", synthetic.VERSIONS)
+def test_segmentation_label_marks_the_shapes_by_colour_class(version):
     for i in range(10):
-        image, labels, classes = synthetic.render(0, "val", i, 64)
-        labels, shape = np.array(labels), synthetic.SHAPES_V4.index(classes["shape"])
-        assert set(np.unique(labels)) == {1, 2 + shape}
-        # The labelled pixels are the saturated shapes (saturation 0.65-1), not the background (0.1-0.6).
-        hsv = np.array(image.convert("HSV")).astype(float)
-        assert hsv[labels == 2 + shape, 1].mean() > hsv[labels == 1, 1].mean() + 20
-
-
-def test_version_3_segmentation_label_marks_the_shapes_by_colour_class():
-    for i in range(10):
-        image, labels, classes = synthetic.render(0, "val", i, 64, 3)
-        colour = synthetic.COLOUR_NAMES.index(classes["colour"])
+        image, labels, classes = synthetic.render(0, "val", i, 64, version)
+        colour = synthetic.colours(version).index(classes["colour"])
         labels = np.array(labels)
-        counts = np.bincount(labels.ravel(), minlength=2 + len(synthetic.COLOURS))
-        assert counts[2 + colour] > 0.03 * 64 * 64, "the class shapes should cover a visible part of the image"
-        # Pixels labelled with the colour class are far more saturated than the background ones.
+        counts = np.bincount(labels.ravel(), minlength=2 + len(synthetic.colours(version)))
+        assert counts[2 + colour] > 0.01 * 64 * 64, "the class shapes should cover a visible part of the image"
+        # Pixels labelled with the colour class are more saturated than the background ones, and
+        # their hue is the class's (within its spread, plus the edge pixels blended by resizing).
         hsv = np.array(image.convert("HSV")).astype(float)
-        assert hsv[labels == 2 + colour, 1].mean() > hsv[labels == 1, 1].mean() + 60
+        assert hsv[labels == 2 + colour, 1].mean() > hsv[labels == 1, 1].mean() + 20
+        centre = (synthetic.COLOURS_V4 if version == 4 else synthetic.COLOURS_V3)[classes["colour"]]
+        off = np.abs((hsv[labels == 2 + colour, 0] * 360 / 256 - centre + 180) % 360 - 180)
+        assert np.median(off) < synthetic.COLOUR_SPREAD[version] + 4
 
 
 def test_generation_reuses_a_complete_copy(shapes):
@@ -236,7 +228,7 @@ def test_label_sets_of_the_builtin_data(shapes):
     by_colour = DataSource("shapes", shapes, "train", "val", 32, shapes / "labels.csv", "colour").split("train")
     plain = ImageFolder(shapes / "train")
     assert by_shape.classes == plain.classes and by_shape.samples == plain.samples
-    assert set(by_colour.classes) <= set(synthetic.COLOURS) and len(by_colour) == len(plain)
+    assert set(by_colour.classes) <= set(synthetic.colours(4)) and len(by_colour) == len(plain)
     rows = {r["file"]: r["colour"] for r in csv.DictReader(open(shapes / "labels.csv"))}
     for path, label in by_colour.samples:
         assert by_colour.classes[label] == rows[str(path.relative_to(shapes))]

@@ -5,26 +5,27 @@ import json
 import pytest
 
 
-def top1(tmp_path, run):
-    return json.loads((tmp_path / "results" / run / "records/linear.json").read_text())["metrics"]
+def linear(tmp_path, run, init=""):
+    return json.loads((tmp_path / "results" / run / f"records/linear{init}.json").read_text())["metrics"]
 
 
 @pytest.mark.slow
 def test_pretraining_beats_the_random_encoder_and_trains_the_world_model(bench, tmp_path):
-    # The default CPU presets on the default built-in data, as a user runs them.
-    bench("run", "method=ijepa", "task=linear", "run_dir=results/ijepa", "progress=false", check=0)
-    bench("run", "method=iwm", "task=linear", "run_dir=results/iwm", "progress=false", check=0)
-    # 0 epochs: the same encoder initialisation (same seed), untrained.
-    bench(
-        "run", "method=ijepa", "task=linear", "pretrain.epochs=0", "run_dir=results/random", "progress=false", check=0
-    )
-    ijepa, iwm, random = (top1(tmp_path, r) for r in ("ijepa", "iwm", "random"))
-    assert ijepa["top1"] > ijepa["chance_top1"] + 40
-    assert ijepa["top1"] > random["top1"] + 10, (ijepa["top1"], random["top1"])
-    # The equivariant IWM preset keeps colour out of its encoder's linear features (its linear
-    # probe on the colour label is at the random encoder's level, docs/results.md); what its
-    # pretraining must produce is a world model that applies the transformation: MRR above chance.
-    assert iwm["top1"] > iwm["chance_top1"] + 40
+    # The default CPU presets on the default built-in data, as a user runs them, each with its
+    # random-init control (the same encoder as initialised from the same seed, untrained).
+    for method in ("ijepa", "iwm"):
+        bench("run", f"method={method}", "task=linear", "control=true", f"run_dir=results/{method}", check=0)
+    ijepa, iwm = linear(tmp_path, "ijepa"), linear(tmp_path, "iwm")
+    random = linear(tmp_path, "ijepa", ".random_init")
+    # I-JEPA and IWM build the same encoder from the same seed: one control serves both.
+    assert linear(tmp_path, "iwm", ".random_init")["top1"] == random["top1"]
+    # Seed 0 measured 84.5 (I-JEPA), 55.8 (IWM) and 39.7 (random) on 12 colour classes
+    # (chance 8.3); the margins leave room for other machines and thread counts.
+    assert ijepa["top1"] > random["top1"] + 25, (ijepa["top1"], random["top1"])
+    assert iwm["top1"] > random["top1"] + 6, (iwm["top1"], random["top1"])
+    assert random["top1"] > random["chance_top1"] + 15  # the control is a real baseline, not chance
+    # What IWM's pretraining must also produce is a world model that applies the transformation:
+    # MRR above chance.
     bench(
         "run",
         "method=iwm",

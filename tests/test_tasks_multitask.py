@@ -30,9 +30,9 @@ def test_multitask_tunes_one_predictor_with_a_token_and_head_per_label_set(tmp_p
     ctx = context(source, tmp_path)
     m = task.run(method, ctx)
     assert same(before, snapshot(method))
-    assert m["label_sets"] == ["colour", "shape"]
-    colour, shape = m["per_task"]["colour"], m["per_task"]["shape"]
-    assert colour["num_classes"] == 6 and shape["num_classes"] == 8
+    assert m["label_sets"] == ["colour", "count"]
+    colour, shape = m["per_task"]["colour"], m["per_task"]["count"]
+    assert colour["num_classes"] == 12 and shape["num_classes"] == 4
     assert m["top1"] == pytest.approx((colour["multitask_top1"] + shape["multitask_top1"]) / 2)
     assert m["separate_top1"] == pytest.approx((colour["separate_top1"] + shape["separate_top1"]) / 2)
     # Val accuracies over 16 images are multiples of 1/16.
@@ -40,10 +40,10 @@ def test_multitask_tunes_one_predictor_with_a_token_and_head_per_label_set(tmp_p
         for key in ("multitask_top1", "separate_top1"):
             assert (row[key] * 16 / 100) == pytest.approx(round(row[key] * 16 / 100))
 
-    model = task.build(method, ctx, [6, 8], 0)
+    model = task.build(method, ctx, [12, 4], 0)
     tokens0, pred0 = model.task_tokens.detach().clone(), snapshot(model.work.predictor)
     assert same(pred0, snapshot(method.predictor)) and model.work.predictor is not method.predictor
-    assert [h.linear.out_features for h in model.heads] == [6, 8]
+    assert [h.linear.out_features for h in model.heads] == [12, 4]
     one_predictor = sum(p.numel() for p in method.predictor.parameters() if p.requires_grad)
     heads = sum(p.numel() for p in model.heads.parameters())
     assert m["trainable_params"] == one_predictor + heads + tokens0.numel()

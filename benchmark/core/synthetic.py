@@ -1,15 +1,16 @@
 """The built-in dataset: procedurally drawn shapes, generated deterministically onto disk.
 
 Version 4 (the default): every image shows one to four separated shapes of one shape class and
-one colour class (varied shades, unrelated sizes, positions and rotations) on a low-contrast
-textured background. Three label sets describe it: `shape` (6 outlines), `colour` (6 hue classes)
-and `count` (1-4). Colour is a property of single pixels; shape and count need the extent of
-each object, which is what a pretrained encoder should offer over a random one. The segmentation
-classes are the shape classes, so a pixel's class, too, depends on the object it belongs to.
+one of 12 colour classes (hues 30 degrees apart, each shape's hue within +-8 of its class centre;
+varied saturation, brightness, sizes, positions and rotations) on a low-contrast textured
+background. Three label sets describe it: `colour` (12 hue classes), `shape` (6 outlines) and
+`count` (1-4; the sizes vary 2.5x in radius, so the covered area does not give the count away).
+Segmentation classes are the colour classes.
 
 Version 3 (`data.version=3`, the data before version 4): three to six small shapes of one of 8
-classes and one colour, sometimes with a smaller odd shape; label sets `shape` and `colour`;
-segmentation classes are the colour classes. It stays reproducible image for image.
+classes and one of 6 colours (+-15 degrees), sometimes with a smaller odd shape; label sets
+`shape` and `colour`; segmentation classes are the 6 colour classes. It stays reproducible image
+for image.
 
 The scene is drawn twice: as an RGB image and as a per-pixel label map, so the same generator
 serves classification (ImageFolder layout by shape; `labels.csv` carries every label set) and
@@ -20,8 +21,8 @@ Layout written under `root`:
     labels.csv                                            split, file, then one column per label set
     ADEChallengeData2016/images/{training,validation}/<id>.jpg
     ADEChallengeData2016/annotations/{training,validation}/<id>.png
-                                                          0 = ignore, 1 = background, 2 + k = class k
-                                                          (version 4: shape k; version 3: colour k)
+                                                          0 = ignore, 1 = background, 2 + k = colour
+                                                          class k (DONE.json lists the classes)
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +46,24 @@ GENERATOR_VERSION = 4
 VERSIONS = (3, 4)
 SHAPES_V3 = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
 SHAPES_V4 = ("circle", "square", "triangle", "star", "cross", "ring")
-# Colour classes are hue bins centred on these hues (degrees).
-COLOURS = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
-COLOUR_NAMES = tuple(COLOURS)
+# Colour classes are hue bins centred on these hues (degrees); a shape's hue is drawn within
+# +-COLOUR_SPREAD of its class's centre.
+COLOURS_V3 = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
+COLOURS_V4 = {
+    "red": 0,
+    "orange": 30,
+    "yellow": 60,
+    "lime": 90,
+    "green": 120,
+    "spring": 150,
+    "cyan": 180,
+    "azure": 210,
+    "blue": 240,
+    "violet": 270,
+    "magenta": 300,
+    "rose": 330,
+}
+COLOUR_SPREAD = {3: 15, 4: 8}
 MAX_COUNT = 4
 SPLITS = {"train": "training", "val": "validation"}
 SUPERSAMPLE = 4
@@ -56,13 +74,17 @@ def shapes(version: int = GENERATOR_VERSION) -> tuple[str, ...]:
     return SHAPES_V4 if version == 4 else SHAPES_V3
 
 
+def colours(version: int = GENERATOR_VERSION) -> tuple[str, ...]:
+    return tuple(COLOURS_V4 if version == 4 else COLOURS_V3)
+
+
 def label_sets(version: int = GENERATOR_VERSION) -> tuple[str, ...]:
     """The label sets of labels.csv: what a classification task on the built-in data can predict."""
     return ("shape", "colour", "count") if version == 4 else ("shape", "colour")
 
 
 def segmentation_classes(version: int = GENERATOR_VERSION) -> list[str]:
-    return ["background", *(shapes(version) if version == 4 else COLOUR_NAMES)]
+    return ["background", *colours(version)]
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -158,8 +180,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
-def _shape_colour(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
-    hue = (COLOURS[colour] + rng.uniform(-15, 15)) % 360 / 360.0
+def _shape_colour(rng: np.random.Generator, colour: int, version: int) -> tuple[int, int, int]:
+    centre = (COLOURS_V4 if version == 4 else COLOURS_V3)[colours(version)[colour]]
+    hue = (centre + rng.uniform(-COLOUR_SPREAD[version], COLOUR_SPREAD[version])) % 360 / 360.0
     r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))
     return int(r * 255), int(g * 255), int(b * 255)
 
@@ -172,7 +195,7 @@ def _render_v3(seed: int, split: str, index: int, size: int) -> tuple[Image.Imag
     image = Image.fromarray((_background(rng, big) * 255).astype(np.uint8))
     labels = Image.new("L", (big, big), 1)
     shape = int(rng.integers(len(SHAPES_V3)))
-    colour = int(rng.integers(len(COLOURS)))
+    colour = int(rng.integers(len(COLOURS_V3)))
 
     # A scattering of the class's shape (one colour class, varied shades and sizes), sometimes
     # with one small shape of another class among them.
@@ -180,7 +203,7 @@ def _render_v3(seed: int, split: str, index: int, size: int) -> tuple[Image.Imag
     if rng.random() < 0.3:
         other = int((shape + rng.integers(1, len(SHAPES_V3))) % len(SHAPES_V3))
         objects.insert(
-            int(rng.integers(len(objects) + 1)), (other, int(rng.integers(len(COLOURS))), rng.uniform(0.06, 0.1))
+            int(rng.integers(len(objects) + 1)), (other, int(rng.integers(len(COLOURS_V3))), rng.uniform(0.06, 0.1))
         )
     for kind_id, colour_id, radius in objects:
         kind = SHAPES_V3[kind_id]
@@ -189,7 +212,7 @@ def _render_v3(seed: int, split: str, index: int, size: int) -> tuple[Image.Imag
         angle = rng.uniform(0, 2 * math.pi)
         below = (image.copy(), labels.copy())
         draws = [ImageDraw.Draw(image), ImageDraw.Draw(labels)]
-        fills = [_shape_colour(rng, COLOUR_NAMES[colour_id]), 1 + 1 + colour_id]
+        fills = [_shape_colour(rng, colour_id, 3), 1 + 1 + colour_id]
         _draw_shape(draws, fills, kind, cx, cy, r, angle)
         hole = _hole(kind, cx, cy, r, angle, big)
         if hole is not None:
@@ -198,7 +221,7 @@ def _render_v3(seed: int, split: str, index: int, size: int) -> tuple[Image.Imag
 
     image = image.resize((size, size), Image.BOX)
     labels = labels.resize((size, size), Image.NEAREST)
-    return image, labels, {"shape": SHAPES_V3[shape], "colour": COLOUR_NAMES[colour]}
+    return image, labels, {"shape": SHAPES_V3[shape], "colour": colours(3)[colour]}
 
 
 def _place(rng: np.random.Generator, radii: list[float], big: int) -> list[tuple[float, float]] | None:
@@ -216,14 +239,13 @@ def _place(rng: np.random.Generator, radii: list[float], big: int) -> list[tuple
 
 
 def _render_v4(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, Image.Image, dict[str, str]]:
-    """Version 4: one to four separated shapes of one class and colour class, of unrelated sizes;
-    segmentation classes are the shape classes."""
+    """Version 4: one to four separated shapes of one class and colour class, of unrelated sizes."""
     rng = np.random.default_rng([seed, list(SPLITS).index(split), index, 4])
     big = size * SUPERSAMPLE
     image = Image.fromarray((_background(rng, big) * 255).astype(np.uint8))
     labels = Image.new("L", (big, big), 1)
     shape = int(rng.integers(len(SHAPES_V4)))
-    colour = int(rng.integers(len(COLOURS)))
+    colour = int(rng.integers(len(COLOURS_V4)))
     count = int(rng.integers(1, MAX_COUNT + 1))
     # Sizes vary 2.5x in radius (6x in area), so the covered area does not give the count away.
     while True:
@@ -236,14 +258,14 @@ def _render_v4(seed: int, split: str, index: int, size: int) -> tuple[Image.Imag
         angle = rng.uniform(0, 2 * math.pi)
         below = (image.copy(), labels.copy())
         draws = [ImageDraw.Draw(image), ImageDraw.Draw(labels)]
-        _draw_shape(draws, [_shape_colour(rng, COLOUR_NAMES[colour]), 2 + shape], kind, cx, cy, r, angle)
+        _draw_shape(draws, [_shape_colour(rng, colour, 4), 2 + colour], kind, cx, cy, r, angle)
         hole = _hole(kind, cx, cy, r, angle, big)
         if hole is not None:
             image.paste(below[0], mask=hole)
             labels.paste(below[1], mask=hole)
     image = image.resize((size, size), Image.BOX)
     labels = labels.resize((size, size), Image.NEAREST)
-    return image, labels, {"shape": kind, "colour": COLOUR_NAMES[colour], "count": str(count)}
+    return image, labels, {"shape": kind, "colour": colours(4)[colour], "count": str(count)}
 
 
 def render(
@@ -265,6 +287,18 @@ def is_complete(root: Path) -> bool:
     return (Path(root) / DONE_FILE).is_file()
 
 
+def _write_sample(job: tuple) -> tuple[str, ...]:
+    """Draw one sample into the folder being generated; returns its labels.csv row."""
+    tmp, seed, split, i, image_size, version = job
+    image, labels, classes = render(seed, split, i, image_size, version)
+    ade, stem = SPLITS[split], f"{split}_{i:06d}"
+    rel = f"{split}/{classes['shape']}/{stem}.png"
+    image.save(tmp / rel)
+    image.save(tmp / "ADEChallengeData2016" / "images" / ade / f"{stem}.jpg", quality=95)
+    labels.save(tmp / "ADEChallengeData2016" / "annotations" / ade / f"{stem}.png")
+    return (split, rel, *(classes[k] for k in label_sets(version)))
+
+
 def generate(
     root: str | Path, num_train: int, num_val: int, image_size: int, seed: int, version: int = GENERATOR_VERSION
 ) -> Path:
@@ -283,9 +317,7 @@ def generate(
     os.umask(mask)
     os.chmod(tmp, 0o777 & ~mask)
     try:
-        rows = []
-        for split, count in (("train", num_train), ("val", num_val)):
-            ade = SPLITS[split]
+        for split, ade in SPLITS.items():
             for d in (
                 tmp / split,
                 tmp / "ADEChallengeData2016" / "images" / ade,
@@ -294,14 +326,18 @@ def generate(
                 d.mkdir(parents=True, exist_ok=True)
             for name in shapes(version):
                 (tmp / split / name).mkdir(exist_ok=True)
-            for i in range(count):
-                image, labels, classes = render(seed, split, i, image_size, version)
-                stem = f"{split}_{i:06d}"
-                rel = f"{split}/{classes['shape']}/{stem}.png"
-                image.save(tmp / rel)
-                image.save(tmp / "ADEChallengeData2016" / "images" / ade / f"{stem}.jpg", quality=95)
-                labels.save(tmp / "ADEChallengeData2016" / "annotations" / ade / f"{stem}.png")
-                rows.append((split, rel, *(classes[k] for k in label_sets(version))))
+        # Images are independent: drawn by several processes, each writing its own files.
+        jobs = [
+            (tmp, seed, split, i, image_size, version)
+            for split, n in (("train", num_train), ("val", num_val))
+            for i in range(n)
+        ]
+        workers = min(len(os.sched_getaffinity(0)), 8, max(1, len(jobs) // 200))
+        if workers > 1:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                rows = list(pool.map(_write_sample, jobs, chunksize=64))
+        else:
+            rows = [_write_sample(job) for job in jobs]
         with open(tmp / "labels.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["split", "file", *label_sets(version)])
@@ -314,7 +350,7 @@ def generate(
             seed=seed,
             label_sets=list(label_sets(version)),
             shapes=list(shapes(version)),
-            colours=list(COLOURS),
+            colours=list(colours(version)),
             segmentation_classes=segmentation_classes(version),
             ignore_index=0,
         )
