@@ -64,7 +64,7 @@ def test_reduce_zero_label_and_the_reader_on_the_generated_folder(tmp_path):
     raw = np.array(synthetic.render(0, "train", 0, 64)[1])
     assert np.array_equal(label, np.where(raw == 0, 255, raw.astype(np.int64) - 1))
     values = set(np.unique(np.concatenate([train[i][1].ravel() for i in range(6)])).tolist())
-    assert 0 in values and values <= set(range(7)) | {255} and len(values - {0, 255}) >= 1
+    assert 0 in values and values <= set(range(13)) | {255} and len(values - {0, 255}) >= 1
     with pytest.raises(DataError, match="segmentation folder not found"):
         ADE20k(tmp_path / "nowhere", "train")
 
@@ -170,7 +170,7 @@ def test_only_the_parts_of_the_mode_train(tmp_path, mode, encoder_moves, predict
     method = tiny_method(depth=2)
     original = snapshot(method)
     task = ADE20kSegmentation(seg_cfg(mode=mode, root=str(root), bf16=False))
-    model = Segmenter(method, "target_encoder", mode, "upernet", 9, task.cfg, "native")
+    model = Segmenter(method, "target_encoder", mode, "upernet", 13, task.cfg, "native")
     enc, pred = snapshot(model.encoder), snapshot(model.method.predictor)
     head = snapshot(model.head)
     ctx = TaskContext(
@@ -263,13 +263,13 @@ def test_every_label_is_checked_before_training_naming_the_file_and_raw_value(tm
 
     root = synthetic.generate(tmp_path / "shapes", 6, 3, 64, seed=0)
     val = ADE20k(root, "val")
-    val.check_labels(7)  # the generated labels are fine
+    val.check_labels(13)  # the generated labels are fine
     bad = val.samples[-1][1]
     values = np.array(Image.open(bad))
     values[0, 0] = 200
     Image.fromarray(values).save(bad)
-    with pytest.raises(DataError, match=f"label {bad} holds values 200 outside 1..7"):
-        val.check_labels(7)
+    with pytest.raises(DataError, match=f"label {bad} holds values 200 outside 1..13"):
+        val.check_labels(13)
     Image.fromarray(np.stack([values] * 3, -1)).save(bad)
     with pytest.raises(DataError, match=f"label {bad} has mode RGB"):
-        ADE20k(root, "val").check_labels(7)
+        ADE20k(root, "val").check_labels(13)

@@ -235,3 +235,27 @@ def test_label_sets_of_the_builtin_data(shapes):
     bad = DataSource("shapes", shapes, "train", "val", 32, shapes / "labels.csv", "texture")
     with pytest.raises(DataError, match="needs columns"):
         bad.split("train")
+
+
+def test_builtin_splits_are_indexed_by_every_class_of_the_label_set(tmp_path):
+    """A small built-in set lacks some colours in train and has others only in val: both splits
+    still index the label set's full, sorted class list, so class i is the same colour in both."""
+    from omegaconf import OmegaConf
+
+    from benchmark.core.data import resolve_data
+
+    cfg = OmegaConf.create(
+        dict(kind="builtin", name="shapes", version=4, label="colour", num_train=6, num_val=6, image_size=32, seed=0)
+    )
+    cfg.update(skip_unreadable=False, check_headers=True)
+    source = resolve_data(cfg, tmp_path)
+    train, val = source.split("train"), source.split("val")
+    assert train.classes == val.classes == sorted(synthetic.colours(4))
+    assert set(val.present) - set(train.present), "the test needs a colour seen only in val"
+    for split in (train, val):
+        for path, label in split.samples:
+            row = next(r for r in csv.DictReader(open(source.label_file)) if source.root / r["file"] == path)
+            assert split.classes[label] == row["colour"]
+    from dataclasses import replace
+
+    assert replace(source, label_column="count").split("val").classes == ["1", "2", "3", "4"]

@@ -83,6 +83,12 @@ def label_sets(version: int = GENERATOR_VERSION) -> tuple[str, ...]:
     return ("shape", "colour", "count") if version == 4 else ("shape", "colour")
 
 
+def label_classes(label_set: str, version: int = GENERATOR_VERSION) -> list[str]:
+    """Every class of a label set, sorted (the order class folders would give)."""
+    names = {"shape": shapes(version), "colour": colours(version), "count": [str(n) for n in range(1, MAX_COUNT + 1)]}
+    return sorted(names[label_set])
+
+
 def segmentation_classes(version: int = GENERATOR_VERSION) -> list[str]:
     return ["background", *colours(version)]
 
