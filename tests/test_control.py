@@ -106,3 +106,15 @@ def test_control_after_pretraining_everywhere(bench, tmp_path):
     gain = b.mean.at[b.mean.index[0], ("linear", "top1 gain")]
     assert gain == pytest.approx((sum(means) - sum(controls)) / 2)
     assert "linear top1 gain" in to_markdown(b)
+
+
+def test_seeds_table_pairs_every_seed_with_its_control(bench, tmp_path):
+    """seeds=2 with the control: each seed's folder holds both arms, and the table over seeds
+    gives the gain paired over both seeds (0 here: without pretraining the arms are the same)."""
+    run = tmp_path / "multi"
+    proc = bench("run", *TINY, *TASKS, "pretrain.epochs=0", "control=true", "seeds=2", f"run_dir={run}", check=0)
+    for seed in (0, 1):
+        assert (run / f"seed{seed}" / "records" / "linear.random_init.json").is_file()
+    gain = control_gains(read_records(run))["linear"]
+    assert gain.seeds == [0, 1] and gain.difference.mean == 0
+    assert "mean [95% CI over seeds]" in proc.stdout and "+0.00 [+0.00, +0.00]" in proc.stdout
