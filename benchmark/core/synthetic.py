@@ -193,6 +193,23 @@ def _shape_colour(rng: np.random.Generator, colour: int, version: int) -> tuple[
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def _stamp(
+    image: Image.Image, labels: Image.Image, kind: str, fills: list, cx: float, cy: float, r: float, angle: float
+) -> None:
+    """Draw one shape on the image and the label map with its fills, its hole cut back out."""
+    below = (image.copy(), labels.copy())
+    _draw_shape([ImageDraw.Draw(image), ImageDraw.Draw(labels)], fills, kind, cx, cy, r, angle)
+    hole = _hole(kind, cx, cy, r, angle, image.size[0])
+    if hole is not None:
+        image.paste(below[0], mask=hole)
+        labels.paste(below[1], mask=hole)
+
+
+def _downsample(image: Image.Image, labels: Image.Image, size: int) -> tuple[Image.Image, Image.Image]:
+    """The supersampled canvases at the output size: the image averaged, the labels sampled."""
+    return image.resize((size, size), Image.BOX), labels.resize((size, size), Image.NEAREST)
+
+
 def _render_v3(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, Image.Image, dict[str, str]]:
     """Version 3: three to six small shapes of one class and colour, sometimes a smaller odd one;
     segmentation classes are the colour classes."""
@@ -216,17 +233,8 @@ def _render_v3(seed: int, split: str, index: int, size: int) -> tuple[Image.Imag
         r = radius * big
         cx, cy = rng.uniform(r * 0.8, big - r * 0.8, size=2)
         angle = rng.uniform(0, 2 * math.pi)
-        below = (image.copy(), labels.copy())
-        draws = [ImageDraw.Draw(image), ImageDraw.Draw(labels)]
-        fills = [_shape_colour(rng, colour_id, 3), 1 + 1 + colour_id]
-        _draw_shape(draws, fills, kind, cx, cy, r, angle)
-        hole = _hole(kind, cx, cy, r, angle, big)
-        if hole is not None:
-            image.paste(below[0], mask=hole)
-            labels.paste(below[1], mask=hole)
-
-    image = image.resize((size, size), Image.BOX)
-    labels = labels.resize((size, size), Image.NEAREST)
+        _stamp(image, labels, kind, [_shape_colour(rng, colour_id, 3), 2 + colour_id], cx, cy, r, angle)
+    image, labels = _downsample(image, labels, size)
     return image, labels, {"shape": SHAPES_V3[shape], "colour": colours(3)[colour]}
 
 
@@ -262,15 +270,8 @@ def _render_v4(seed: int, split: str, index: int, size: int) -> tuple[Image.Imag
     kind = SHAPES_V4[shape]
     for (cx, cy), r in zip(centres, radii):
         angle = rng.uniform(0, 2 * math.pi)
-        below = (image.copy(), labels.copy())
-        draws = [ImageDraw.Draw(image), ImageDraw.Draw(labels)]
-        _draw_shape(draws, [_shape_colour(rng, colour, 4), 2 + colour], kind, cx, cy, r, angle)
-        hole = _hole(kind, cx, cy, r, angle, big)
-        if hole is not None:
-            image.paste(below[0], mask=hole)
-            labels.paste(below[1], mask=hole)
-    image = image.resize((size, size), Image.BOX)
-    labels = labels.resize((size, size), Image.NEAREST)
+        _stamp(image, labels, kind, [_shape_colour(rng, colour, 4), 2 + colour], cx, cy, r, angle)
+    image, labels = _downsample(image, labels, size)
     return image, labels, {"shape": kind, "colour": colours(4)[colour], "count": str(count)}
 
 
