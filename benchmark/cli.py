@@ -316,6 +316,7 @@ def cmd_leaderboard(args) -> int:
     from pathlib import Path
 
     from benchmark import leaderboard as lb
+    from benchmark import spectrum
 
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:
@@ -346,10 +347,10 @@ def cmd_leaderboard(args) -> int:
     written = lb.write_tables(board, out_dir, args.digits, title)
     runs = frame["run_dir"].nunique()
     out.print(lb.to_rich(board, f"{runs} runs: mean [95% CI]; bold: best and distinguishable; ≈: not"))
-    points = lb.spectrum_points(frame, by=args.by)
+    points = spectrum.spectrum_points(frame, by=args.by)
     if not points.empty and len(points.columns) > 1:
         plot = out_dir / "spectrum.png"
-        for what, r in lb.spectrum_plot(points, plot).items():
+        for what, r in spectrum.spectrum_plot(points, plot).items():
             out.print(
                 f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False, markup=False
             )

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from benchmark import leaderboard as lb
+from benchmark import spectrum
 from benchmark.records import read_records, write_record
 
 
@@ -121,9 +122,9 @@ def test_filters_and_split_by_config(results):
 
 def test_spectrum_plot_and_correlations(results, tmp_path):
     frame = lb.load_frame([results], since="2026-01-01")
-    points = lb.spectrum_points(frame)
+    points = spectrum.spectrum_points(frame)
     assert len(points) == 6
-    corr = lb.spectrum_plot(points, tmp_path / "spectrum.png")
+    corr = spectrum.spectrum_plot(points, tmp_path / "spectrum.png")
     mrr = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
     lin = [80.0, 82.0, 84.0, 70.0, 71.0, 75.0]
     expected = pd.Series(mrr).corr(pd.Series(lin))

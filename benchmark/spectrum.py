@@ -1,0 +1,80 @@
+"""The invariance-equivariance spectrum (the IWM paper's figure): per run, world-model MRR against
+linear-probe and predictor-finetuning accuracy, drawn with their correlations, from a leaderboard
+frame (benchmark/leaderboard.py, `load_frame`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.core.stats import t_interval
+from benchmark.leaderboard import ROW_KEYS
+
+SPECTRUM_X = ("mrr", "mrr")
+SPECTRUM_Y = (("linear", "top1"), ("predictor_ft", "top1"))
+
+
+def spectrum_points(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Per (row, seed): MRR and the accuracies it is plotted against; rows without MRR dropped."""
+    keys = ROW_KEYS + list(by or []) + ["seed"]
+    wide = frame.pivot_table(index=keys, columns=["task", "metric"], values="value", aggfunc="last")
+    wanted = [c for c in (SPECTRUM_X, *SPECTRUM_Y) if c in wide.columns]
+    if SPECTRUM_X not in wanted:
+        return pd.DataFrame()
+    return wide[wanted].dropna(subset=[SPECTRUM_X])
+
+
+def correlations(points: pd.DataFrame) -> dict[str, float]:
+    """Pearson correlation of MRR with each accuracy (NaN with fewer than 3 runs)."""
+    out = {}
+    for y in SPECTRUM_Y:
+        if y in points.columns:
+            pair = points[[SPECTRUM_X, y]].dropna()
+            out[f"{y[0]} {y[1]}"] = pair[SPECTRUM_X].corr(pair[y]) if len(pair) >= 3 else float("nan")
+    return out
+
+
+def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
+    """MRR (x) against each accuracy (y), one panel per accuracy, a colour per leaderboard row; returns
+    the correlations (over every run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corr = correlations(points)
+    ys = [y for y in SPECTRUM_Y if y in points.columns]
+    # One colour and label per leaderboard row (its keys, --by ones included): the mean over its
+    # seeds, with 95% interval bars over seeds when it has several, its seeds as faint points.
+    row_levels = [name for name in points.index.names if name != "seed"]
+    fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4.5), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        pair = points[[SPECTRUM_X, y]].dropna()
+        for i, (row, mine) in enumerate(pair.groupby(level=row_levels, sort=True)):
+            row = row if isinstance(row, tuple) else (row,)
+            label = " / ".join(str(v) for v, name in zip(row, row_levels) if name not in ("model", "data"))
+            colour = f"C{i % 10}"
+            xs, ys_ = mine[SPECTRUM_X].tolist(), mine[y].tolist()
+            ax.scatter(xs, ys_, color=colour, alpha=0.35, s=14)
+            x_mean, x_low, x_high = t_interval(xs)
+            y_mean, y_low, y_high = t_interval(ys_)
+            ax.errorbar(
+                [x_mean],
+                [y_mean],
+                xerr=[[x_mean - x_low], [x_high - x_mean]],
+                yerr=[[y_mean - y_low], [y_high - y_mean]],
+                fmt="o",
+                color=colour,
+                capsize=3,
+                label=f"{label} (n={len(xs)})",
+            )
+        ax.set_xlabel("world model MRR (equivariance)")
+        ax.set_ylabel(f"{y[0]} {y[1]}")
+        ax.set_title(f"{y[0]} {y[1]} against MRR: r = {corr[f'{y[0]} {y[1]}']:+.2f} over {len(pair)} runs")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return corr
