@@ -286,11 +286,12 @@ def validate(cfg: DictConfig) -> None:
         heads = cfg.method.predictor.get("num_heads")
         if heads is not None:
             _number(cfg, "method.predictor.num_heads", 0, integer=True, strictly=True)
-            _require(
-                cfg.method.predictor.width % heads == 0,
-                f"method.predictor.width={cfg.method.predictor.width} is not divisible by "
-                f"method.predictor.num_heads={heads}",
-            )
+        _require(
+            cfg.method.predictor.width % (heads or cfg.model.num_heads) == 0,
+            f"method.predictor.width={cfg.method.predictor.width} is not divisible by "
+            + (f"method.predictor.num_heads={heads}" if heads else f"the encoder's {cfg.model.num_heads} heads")
+            + " (method.predictor.num_heads; null takes the encoder's model.num_heads)",
+        )
     for key, kind in (("pretrain.attention", cfg.pretrain.attention), ("attention", cfg.attention)):
         _require(kind in ATTENTION, f"{key} must be {', '.join(ATTENTION)}, got {kind!r}")
     _require(

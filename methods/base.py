@@ -96,9 +96,20 @@ class Method(nn.Module, metaclass=ABCMeta):
         return self.encoder.embed_dim
 
     @property
+    def token_heads(self) -> int:
+        """Attention heads of the eval encoder (an attentive head over its tokens uses as many)."""
+        return self.encoder.num_heads
+
+    @property
     def world_model_dim(self) -> int:
         """Width of `predict_full`'s outputs."""
         return self.token_dim
+
+    @property
+    def world_model_heads(self) -> int:
+        """Attention heads of the network behind `predict_full`'s outputs; a predictor that maps back
+        into the encoder's token space (I-JEPA, IWM) counts as the encoder."""
+        return self.token_heads
 
     # --- data -----------------------------------------------------------------------------
     @abstractmethod

@@ -258,6 +258,10 @@ class MAE(Method):
     def world_model_dim(self) -> int:
         return self.method_cfg["predictor"]["width"]
 
+    @property
+    def world_model_heads(self) -> int:
+        return self.method_cfg["predictor"]["num_heads"]
+
     def probe_features(self, images, key, pool):
         if pool == "cls":
             return self.eval_encoder(key).cls_features(images)

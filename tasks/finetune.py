@@ -54,7 +54,16 @@ from tasks.core import (
 )
 from tasks.heads import build_head
 from tasks.mixing import soft_cross_entropy
-from tasks.recipe import ENCODER_RECIPE, PREDICTOR_RECIPE, RECIPE, check_head, lr_schedule, mixed, wd_schedule
+from tasks.recipe import (
+    ENCODER_RECIPE,
+    PREDICTOR_RECIPE,
+    RECIPE,
+    check_head,
+    head_heads,
+    lr_schedule,
+    mixed,
+    wd_schedule,
+)
 
 Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -232,7 +241,10 @@ class Finetune(Task):
 
     def check(self, method: Method) -> None:
         cfg = self.cfg
-        check_head(self.name, cfg, method.world_model_dim if self.use_predictor else method.token_dim)
+        if self.use_predictor:
+            check_head(self.name, cfg, method.world_model_dim, method.world_model_heads)
+        else:
+            check_head(self.name, cfg, method.token_dim, method.token_heads)
         if (cfg["mixup"] or cfg["cutmix"]) and cfg["batch_size"] % 2:
             raise ConfigError(
                 f"tasks.{self.name}.batch_size={cfg['batch_size']}: mixup/cutmix pair each sample with "
@@ -270,8 +282,11 @@ class Finetune(Task):
         if self.random_predictor:
             work.reset_predictor(derive_seed(seed, RANDOM_PREDICTOR_SEED))
         with seeded(derive_seed(seed, HEAD_SEED)):
-            width = work.world_model_dim if self.use_predictor else work.token_dim
-            head = build_head(cfg["head"], width, num_classes, cfg["head_heads"])
+            if self.use_predictor:
+                width, heads = work.world_model_dim, head_heads(cfg, work.world_model_heads)
+            else:
+                width, heads = work.token_dim, head_heads(cfg, work.token_heads)
+            head = build_head(cfg["head"], width, num_classes, heads)
         # The official attentive probe decays its query tokens like any matrix (tokens=False).
         groups = param_groups(head, cfg["weight_decay"], tokens=False)
         if self.use_predictor:

@@ -27,7 +27,7 @@ from tasks.core import HEAD_SEED, MIX_SEED, TRAIN_POOL_SEED, loss_summary, set_d
 from tasks.finetune import PredictorFinetune, evaluate, frozen_inputs, train_pool
 from tasks.heads import build_head
 from tasks.mixing import soft_cross_entropy
-from tasks.recipe import PREDICTOR_RECIPE, check_head, lr_schedule, mixed, wd_schedule
+from tasks.recipe import PREDICTOR_RECIPE, check_head, head_heads, lr_schedule, mixed, wd_schedule
 
 
 class MultitaskModel(nn.Module):
@@ -41,7 +41,8 @@ class MultitaskModel(nn.Module):
         # In the encoder's token space: the predictor embeds them like context tokens.
         self.task_tokens = nn.Parameter(torch.zeros(len(classes), token_dim))
         nn.init.trunc_normal_(self.task_tokens, std=0.02)
-        self.heads = nn.ModuleList(build_head(cfg["head"], out_dim, c, cfg["head_heads"]) for c in classes)
+        heads = head_heads(cfg, work.world_model_heads)
+        self.heads = nn.ModuleList(build_head(cfg["head"], out_dim, c, heads) for c in classes)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -85,7 +86,7 @@ class MultitaskPredictor(Task):
         return Applies.needs(method, predictor=True)
 
     def check(self, method: Method) -> None:
-        check_head(self.name, self.cfg, method.world_model_dim)
+        check_head(self.name, self.cfg, method.world_model_dim, method.world_model_heads)
         if self.cfg["inputs"] != "tokens":
             raise ConfigError("tasks.multitask.inputs must be tokens: the joint stage tunes on cached frozen tokens")
         if self.cfg["head_init_std"] is not None:

@@ -112,7 +112,9 @@ RECIPE = {
     "clip_grad": Number(0),
     "precision": Choice(PRECISIONS),
     "head": Choice(HEADS),
-    "head_heads": Number(1, integer=True),
+    # Attention heads of an attentive head; null: as many as the network whose tokens it reads
+    # (V-JEPA's probe takes the encoder's).
+    "head_heads": Number(1, integer=True, nullable=True),
     # Std of the head's final linear weights (trunc-normal, bias 0); null: the head's own init.
     "head_init_std": Number(0, low_open=True, nullable=True),
     # What a frozen encoder's head trains on: its cached tokens of the centre crops, or augmented
@@ -143,10 +145,16 @@ ENCODER_RECIPE = {
 PREDICTOR_RECIPE = {**RECIPE, "drop_path": PROBABILITY, "predictor_lr_scale": Number(0, low_open=True)}
 
 
-def check_head(name: str, cfg: dict, width: int) -> None:
+def head_heads(cfg: dict, source_heads: int) -> int:
+    """The attentive head's heads: the setting, or null for those of the network behind the tokens."""
+    return cfg["head_heads"] if cfg["head_heads"] is not None else source_heads
+
+
+def check_head(name: str, cfg: dict, width: int, source_heads: int) -> None:
     """An attentive head splits the width of the tokens it reads over its heads."""
-    if cfg["head"] == "attentive" and width % cfg["head_heads"]:
+    heads = head_heads(cfg, source_heads)
+    if cfg["head"] == "attentive" and width % heads:
         raise ConfigError(
-            f"tasks.{name}.head_heads={cfg['head_heads']} does not divide the width {width} of the "
-            f"tokens the head reads"
+            f"tasks.{name}.head_heads={heads} does not divide the width {width} of the tokens the head "
+            f"reads (null takes the {source_heads} heads of the network that made them)"
         )

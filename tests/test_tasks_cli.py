@@ -79,6 +79,48 @@ def test_a_task_set_skips_what_does_not_apply_and_says_why(tmp_path, monkeypatch
     assert plan.skipped == {} and "mrr" in plan.task_names
 
 
+# A paper preset is for the paper's 224 px; at the built-in 64 px its encoder's patches may not fit.
+PAPER_PRESETS = {"ijepa_vith14", "iwm_inv_12_384", "iwm_equi_18_384", "iwm_equi_36_512", "mae_paper"}
+
+
+def test_every_method_preset_passes_the_checks_of_task_all_with_its_defaults(tmp_path, monkeypatch):
+    """No compute: each preset's own model and settings, every task of task=all checked."""
+    from benchmark.config import group_options, load_config
+    from benchmark.runner import plan_run
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    presets = group_options("method")
+    assert PAPER_PRESETS < set(presets)
+    for preset in presets:
+        size = ["data.image_size=224"] if preset in PAPER_PRESETS else []
+        plan = plan_run(load_config([f"method={preset}", "task=all", f"run_dir={tmp_path / preset}", *size]))
+        assert plan.task_names[0] == "linear" and "ade20k" in plan.task_names, preset
+        assert "predictor_ft" in plan.task_names and "multitask" in plan.task_names, preset
+
+
+def test_an_attentive_head_takes_the_heads_of_the_network_behind_its_tokens(tmp_path, monkeypatch):
+    """head_heads=null: the encoder's heads over encoder tokens, MAE's decoder's over its
+    predictions; a count that does not divide the width is refused naming the fix."""
+    from benchmark.config import load_config
+    from benchmark.core.errors import ConfigError
+    from benchmark.runner import plan_run
+    from methods import build_method
+
+    cfg = load_config(["method=mae", "task=all"])
+    assert cfg.tasks.attentive.head_heads is None and cfg.tasks.predictor_ft.head_heads is None
+    method = build_method("mae", dict(cfg.model), dict(cfg.method), cfg.data.image_size)
+    assert (method.token_heads, method.world_model_heads) == (cfg.model.num_heads, cfg.method.predictor.num_heads)
+    assert method.world_model_dim % method.world_model_heads == 0
+    for preset in ("ijepa", "iwm"):
+        cfg = load_config([f"method={preset}"])
+        method = build_method(cfg.method.name, dict(cfg.model), dict(cfg.method), cfg.data.image_size)
+        assert method.world_model_heads == method.token_heads == cfg.model.num_heads
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    bad = ["method=mae", "task=predictor_ft", "tasks.predictor_ft.head_heads=12", f"run_dir={tmp_path}/r"]
+    with pytest.raises(ConfigError, match="head_heads=12 does not divide the width 128 .* null takes the 4 heads"):
+        plan_run(load_config(bad))
+
+
 def test_task_none_pretrains_alone(bench, tmp_path):
     proc = bench("run", "method=ijepa", "task=none", "run_dir=results/p", *NO_TASK, check=0)
     assert sorted(p.name for p in (tmp_path / "results/p/records").iterdir()) == ["pretrain.json"]
