@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmark.tables import compare_table, print_tables, seeds_table
+from benchmark.tables import compare_table, print_tables, print_wide, seeds_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -86,7 +86,7 @@ def cmd_run(overrides: list[str]) -> int:
         out.print(f"run folder: {plan.run_dir}", highlight=False, markup=False, soft_wrap=True)
         every += records
     if len(plans) > 1:
-        Console(width=max(out.width, 120)).print(seeds_table(every))
+        print_wide(seeds_table(every))
     return EXIT_OK
 
 
@@ -136,7 +136,7 @@ def cmd_list() -> int:
     for group in ("method", "task", "data", "model", "pretrain", "launcher"):
         for name in group_options(group):
             table.add_row(group, name, _about(group_dir(group) / f"{name}.yaml"))
-    out.print(table)
+    print_wide(table)
     return EXIT_OK
 
 
@@ -202,9 +202,8 @@ def cmd_perf(args) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except RuntimeError as exc:
         return _fail(f"perf case failed: {exc}", EXIT_FAILED)
-    wide = Console(width=max(out.width, 200))  # the step table has 14 columns
     for table in tables(result):
-        wide.print(table)
+        print_wide(table)
     for method, why in result["skipped"].items():
         out.print(f"skipped {method}: {why}", highlight=False, markup=False)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -269,7 +268,7 @@ def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
         states = unit_states(sweep.sweep_dir, manifest)
         from slurm.sweep import FAILED, status_table
 
-        out.print(status_table(sweep.sweep_dir, states))
+        print_wide(status_table(sweep.sweep_dir, states))
         return EXIT_FAILED if any(s.state == FAILED for s in states) else EXIT_OK
     return EXIT_OK
 
@@ -282,7 +281,7 @@ def cmd_status(name: str) -> int:
         sweep_dir = resolve_sweep_dir(name)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    out.print(status_table(sweep_dir, unit_states(sweep_dir, read_manifest(sweep_dir))))
+    print_wide(status_table(sweep_dir, unit_states(sweep_dir, read_manifest(sweep_dir))))
     return EXIT_OK
 
 
@@ -306,7 +305,7 @@ def cmd_compare(a: list[str], b: list[str], tasks: str | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     table = compare_table(rows)
     if rows:
-        Console(width=max(out.width, 150)).print(table)
+        print_wide(table)
     for line in refused:
         err.print(f"refused {line}", highlight=False, markup=False, soft_wrap=True)
     return EXIT_USAGE if refused else EXIT_OK
@@ -344,17 +343,20 @@ def cmd_leaderboard(args) -> int:
     out_dir = Path(args.out) if args.out else Path(args.folders[0]) / "leaderboard"
     board.sources = [str(Path(f).resolve()) for f in args.folders]
     title = f"Leaderboard: {', '.join(Path(f).resolve().name for f in args.folders)}"
-    written = lb.write_tables(board, out_dir, args.digits, title)
     runs = frame["run_dir"].nunique()
-    out.print(lb.to_rich(board, f"{runs} runs: mean [95% CI]; bold: best and distinguishable; ≈: not"))
+    print_wide(lb.to_rich(board, f"{runs} runs: mean [95% CI]; bold: best and distinguishable; ≈: not"))
+    if board.split:
+        out.print(lb.legend(board).removeprefix(lb.LEGEND).strip(), highlight=False, markup=False, soft_wrap=True)
+    figures = []
     points = spectrum.spectrum_points(frame, by=args.by)
     if not points.empty and len(points.columns) > 1:
-        plot = out_dir / "spectrum.png"
-        for what, r in spectrum.spectrum_plot(points, plot).items():
-            out.print(
-                f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False, markup=False
-            )
-        written.append(plot)
+        figures.append(out_dir / "spectrum.png")
+        for what, r in spectrum.spectrum_plot(points, figures[-1]).items():
+            if r == r:  # defined: 3 or more runs with a spread
+                out.print(
+                    f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False, markup=False
+                )
+    written = lb.write_tables(board, out_dir, args.digits, title, tuple(figures)) + figures
     out.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False, markup=False, soft_wrap=True)
     return EXIT_OK
 

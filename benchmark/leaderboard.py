@@ -20,6 +20,7 @@ from benchmark.records import (  # noqa: F401 (API)
     LOWER_IS_BETTER,
     PRETRAINED,
     RANDOM_INIT,
+    data_label,
     headline,
     headline_metric,
     is_control,
@@ -71,7 +72,7 @@ def load_frame(
             continue
         if methods and r["method"] not in methods and r["preset"] not in methods:
             continue
-        if datasets and r["data"] not in datasets:
+        if datasets and r["data"] not in datasets and data_label(r) not in datasets:
             continue
         finished = _date(r["finished"])
         if start and finished < start or end and finished > end:
@@ -81,12 +82,14 @@ def load_frame(
         ci = r["metrics"].get("ci95") or [math.nan, math.nan]
         evidence = str(Path(r["run_dir"]) / "records" / r["examples"]["file"]) if r.get("examples") else None
         extra = {key: str(_config_value(r.get("config", {}), key)) for key in by or []}
+        eval_set = (r.get("examples") or {}).get("fingerprint") or ""
         for metric, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value is None:
                 continue
             rows.append(
                 {
                     **{k: r[k] for k in ROW_KEYS},
+                    "data": data_label(r),
                     **extra,
                     "init": RANDOM_INIT if is_control(r) else PRETRAINED,
                     "task": r["task"],
@@ -100,6 +103,9 @@ def load_frame(
                     "ci_low": ci[0] if metric == head else math.nan,
                     "ci_high": ci[1] if metric == head else math.nan,
                     "evidence": evidence if metric == head else None,
+                    # What the task was evaluated on (val examples, labels, draws): numbers compare
+                    # only within one evaluation set.
+                    "eval_set": eval_set,
                     "git_commit": r.get("git_commit"),
                 }
             )
@@ -118,6 +124,7 @@ def load_frame(
             "ci_low",
             "ci_high",
             "evidence",
+            "eval_set",
             "git_commit",
         ]
     )
@@ -166,6 +173,8 @@ class Board:
     low: pd.DataFrame
     high: pd.DataFrame
     separated: dict = field(default_factory=dict)
+    # Tasks shown in several columns, one per evaluation set (see `split_eval_sets`).
+    split: list = field(default_factory=list)
     sources: list = field(default_factory=list)
     commits: list = field(default_factory=list)
 
@@ -215,6 +224,7 @@ def board(frame: pd.DataFrame, by: list[str] | None = None) -> Board:
         controls = frame.iloc[0:0]
     if frame.empty:
         raise ValueError("no records match: nothing to tabulate")
+    frame, controls, split = split_eval_sets(frame, controls)
     keys = ROW_KEYS + list(by or [])
     # Several records of one seed (a cell evaluated twice): the latest counts.
     latest = frame.sort_values("finished").groupby(keys + ["task", "metric", "seed"], as_index=False).last()
@@ -231,7 +241,33 @@ def board(frame: pd.DataFrame, by: list[str] | None = None) -> Board:
         _add_gains(b, latest, controls.sort_values("finished").groupby(keys + ["task", "metric", "seed"]).last(), keys)
     b.separated = significance(b, latest, keys)
     b.commits = sorted({str(c) for c in frame["git_commit"].dropna()})
+    b.split = split
     return b
+
+
+def split_eval_sets(frame: pd.DataFrame, controls: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """A task evaluated on more than one evaluation set becomes one column per set, tagged with the
+    data configuration (or the set's fingerprint where the data are the same), so that no column
+    ranks, pairs or marks numbers measured on different examples. Returns the renamed frames and
+    the tasks split."""
+    if "eval_set" not in frame:
+        return frame, controls, []
+    frame, controls = frame.copy(), controls.copy()
+    split = []
+    for task in sorted(frame["task"].unique()):
+        mine = frame["task"] == task
+        sets = frame.loc[mine, ["eval_set", "data"]].drop_duplicates()
+        if sets["eval_set"].nunique() < 2:
+            continue
+        one_per_data = sets.groupby("data")["eval_set"].nunique().max() == 1
+        tags = {}
+        for eval_set, data in sets.itertuples(index=False):
+            tags[eval_set] = data if one_per_data else f"{data} {eval_set[:8] or 'unknown set'}"
+        split.append(task)
+        for part in (frame, controls):
+            pick = part["task"] == task
+            part.loc[pick, "task"] = [f"{task} [{tags.get(e, e[:8])}]" for e in part.loc[pick, "eval_set"]]
+    return frame, controls, split
 
 
 def _add_gains(b: Board, latest: pd.DataFrame, controls: pd.DataFrame, keys: list[str]) -> None:
@@ -370,6 +406,17 @@ LEGEND = (
 )
 
 
+def legend(b: Board) -> str:
+    """LEGEND, plus what any split column means."""
+    if not b.split:
+        return LEGEND
+    return (
+        f"{LEGEND} {', '.join(b.split)}: evaluated on different evaluation sets (val examples, labels or "
+        "settings), so each set has a column of its own, tagged in brackets; numbers in different columns "
+        "are not comparable and are never ranked or paired together."
+    )
+
+
 def row_header(b: Board) -> str:
     return " / ".join(b.mean.index.names)
 
@@ -384,7 +431,7 @@ def to_markdown(b: Board, digits: int | None = None) -> str:
     for idx, label, row, mark in zip(b.mean.index, rows, texts, marks):
         shown = [_marked(t, m, "**{}**") for t, m in zip(row, mark)]
         lines.append("| " + " | ".join([label, *shown, seeds_text(b, idx)]) + " |")
-    return "\n".join(lines) + "\n\n" + LEGEND + "\n"
+    return "\n".join(lines) + "\n\n" + legend(b) + "\n"
 
 
 def seeds_text(b: Board, idx) -> str:
@@ -426,8 +473,10 @@ td.tied { color: #555; }
 """
 
 
-def to_html(b: Board, digits: int | None = None, title: str = "Leaderboard") -> str:
-    """A complete page: the table, a caption saying what a cell is, n, and where it came from."""
+def to_html(b: Board, digits: int | None = None, title: str = "Leaderboard", figures: tuple = ()) -> str:
+    """A complete page: the table, a caption saying what a cell is, n, and where it came from, then
+    the figures (PNG files), embedded so that the page stands alone."""
+    import base64
     from html import escape
 
     rows, columns, texts, marks = _cells(b, digits)
@@ -438,13 +487,19 @@ def to_html(b: Board, digits: int | None = None, title: str = "Leaderboard") -> 
         body.append(f"<tr><th>{escape(label)}</th>{cells}<td>{seeds_text(b, idx)}</td></tr>")
     provenance = f"Records from {', '.join(map(str, b.sources)) or 'the folders given'}"
     provenance += f"; harness commit {', '.join(b.commits)}." if b.commits else "."
-    caption = f"{LEGEND} The seeds column gives n per cell. {provenance}"
+    caption = f"{legend(b)} The seeds column gives n per cell. {provenance}"
     return (
         f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
         f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n<h1>{escape(title)}</h1>\n<table>\n"
         f"<caption>{escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
         + "\n".join(body)
-        + "\n</tbody>\n</table>\n</body>\n</html>\n"
+        + "\n</tbody>\n</table>\n"
+        + "".join(
+            f'<figure><img alt="{escape(Path(f).stem)}" src="data:image/png;base64,'
+            f'{base64.b64encode(Path(f).read_bytes()).decode()}"><figcaption>{escape(Path(f).name)}</figcaption></figure>\n'
+            for f in figures
+        )
+        + "</body>\n</html>\n"
     )
 
 
@@ -457,25 +512,29 @@ def to_csv(b: Board) -> str:
 
 
 def to_rich(b: Board, title: str, digits: int | None = None):
+    from rich.markup import escape
     from rich.table import Table
 
     rows, columns, texts, marks = _cells(b, digits)
     table = Table(title=title)
     table.add_column(row_header(b))
-    for c in columns:
-        table.add_column(c, justify="right")
+    for c in columns:  # escaped: a column's [evaluation set] tag is not markup
+        table.add_column(escape(c), justify="right")
     for label, row, mark in zip(rows, texts, marks):
-        table.add_row(label, *[_marked(t, m, "[bold green]{}[/]") for t, m in zip(row, mark)])
+        table.add_row(escape(label), *[_marked(escape(t), m, "[bold green]{}[/]") for t, m in zip(row, mark)])
     return table
 
 
-def write_tables(b: Board, out_dir: Path, digits: int | None = None, title: str = "Leaderboard") -> list[Path]:
+def write_tables(
+    b: Board, out_dir: Path, digits: int | None = None, title: str = "Leaderboard", figures: tuple = ()
+) -> list[Path]:
+    """leaderboard.{md,tex,html,csv} in out_dir; the HTML page embeds `figures`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, text in (
         ("md", to_markdown(b, digits)),
         ("tex", to_latex(b, digits)),
-        ("html", to_html(b, digits, title)),
+        ("html", to_html(b, digits, title, figures)),
         ("csv", to_csv(b)),
     ):
         path = out_dir / f"leaderboard.{suffix}"

@@ -115,6 +115,20 @@ def make_record(
 
 
 # Pretraining's record is ranked by its loss; every task by the headline it declares.
+def data_label(record: dict) -> str:
+    """The data configuration behind a record, as tables name it: two runs whose labels differ were
+    not evaluated on the same data (generator version, size, split sizes, folder, label column)."""
+    d = record.get("config", {}).get("data", {})
+    parts = [str(record["data"])]
+    if d.get("kind") == "builtin":
+        parts += [f"v{d.get('version')}", f"{d.get('image_size')}px", f"{d.get('num_train')}/{d.get('num_val')}"]
+        parts += [d["label"]] if d.get("label") else []
+    elif d:
+        parts += [str(d.get("root")), f"{d.get('image_size')}px"]
+        parts += [f"{d['labels_csv']}:{d.get('label_column')}"] if d.get("labels_csv") else []
+    return " ".join(parts)
+
+
 PRETRAIN_HEADLINE = "final_loss"
 LOWER_IS_BETTER = {"final_loss"}
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from benchmark.core.stats import t_interval
 from benchmark.leaderboard import ROW_KEYS
+from benchmark.records import RANDOM_INIT
 
 SPECTRUM_X = ("mrr", "mrr")
 SPECTRUM_Y = (("linear", "top1"), ("predictor_ft", "top1"))
@@ -18,6 +19,8 @@ SPECTRUM_Y = (("linear", "top1"), ("predictor_ft", "top1"))
 def spectrum_points(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """Per (row, seed): MRR and the accuracies it is plotted against; rows without MRR dropped."""
     keys = ROW_KEYS + list(by or []) + ["seed"]
+    if "init" in frame:  # random-init controls are not points of the spectrum
+        frame = frame[frame["init"] != RANDOM_INIT]
     wide = frame.pivot_table(index=keys, columns=["task", "metric"], values="value", aggfunc="last")
     wanted = [c for c in (SPECTRUM_X, *SPECTRUM_Y) if c in wide.columns]
     if SPECTRUM_X not in wanted:
@@ -71,7 +74,17 @@ def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
             )
         ax.set_xlabel("world model MRR (equivariance)")
         ax.set_ylabel(f"{y[0]} {y[1]}")
-        ax.set_title(f"{y[0]} {y[1]} against MRR: r = {corr[f'{y[0]} {y[1]}']:+.2f} over {len(pair)} runs")
+        r = corr[f"{y[0]} {y[1]}"]
+        ax.set_title(
+            f"{y[0]} {y[1]} against MRR: "
+            + (
+                f"r = {r:+.2f} over {len(pair)} runs"
+                if r == r
+                else f"{len(pair)} runs (r needs 3 or more)"
+                if len(pair) < 3
+                else f"{len(pair)} runs (r undefined: no spread)"
+            )
+        )
         ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ of a comparison."""
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.table import Table
 
@@ -20,14 +22,26 @@ def _headline(record: dict) -> str:
     key, value = headline(record)
     if value is None:
         return ""
-    ci = record["metrics"].get("ci95")
-    return f"{key} {value:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+    ci = record["metrics"].get("ci95") or (math.nan, math.nan)
+    return f"{key} {interval(value, ci[0], ci[1], key)}"
+
+
+def interval(mean: float, low: float, high: float, metric: str, signed: bool = False) -> str:
+    """'74.0 [71.2, 76.8]' at the metric's one precision (benchmark/leaderboard.py's DIGITS), used by
+    every table and format."""
+    from benchmark.leaderboard import cell_text, digits_of
+
+    return cell_text(mean, low, high, digits_of(metric), signed)
+
+
+def number(value: float, metric: str, signed: bool = False) -> str:
+    return interval(value, math.nan, math.nan, metric, signed)
 
 
 def gain_text(gain) -> tuple[str, str]:
-    """('+1.50 [-1.30, +4.30]', verdict) of a gain over the random-init control."""
-    d, digits = gain.difference, 4 if gain.metric in ("mrr", "final_loss") else 2
-    return f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]", gain.verdict
+    """('+1.5 [-1.3, +4.3]', verdict) of a gain over the random-init control."""
+    d = gain.difference
+    return interval(d.mean, d.low, d.high, gain.metric, signed=True), gain.verdict
 
 
 def summary_table(records: list[dict]) -> Table:
@@ -47,7 +61,7 @@ def summary_table(records: list[dict]) -> Table:
         table.add_column(column, justify="right" if column in ("chance", "seconds") else "left", no_wrap=True)
     for r in main:
         m = r["metrics"]
-        chance = next((f"{m[k]:.4g}" for k in ("chance_top1", "chance_mrr") if k in m), "")
+        chance = next((number(m[k], k.removeprefix("chance_")) for k in ("chance_top1", "chance_mrr") if k in m), "")
         flag = {True: "yes", False: "NO", None: ""}[m.get("converged")] if r["task"] != "pretrain" else ""
         cells = [r["task"], _headline(r), chance, flag, f"{r['wall_seconds']:.1f}", r["status"]]
         if controls:
@@ -82,17 +96,15 @@ def results_table(records: list[dict]) -> Table | None:
     for method, row in frame.iterrows():
         table.add_row(
             method,
-            *(
-                "" if value != value else f"{value:.3f}" if metrics[task] == "mrr" else f"{value:.1f}"
-                for task, value in row.items()
-            ),
+            *("" if value != value else number(value, metrics[task]) for task, value in row.items()),
         )
     return table
 
 
 def print_wide(table: Table) -> None:
-    """Never cut a column: the table is as wide as its cells need, even in a log file."""
-    needed = sum(max(len(str(c.header)), *(len(str(cell)) for cell in c.cells), 6) + 3 for c in table.columns) + 1
+    """Never cut or wrap a column, on a terminal, piped or in a log file (rich would fit a table to
+    80 columns there, cutting every header): the table gets the width its cells need."""
+    needed = Console(width=100_000).measure(table).maximum
     Console(width=max(out.width, needed)).print(table)
 
 
@@ -125,9 +137,9 @@ def seeds_table(records: list[dict]) -> Table:
         table.add_column(column, no_wrap=column != "per seed")
     for task, values in by_task.items():
         mean, low, high = t_interval([v for _, v in values])
-        per_seed = ", ".join(f"{s}: {v:.4g}" for s, v in values)
         metric = headline(next(r for r in records if r["task"] == task))[0]
-        cells = [f"{task} {metric}", f"{mean:.4g} [{low:.4g}, {high:.4g}]", str(len(values)), per_seed]
+        per_seed = ", ".join(f"{s}: {number(v, metric)}" for s, v in values)
+        cells = [f"{task} {metric}", interval(mean, low, high, metric), str(len(values)), per_seed]
         if gains:
             cells[2:2] = gain_text(gains[task]) if task in gains else ("", "")
         table.add_row(*cells)
@@ -144,14 +156,14 @@ def compare_table(rows: list) -> Table:
     for column in columns:
         table.add_column(column, justify="left" if column in ("task", "metric", "verdict") else "right", no_wrap=True)
     for r in rows:
-        d, digits = r.difference, 4 if r.metric in ("mrr", "final_loss") else 2
+        d = r.difference
         cells = [
             r.task,
             r.metric,
-            f"{r.a:.{digits}f}",
-            f"{r.b:.{digits}f}",
-            f"{d.mean:+.{digits}f}",
-            f"[{d.low:+.{digits}f}, {d.high:+.{digits}f}]",
+            number(r.a, r.metric),
+            number(r.b, r.metric),
+            number(d.mean, r.metric, signed=True),
+            interval(d.mean, d.low, d.high, r.metric, signed=True).partition(" ")[2],
             str(len(r.seeds)),
             str(d.examples),
             r.verdict,

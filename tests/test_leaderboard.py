@@ -271,3 +271,90 @@ def test_html_page_renders_in_a_real_browser(results, tmp_path):
     assert (232, 245, 233) in colours  # the style sheet applied: the best cell's background
     dark = sum(n for n, c in image.getcolors(maxcolors=1 << 20) if sum(c) < 150)
     assert dark > 2000  # text was drawn
+
+
+def _evaluated(root, run, preset, correct, fingerprint, data):
+    """A linear record with per-example evidence on the evaluation set `fingerprint`, run on the
+    data configuration `data` (the config's data section)."""
+    import numpy as np
+
+    from benchmark.core.stats import Evidence, bootstrap_ci
+    from benchmark.records import write_evidence
+
+    evidence = Evidence("correct", {"correct": np.asarray(correct, dtype=bool)}, fingerprint)
+    rec = record(run, preset, "linear", 0, {"top1": evidence.metric(), "ci95": list(bootstrap_ci(evidence))})
+    rec["run_dir"], rec["config"]["data"] = str(root / run), data
+    rec["data"] = data["name"]
+    rec["examples"] = write_evidence(root / run, "linear", evidence)
+    write_record(root / run, rec)
+
+
+BUILTIN = {"name": "shapes", "kind": "builtin", "version": 4, "image_size": 64, "label": "colour"}
+
+
+def test_runs_on_different_evaluation_sets_are_never_ranked_or_marked_together(bench, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    # A task=all-sized val set and a 48-image one: the same task, not comparable.
+    _evaluated(
+        tmp_path, "big", "iwm", rng.random(1000) < 0.75, "val-1000", {**BUILTIN, "num_train": 4000, "num_val": 1000}
+    )
+    _evaluated(tmp_path, "small", "iwm", rng.random(48) < 0.27, "val-48", {**BUILTIN, "num_train": 96, "num_val": 48})
+    # Two image folders with other roots and classes: two rows, never one.
+    for name, n in (("pets", 200), ("birds", 300)):
+        folder = {"name": "folder", "kind": "folder", "root": f"/data/{name}", "image_size": 64}
+        _evaluated(tmp_path, name, "ijepa", rng.random(n) < 0.5, f"val-{name}", folder)
+    b = lb.board(lb.load_frame([tmp_path]))
+    assert len(b.mean.index) == 4 and b.n.max().max() == 1  # no record replaced another
+    data = sorted(idx[3] for idx in b.mean.index)
+    assert data == [
+        "folder /data/birds 64px",
+        "folder /data/pets 64px",
+        "shapes v4 64px 4000/1000 colour",
+        "shapes v4 64px 96/48 colour",
+    ]
+    columns = [c for c, _ in b.mean.columns]
+    assert len(columns) == 4 and all(c.startswith("linear [") for c in columns)
+    for column in b.mean.columns:  # one number per evaluation set: nothing ranked, nothing marked
+        assert b.mean[column].notna().sum() == 1 and column not in b.tied() and column not in b.bold()
+    text = lb.to_markdown(b)
+    assert "≈" not in text.split("\n\n")[0] and "never ranked or paired together" in text
+    proc = bench("leaderboard", str(tmp_path), "--out", str(tmp_path / "lb"), check=0)
+    assert "linear [shapes v4 64px 96/48 colour]" in proc.stdout  # piped: full headers, not cut
+    body = proc.stdout.split("┡")[1].split("└")[0]
+    assert "never ranked or paired together" in proc.stdout and "≈" not in body and len(body.splitlines()) == 5
+
+
+def test_one_precision_per_metric_in_every_table(results):
+    from benchmark.tables import _headline, interval, number
+
+    rec = record("r", "iwm", "linear", 0, {"top1": 93.0, "ci95": [91.4, 94.5]})
+    assert _headline(rec) == "top1 93.0 [91.4, 94.5]"
+    rec = record("r", "iwm", "multitask", 0, {"top1": 54.3, "ci95": [52.05, 56.4512]})
+    assert _headline(rec).count(".") == 3 and all(
+        len(p.split(".")[1].rstrip("],")) == 1 for p in _headline(rec).split()[1:]
+    )
+    assert interval(0.0412, 0.02, 0.06, "mrr") == "0.041 [0.020, 0.060]"
+    assert number(-6.9, "top1", signed=True) == "-6.9" and number(8.333, "top1") == "8.3"
+
+
+def test_correlations_only_when_defined_and_the_page_embeds_its_figure(bench, results, tmp_path):
+    one = tmp_path / "one"
+    write_record(one / "r", record("r", "iwm_equi_cpu", "mrr", 0, {"mrr": 0.2}))
+    write_record(one / "r", record("r", "iwm_equi_cpu", "linear", 0, {"top1": 70.0}))
+    proc = bench("leaderboard", str(one), "--out", str(tmp_path / "lb1"), check=0)
+    assert "correlation of" not in proc.stdout and "nan" not in proc.stdout.replace(str(tmp_path), "")
+    page = (tmp_path / "lb1" / "leaderboard.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 1 and "spectrum.png" in page
+    proc = bench(
+        "leaderboard",
+        str(results / "a"),
+        str(results / "b"),
+        "--since",
+        "2026-01-01",
+        "--out",
+        str(tmp_path / "lb3"),
+        check=0,
+    )
+    assert "correlation of mrr with linear top1: -0.8" in proc.stdout
