@@ -348,10 +348,11 @@ class ADE20kSegmentation(Task):
         palette = colourise(np.arange(c["num_classes"]), c["num_classes"])
         top = header + body.height + 6
         draw.text((4, top), "classes (after reduce_zero_label; black: ignored):", fill=(0, 0, 0))
+        names = val.class_names(c["num_classes"])
         for k, cls in enumerate(classes):
             x, y = 4 + (k % per_line) * 90, top + (swatch + 6) * (1 + k // per_line)
             draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(v) for v in palette[cls]), outline=(0, 0, 0))
-            draw.text((x + swatch + 4, y + 1), f"class {cls}", fill=(0, 0, 0))
+            draw.text((x + swatch + 4, y + 1), names[cls][:12], fill=(0, 0, 0))
         path = run_dir / f"ade20k_{c['mode']}_{c['head']}.png"
         picture.save(path)
         return path

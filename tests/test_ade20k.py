@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY, TINY_MODEL
 from omegaconf import OmegaConf
+from PIL import Image
 
 from benchmark.config import load_config
 from benchmark.core import synthetic
@@ -67,6 +68,21 @@ def test_reduce_zero_label_and_the_reader_on_the_generated_folder(tmp_path):
     assert 0 in values and values <= set(range(13)) | {255} and len(values - {0, 255}) >= 1
     with pytest.raises(DataError, match="segmentation folder not found"):
         ADE20k(tmp_path / "nowhere", "train")
+    # The figure's legend names: the generator's classes, with or without reduce_zero_label.
+    assert val.class_names(13)[:3] == ["background", "red", "orange"]
+    assert ADE20k(root, "val", reduce_zero=False).class_names(3) == ["class 0", "background", "red"]
+
+
+def test_class_names_come_from_ade20k_s_object_table(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    for kind in ("images", "annotations"):
+        (base / kind / "validation").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(base / "images" / "validation" / "a.jpg")
+    Image.new("L", (8, 8)).save(base / "annotations" / "validation" / "a.png")
+    (base / "objectInfo150.txt").write_text(
+        "Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n2\t0.1072\t6046\t612\tbuilding, edifice\n"
+    )
+    assert ADE20k(tmp_path, "val").class_names(3) == ["wall", "building", "class 2"]
 
 
 def test_train_pipeline_crops_pads_with_ignore_and_keeps_labels_aligned(tmp_path):

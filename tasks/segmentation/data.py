@@ -14,6 +14,7 @@ label maps by PIL's nearest neighbour (pixel centres).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,7 @@ class ADE20k(Dataset):
             raise DataError(
                 f"{len(unlabelled)} images in {images} have no annotation png in {labels}, e.g. {unlabelled[0]}"
             )
-        self.reduce_zero = reduce_zero
+        self.root, self.reduce_zero = Path(root), reduce_zero
 
     def check_labels(self, num_classes: int) -> None:
         """Every annotation's mode, size and raw values, before any training (in parallel, like the
@@ -89,6 +90,27 @@ class ADE20k(Dataset):
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(one, self.samples))
+
+    def class_names(self, num_classes: int) -> list[str]:
+        """Names of the classes 0..C-1 as the task numbers them: from the built-in data's DONE.json
+        (`segmentation_classes`, raw labels 1..) or ADE20k's objectInfo150 table (raw labels 1..150),
+        else 'class k'."""
+        raw = None  # names of raw labels 1, 2, ...
+        done = self.root / "DONE.json"
+        if done.is_file():
+            try:
+                raw = json.loads(done.read_text()).get("segmentation_classes")
+            except (OSError, ValueError):
+                raw = None
+        for table in (self.root / ADE_DIR / "objectInfo150.txt", self.root / "objectInfo150.txt"):
+            if raw is None and table.is_file():
+                lines = table.read_text(errors="replace").splitlines()[1:]
+                raw = [line.split("\t")[-1].replace(";", ",").split(",")[0].strip() for line in lines if line.strip()]
+        names = []
+        for k in range(num_classes):
+            index = k if self.reduce_zero else k - 1  # raw label k + 1, or k
+            names.append(raw[index] if raw and 0 <= index < len(raw) else f"class {k}")
+        return names
 
     def __len__(self) -> int:
         return len(self.samples)
