@@ -189,12 +189,13 @@ def plan_run(cfg: DictConfig) -> Plan:
             raise
         raise ConfigError(f"cannot build method {cfg.method.name}: {exc}") from None
     tasks, skipped = [], {}
+    num_val = cfg.data.num_val if cfg.data.kind == "builtin" else len(source.split("val"))
     named = not is_task_set(cfg.choices.task)
     for name in cfg.tasks:
         try:
             task = build_task(name, OmegaConf.to_container(cfg.tasks[name], resolve=True))
         except (ValueError, KeyError) as exc:
-            raise ConfigError(f"tasks.{name}: {exc}") from None
+            raise ConfigError(str(exc) if isinstance(exc, ConfigError) else f"tasks.{name}: {exc}") from None
         verdict = task.applies_to(method)
         if not verdict:
             if named:
@@ -203,6 +204,9 @@ def plan_run(cfg: DictConfig) -> Plan:
             continue
         try:
             task.check(method)
+            task.check_data(source, num_val)
+        except DataError:
+            raise
         except ValueError as exc:
             raise ConfigError(str(exc) if isinstance(exc, ConfigError) else f"tasks.{name}: {exc}") from None
         tasks.append(name)

@@ -32,7 +32,7 @@ from methods.base import Method
 from tasks.base import Applies, Choice, Flag, Number, Numbers, Task, TaskContext
 from tasks.core import PRECISIONS, autocast, loss_summary, train
 from tasks.segmentation import mmseg_backend
-from tasks.segmentation.data import ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs
+from tasks.segmentation.data import ADE_DIR, ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs
 from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU, confusion
 from tasks.segmentation.model import HEADS, MODES, Segmenter, uses_predictor
 
@@ -82,13 +82,14 @@ class ADE20kSegmentation(Task):
                 "iters",
                 "batch_size",
                 "crop_size",
-                "stride",
                 "num_classes",
                 "channels",
                 "aux_channels",
                 "eval_batch_size",
             )
         },
+        # null: two thirds of crop_size, rounded (mmseg's 341 for 512).
+        "stride": Number(1, integer=True, nullable=True),
         "lr": Number(0, low_open=True),
         "weight_decay": Number(0),
         "betas": Numbers(Number(0, 1, high_open=True)),
@@ -121,6 +122,15 @@ class ADE20kSegmentation(Task):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         c = self.cfg
+        for key in ("scale", "ratio_range"):
+            if len(c[key]) != 2:
+                raise ConfigError(f"tasks.ade20k.{key} must be two numbers, got {c[key]!r}")
+        if c["ratio_range"][0] > c["ratio_range"][1]:
+            raise ConfigError(
+                f"tasks.ade20k.ratio_range must be [low, high] with low <= high, got {c['ratio_range']!r}"
+            )
+        if c["stride"] is None:
+            c["stride"] = round(c["crop_size"] * 2 / 3)
         if c["stride"] > c["crop_size"]:
             raise ConfigError(
                 f"tasks.ade20k.stride={c['stride']} is larger than crop_size={c['crop_size']}: "
@@ -132,6 +142,7 @@ class ADE20kSegmentation(Task):
                 raise ConfigError(f"tasks.ade20k.backend=mmseg but {reason}")
         if c["root"] is not None and not Path(str(c["root"])).expanduser().is_dir():
             raise DataError(f"tasks.ade20k.root not found: {c['root']}")
+        self._checked = False
 
     @property
     def backend(self) -> str:
@@ -155,7 +166,7 @@ class ADE20kSegmentation(Task):
                 f"tasks.ade20k.crop_size={c['crop_size']} is not a multiple of the patch size {method.patch_size}"
             )
         blocks = c.get("feature_blocks")
-        if blocks and (len(blocks) != 4 or not all(1 <= b <= method.depth for b in blocks)):
+        if blocks is not None and (len(blocks) != 4 or not all(1 <= b <= method.depth for b in blocks)):
             raise ConfigError(
                 f"tasks.ade20k.feature_blocks must be 4 block numbers in 1..{method.depth}, got {list(blocks)}"
             )
@@ -173,12 +184,38 @@ class ADE20kSegmentation(Task):
                 "blocks to change"
             )
 
+    def check_data(self, source, num_val: int) -> None:
+        """Every annotation, before compute, when the folder is there already (the built-in data is
+        generated at the start of the run and checked then)."""
+        root = self._root(source)
+        if (root / ADE_DIR).is_dir() or self.cfg["root"] is not None:
+            self._open(root, getattr(source, "generated", False) and self.cfg["root"] is None)
+
+    def _root(self, source) -> Path:
+        return Path(str(self.cfg["root"])).expanduser() if self.cfg["root"] is not None else Path(source.root)
+
+    def _open(self, root: Path, generated: bool) -> tuple[ADE20k, ADE20k]:
+        """Both splits, every label checked (once per task): a bad label fails now, not after 160k
+        iterations."""
+        c = self.cfg
+        splits = ADE20k(root, "train", c["reduce_zero_label"]), ADE20k(root, "val", c["reduce_zero_label"])
+        if not self._checked:
+            try:
+                for split in splits:
+                    split.check_labels(c["num_classes"])
+            except DataError as exc:
+                if generated:
+                    raise DataError(
+                        f"{exc}: the built-in data cache is damaged: delete {root} and run again to regenerate it"
+                    ) from None
+                raise
+            self._checked = True
+        return splits
+
     def run(self, method, ctx: TaskContext) -> dict:
         c = self.cfg
-        root = Path(str(c["root"])).expanduser() if c["root"] is not None else ctx.source.root
-        train_set, val = ADE20k(root, "train", c["reduce_zero_label"]), ADE20k(root, "val", c["reduce_zero_label"])
-        for split in (train_set, val):  # a bad label fails now, not after 160k iterations
-            split.check_labels(c["num_classes"])
+        root = self._root(ctx.source)
+        train_set, val = self._open(root, ctx.source.generated and c["root"] is None)
         if c["batch_size"] > len(train_set):
             raise DataError(
                 f"tasks.ade20k.batch_size={c['batch_size']} exceeds the {len(train_set)} training images in {root}"

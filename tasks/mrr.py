@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from benchmark.core.errors import ConfigError
 from benchmark.core.progress import progress_bar
 from benchmark.core.seeding import derive_seed
 from benchmark.core.stats import Evidence, fingerprint
@@ -39,6 +40,24 @@ from benchmark.core.views import (
 from tasks.base import Applies, Flag, Number, Task, TaskContext
 
 GRID_FILE = "mrr_retrievals.png"
+
+
+# The bank goes through the target encoder this many views at a time (the default bank is one
+# chunk); a chunk's activations stay under ~BANK_CHUNK_BYTES per view at the CPU scale.
+BANK_CHUNK = 256
+BANK_CHUNK_BYTES = 2 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says a new allocation can get (Linux MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def chance_mrr(bank_size: int) -> float:
@@ -109,7 +128,32 @@ class WorldModelMRR(Task):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["views"].items()})
+        cfg = self.cfg
+        try:
+            self.views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["views"].items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"tasks.mrr.views: {exc}") from None
+        if cfg["grid_top_k"] > cfg["bank_size"]:
+            raise ConfigError(
+                f"tasks.mrr.grid_top_k={cfg['grid_top_k']} is more than the bank_size={cfg['bank_size']} entries "
+                "it shows the top of"
+            )
+
+    def check(self, method) -> None:
+        # The bank's latents at the target patches are kept for ranking (at most every patch).
+        needed = self.cfg["bank_size"] * method.grid**2 * method.token_dim * 4 + BANK_CHUNK * BANK_CHUNK_BYTES
+        available = available_memory()
+        if available is not None and needed > available:
+            raise ConfigError(
+                f"tasks.mrr.bank_size={self.cfg['bank_size']} needs about {needed / 2**30:.1f} GiB for the bank's "
+                f"latents; {available / 2**30:.1f} GiB is available: lower bank_size"
+            )
+
+    def check_data(self, source, num_val: int) -> None:
+        if self.cfg["num_images"] > num_val:
+            raise ConfigError(
+                f"tasks.mrr.num_images={self.cfg['num_images']} is more than the {num_val} val images it draws from"
+            )
 
     def applies_to(self, method) -> Applies:
         # Ranking happens in the target encoder's latent space, which the predictor regresses;
@@ -188,18 +232,21 @@ class WorldModelMRR(Task):
         """Rank of the true view (bank entry 0) and the bank order by distance."""
         threshold = views.solarize_threshold
         source_view = crops.normalize(apply_photometric(crop, source, threshold)).unsqueeze(0).to(device)
-        bank_views = crops.normalize(apply_photometric(crop, bank, threshold)).to(device)
         ctx_idx = ctx_idx.to(device)
         blocks = torch.cat([b.to(device) for b in tgt_blocks])  # [num_blocks, Kt]
         true_action = action(bank[0], source).unsqueeze(0).to(device)
+        flat = blocks.reshape(-1)
+        at_blocks = []  # [chunk, num_blocks * Kt, D]: the bank's latents at the target patches
+        for start in range(0, len(bank), BANK_CHUNK):
+            bank_views = crops.normalize(apply_photometric(crop, bank[start : start + BANK_CHUNK], threshold))
+            with torch.autocast(**autocast):
+                at_blocks.append(method.target_latents(bank_views.to(device))[:, flat])
         with torch.autocast(**autocast):
-            latents = method.target_latents(bank_views)  # [bank, N, D]
             context = method.encode_context(source_view, ctx_idx)
             n = blocks.size(0)
             # One predictor pass per target block, as in pretraining.
             pred = method.predict(context.repeat(n, 1, 1), ctx_idx.repeat(n, 1), blocks, true_action.repeat(n, 1))
-        flat = blocks.reshape(-1)
-        bank_at_blocks = latents[:, flat]  # [bank, num_blocks * Kt, D]
+        bank_at_blocks = torch.cat(at_blocks)
         distances = block_distances(pred.reshape(-1, pred.size(-1)), bank_at_blocks)
         return rank_of_first(distances).item(), distances.argsort().cpu()
 

@@ -638,3 +638,60 @@ def test_data_this_user_cannot_read_is_refused_before_compute(shared_tmp):
     code, err = _as_another_user(args, second, {})
     assert code == 2 and f"data folder {folder / 'val'} cannot be read by this user" in err, err
     assert not any(second.iterdir()), err
+
+
+# --- task settings that a run would accept and then get wrong, and task files -------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=ade20k", "tasks.ade20k.ratio_range=[2.0,0.5]"], "ratio_range must be [low, high] with low <= high"),
+        (["task=ade20k", "tasks.ade20k.feature_blocks=[]"], "feature_blocks must be 4 block numbers in 1.."),
+        (["task=mrr", "tasks.mrr.bank_size=100000000"], "tasks.mrr.bank_size=100000000 needs about"),
+        (["task=mrr", "tasks.mrr.views.crop_scale=[]"], "tasks.mrr.views: view crop_scale must be two numbers"),
+        (["task=mrr", "tasks.mrr.num_images=1000"], "tasks.mrr.num_images=1000 is more than the 8 val images"),
+        (["task=mrr", "tasks.mrr.grid_top_k=1000"], "grid_top_k=1000 is more than the bank_size=256 entries"),
+    ],
+)
+def test_task_settings_a_run_would_get_wrong_are_refused_before_compute(capsys, here, overrides, message):
+    model = [o for o in MODEL if not o.startswith("tasks.")]
+    args = [*model, "method=iwm", "data.num_train=16", "data.num_val=8", "pretrain.epochs=0", "run_dir=run"]
+    refused(capsys, here, [*args, *overrides], message)
+
+
+def _ade_folder(root: Path, annotation) -> Path:
+    """An ADE20k-layout folder of 2 + 2 images, the last val annotation replaced by `annotation`."""
+    base = root / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        for kind in ("images", "annotations"):
+            (base / kind / split).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (i * 90, 40, 200)).save(base / "images" / split / f"{i}.jpg")
+            Image.fromarray(np.full((32, 32), 1 + i, np.uint8)).save(base / "annotations" / split / f"{i}.png")
+    annotation(base / "annotations" / "validation" / "1.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "annotation, message",
+    [
+        (lambda p: Image.new("RGB", (32, 32)).save(p), "has mode RGB"),
+        (lambda p: Image.fromarray(np.full((32, 32), 99, np.uint8)).save(p), "holds values 99 outside 1..13"),
+        (lambda p: Image.new("L", (16, 32), 1).save(p), "is 16x32 but its image is 32x32"),
+    ],
+)
+def test_bad_ade20k_annotations_are_refused_before_compute(capsys, here, annotation, message):
+    root = _ade_folder(here / "seg", annotation)
+    model = [o for o in MODEL if not o.startswith("tasks.")]
+    args = [*model, "method=iwm", "task=ade20k", f"tasks.ade20k.root={root}", "run_dir=run"]
+    refused(capsys, here, args, message)
+
+
+def test_a_truncated_annotation_in_the_builtin_cache_says_how_to_regenerate_it(capsys, here):
+    from benchmark.core.data import resolve_data
+
+    model = [o for o in MODEL if not o.startswith("tasks.")]
+    args = [*model, "method=iwm", "task=ade20k", "data.num_train=8", "data.num_val=4", "pretrain.epochs=0"]
+    source = resolve_data(load_config(args).data, here / "cache")
+    label = next((source.root / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))
+    label.write_bytes(label.read_bytes()[:40])
+    refused(capsys, here, [*args, f"cache_dir={here / 'cache'}", "run_dir=run"], f"delete {source.root} and run again")

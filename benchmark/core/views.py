@@ -46,6 +46,11 @@ class ViewConfig:
     solarize_threshold: float = 0.5
 
     def __post_init__(self):
+        for name in ("crop_scale", "blur_sigma"):
+            pair = getattr(self, name)
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                shown = list(pair) if isinstance(pair, tuple) else pair
+                raise ValueError(f"view {name} must be two numbers [min, max], got {shown!r}")
         for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
