@@ -462,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors already; keep its code
         return int(exc.code or 0)
+    if getattr(args, "overrides", None):
+        from benchmark.config import check_command_line
+        from benchmark.core.errors import ConfigError
+
+        try:
+            check_command_line(args.overrides)
+        except ConfigError as exc:
+            return _fail(str(exc), EXIT_USAGE)
     if args.command == "run":
         return cmd_run(args.overrides)
     if args.command == "perf":

@@ -41,6 +41,16 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in group_dir(group).glob("*.yaml"))
 
 
+def check_command_line(overrides: list[str]) -> None:
+    """A key given twice on one command line is a mistake Hydra would settle silently (the last wins)."""
+    keys = [o.partition("=")[0] for o in overrides if "=" in o]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        given = [o for o in overrides if o.partition("=")[0] == twice[0]]
+        hint = " (seeds=[1,2] runs several seeds)" if twice[0] == "seed" else ""
+        raise ConfigError(f"{twice[0]} is set {len(given)} times ({' '.join(given)}): give it once{hint}")
+
+
 def _check_overrides(overrides: list[str]) -> None:
     for override in overrides:
         key, sep, value = override.partition("=")

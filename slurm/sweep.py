@@ -183,7 +183,13 @@ def load_sweep(name_or_path: str, args: list[str]) -> Sweep:
 def _blocks(spec: dict, tasks: list[str], path: Path) -> list[tuple[dict, list[str]]]:
     """(grid, tasks) of every block: the one grid, or each entry of grids."""
     if "grids" not in spec:
-        return [(spec.get("grid") or {}, tasks)]
+        grid = spec.get("grid")
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(
+                f"sweep {path.stem}: grid must map at least one override key to its values (e.g. seed: [0, 1, 2]), "
+                f"got {grid!r}; a single run is `bench run`"
+            )
+        return [(grid, tasks)]
     if "grid" in spec:
         raise ConfigError(f"sweep {path.stem} sets both grid and grids; use one")
     blocks = spec["grids"]
@@ -193,7 +199,9 @@ def _blocks(spec: dict, tasks: list[str], path: Path) -> list[tuple[dict, list[s
     for i, block in enumerate(blocks):
         if not isinstance(block, dict) or set(block) - {"grid", "tasks"} or "grid" not in block:
             raise ConfigError(f"sweep {path.stem}: grids[{i}] must hold a grid (and optionally tasks), got {block!r}")
-        out.append((block["grid"] or {}, list(block.get("tasks") or tasks)))
+        if not isinstance(block["grid"], dict) or not block["grid"]:
+            raise ConfigError(f"sweep {path.stem}: grids[{i}].grid must map at least one override key to its values")
+        out.append((block["grid"], list(block.get("tasks") or tasks)))
     return out
 
 

@@ -327,9 +327,16 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(capsys, here):
     torch.load(path, weights_only=False)  # the file is a real exploit: a plain load runs it
     assert marker.read_text() == "code ran"
     marker.unlink()
-    refused(
-        capsys, here, [*FAST, f"checkpoint={path}"], f"cannot read checkpoint {path}: loading it would run pickled code"
-    )
+    message = f"cannot read checkpoint {path}: it holds objects that run code when loaded (builtins.exec)"
+    refused(capsys, here, [*FAST, f"checkpoint={path}"], message)
+    # The same payload in a bare pickle (no zip, no torch.save): named, and torch's advice to
+    # load it with weights_only=False is not passed on.
+    import pickle
+
+    bare = here / "bare.pt"
+    bare.write_bytes(pickle.dumps({"method": Exploit(marker)}))
+    refused(capsys, here, [*FAST, f"checkpoint={bare}"], f"cannot read checkpoint {bare}: it holds objects that run")
+    assert not marker.exists()
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load(path)
     assert not marker.exists()

@@ -14,6 +14,7 @@ def run_dirs(root: Path):
     "args, message",
     [
         (["method=nope"], "unknown method 'nope'"),
+        (["seed=1", "seed=2"], "seed is set 2 times (seed=1 seed=2): give it once (seeds=[1,2] runs several seeds)"),
         (["task=nope"], "unknown task 'nope'"),
         (["pretrain.epoch=2"], "unknown config key 'pretrain.epoch' (did you mean pretrain.epochs?)"),
         (["pretrain.epochs=many"], "pretrain.epochs must be a number"),

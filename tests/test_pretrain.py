@@ -92,6 +92,30 @@ def test_resume_reaches_the_same_losses_and_weights(source, tmp_path):
         assert torch.equal(p, q)
 
 
+def test_resuming_from_another_method_s_checkpoint_names_both_methods(source, tmp_path):
+    """An I-JEPA last.pt in an IWM run folder: refused naming whose it is, before any step."""
+    cfg = tiny(epochs=1)
+    pcfg = OmegaConf.create(cfg["pretrain"])
+    pretrain(fresh(cfg), source, pcfg, 0, torch.device("cpu"), tmp_path / "ckpt", cfg, show_progress=False)
+    iwm_cfg = load_config(
+        [
+            "method=iwm",
+            "model.depth=2",
+            "model.patch_size=4",
+            "method.predictor.depth=1",
+            "method.predictor.width=48",
+            "data.image_size=32",
+        ]
+    )
+    iwm = build_method("iwm", *(OmegaConf.to_container(iwm_cfg[k]) for k in ("model", "method")), 32)
+    lines = (tmp_path / "train_log.jsonl").read_text()
+    with pytest.raises(
+        ckpt.CheckpointError, match="written by a method=ijepa run, not this method=iwm run: resume that run"
+    ):
+        pretrain(iwm, source, pcfg, 0, torch.device("cpu"), tmp_path / "ckpt", cfg, show_progress=False)
+    assert (tmp_path / "train_log.jsonl").read_text() == lines  # nothing of the run it belongs to is lost
+
+
 def test_checkpoint_round_trip_rebuilds_the_method(source, tmp_path):
     cfg = tiny(epochs=1)
     method = fresh(cfg)

@@ -192,4 +192,9 @@ def test_grids_blocks_give_each_cell_its_own_tasks(tmp_path):
     bad.write_text("grids:\n  - {seed: [0]}\n")
     with pytest.raises(ConfigError, match=r"grids\[0\] must hold a grid"):
         load_sweep(str(bad), [])
+    # An empty grid would run one default cell, silently: refused, as is no grid at all.
+    for text in ("grid: {}\ntasks: [linear]\n", "tasks: [linear]\n", "grids:\n  - {grid: {}}\n"):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match="must map at least one override key to its values"):
+            load_sweep(str(bad), [])
     assert not (tmp_path / "s").exists()

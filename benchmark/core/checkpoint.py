@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickletools
 import re
 import resource
 import shutil
@@ -102,14 +103,51 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for torn, foreign or code-carrying files
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        code = _code_objects(path)
+        if not code:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            code = [found.group(1)] if found else []
         if code:
             raise CheckpointError(
-                f"cannot read checkpoint {path}: loading it would run pickled code "
-                f"({code.group(1)}), refused (checkpoints are read weights-only)"
+                f"cannot read checkpoint {path}: it holds objects that run code when loaded "
+                f"({', '.join(code[:5])}), refused: checkpoints are read weights-only"
+            ) from None
+        if str(exc).startswith("Weights only load failed"):
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds pickled Python objects other than tensors and "
+                "plain containers, refused: checkpoints are read weights-only"
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+
+
+# Globals a checkpoint's pickle may name: torch's tensor rebuilders and storages, and the
+# containers and numbers the weights-only loader accepts.
+SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "_codecs.encode")
+
+
+def _code_objects(path: Path) -> list[str]:
+    """The module.name of every global the file's pickle would import, other than SAFE_GLOBALS,
+    read without unpickling (pickletools); [] for a file that is not a readable pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings = [*strings[-1:], str(arg)]
+            elif op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                found.append(".".join(strings))
+    except Exception:  # noqa: BLE001 (not a pickle, or torn: torch's own error says so)
+        return []
+    found = [g.replace("__builtin__.", "builtins.", 1) for g in found]  # protocol 2 spells it so
+    return sorted({g for g in found if not g.startswith(SAFE_GLOBALS)})
 
 
 def _check_crc(path: Path) -> None:
