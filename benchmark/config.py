@@ -42,13 +42,15 @@ def group_options(group: str) -> list[str]:
 
 
 def check_command_line(overrides: list[str]) -> None:
-    """A key given twice on one command line is a mistake Hydra would settle silently (the last wins)."""
-    keys = [o.partition("=")[0] for o in overrides if "=" in o]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        given = [o for o in overrides if o.partition("=")[0] == twice[0]]
-        hint = " (seeds=[1,2] runs several seeds)" if twice[0] == "seed" else ""
-        raise ConfigError(f"{twice[0]} is set {len(given)} times ({' '.join(given)}): give it once{hint}")
+    """`seed` given twice on one command line, which Hydra would settle silently (the last wins),
+    where several seeds are `seeds=[...]`. Other keys keep Hydra's rule: a later override of a
+    key refines an earlier one, as when a script adds to a base list of settings."""
+    for key in ("seed", "seeds"):
+        given = [o for o in overrides if o.partition("=")[0] == key]
+        if len(given) > 1:
+            raise ConfigError(
+                f"{key} is set {len(given)} times ({' '.join(given)}): give it once (seeds=[1,2] runs several seeds)"
+            )
 
 
 def _check_overrides(overrides: list[str]) -> None:

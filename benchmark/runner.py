@@ -235,11 +235,21 @@ def plan_run(cfg: DictConfig) -> Plan:
     if cfg.data.kind == "builtin" and not source.root.exists():  # generated at the start of the run
         ckpt.check_writable_folder(source.root, "data cache (cache_dir, or $BENCH_CACHE)")
     steps = (["pretrain"] if checkpoint_path is None and cfg.pretrain.epochs > 0 else []) + tasks
+    if steps[:1] == ["pretrain"]:  # a full disk fails here, not at the first checkpoint
+        ckpt.check_room(run_dir, checkpoint_bytes(method), "run folder")
     steps += [step_name(task, RANDOM_INIT) for task in tasks] if control else []
     finished = cfg.resume and run_dir.exists() and all(_ok_record(run_dir, step) for step in steps)
     return Plan(
         cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped, finished, control
     )
+
+
+def checkpoint_bytes(method: Method) -> int:
+    """About the size of a pretraining checkpoint: the weights (target encoder included) and
+    AdamW's two moments of every trained one, plus 1 MiB for the rest."""
+    weights = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+    trained = sum(p.numel() * 4 for p in method.parameters() if p.requires_grad)
+    return weights + 2 * trained + 2**20
 
 
 def _ok_record(run_dir: Path, step: str) -> bool:

@@ -702,3 +702,33 @@ def test_a_truncated_annotation_in_the_builtin_cache_says_how_to_regenerate_it(c
     label = next((source.root / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))
     label.write_bytes(label.read_bytes()[:40])
     refused(capsys, here, [*args, f"cache_dir={here / 'cache'}", "run_dir=run"], f"delete {source.root} and run again")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_refused_before_training(here, monkeypatch):
+    """ulimit -f below the checkpoint's size, or too little free space: exit 2 at once, not at the
+    first checkpoint write after minutes of training."""
+    import resource
+    import subprocess
+    import sys
+    from collections import namedtuple
+
+    from benchmark.core.errors import ConfigError
+
+    limit = 300_000
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.cli", "run", *(o for o in FAST if not o.startswith("task")), "run_dir=run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY)),
+        cwd=here,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"over this shell's file size limit (ulimit -f: {limit} bytes)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (here / "run").exists()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5 * 2**20, 5 * 2**20))
+    with pytest.raises(ConfigError, match=r"run folder .*: 5.0 MiB free on its file system, the checkpoints need"):
+        ckpt.check_room(here / "run", 4 * 2**20, "run folder")
+    ckpt.check_room(here / "run", 2 * 2**20, "run folder")  # room for two: accepted

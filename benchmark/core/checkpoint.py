@@ -200,6 +200,27 @@ def strip_prefix(weights: dict, prefix: str = "module.") -> dict:
     return dict(weights)
 
 
+def check_room(path: Path, file_bytes: int, what: str) -> None:
+    """Refuse (ConfigError, before any compute) a folder whose file system cannot take a file of
+    `file_bytes` twice over (the new checkpoint is written beside the last one, then replaces it),
+    or a file-size limit (ulimit -f) below it."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < file_bytes:
+        raise ConfigError(
+            f"{what}: a checkpoint of about {file_bytes / 2**20:.1f} MiB is over this shell's file size limit "
+            f"(ulimit -f: {limit} bytes): raise the limit"
+        )
+    free = shutil.disk_usage(existing).free
+    if free < 2 * file_bytes:
+        raise ConfigError(
+            f"{what} {path}: {free / 2**20:.1f} MiB free on its file system, the checkpoints need about "
+            f"{2 * file_bytes / 2**20:.1f} MiB: free some space or choose another run_dir"
+        )
+
+
 def check_writable_folder(path: Path, what: str) -> None:
     """Refuse (ConfigError, before any compute) a folder that cannot be created or written: an
     existing file on its path, or a read-only ancestor."""
