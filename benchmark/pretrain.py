@@ -30,7 +30,7 @@ from benchmark.core.data import UNREADABLE_LOG, DataSource
 from benchmark.core.errors import DataError, DivergenceError
 from benchmark.core.faults import fault_point
 from benchmark.core.layers import to_device, use_attention
-from benchmark.core.loading import train_loader
+from benchmark.core.loading import stop_workers, train_loader
 from benchmark.core.progress import progress_bar
 from benchmark.core.schedules import cosine, warmup_cosine
 from benchmark.core.seeding import rng_state, set_rng_state
@@ -175,38 +175,42 @@ def pretrain(
                 rank=world.rank,
                 world_size=world.size,
             )
-            for batch in loader:
-                rng = rng_state()
-                lr, wd = set_hyperparameters(opt, cfg, schedule, step)
-                loss = forward_loss(step_fn, to_device(batch, device), device, bool(cfg.bf16))
-                # The mean over ranks: what is logged, and non-finite on every rank if on one.
-                mean_loss = distributed.mean(loss)
-                if not torch.isfinite(mean_loss):
-                    raise DivergenceError(
-                        f"pretraining loss is {mean_loss.item()} at step {step}; {_last_good(last, saved_step)}"
-                    )
-                if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
-                    save(step, rng)
-                update(method, opt, loss, cfg.clip_grad, step / schedule.total_steps)
-                step += 1
-                losses.append(mean_loss.item())
-                if first_loss is None:
-                    first_loss = losses[-1]
-                bar.advance(loss=losses[-1])
-                if step % cfg.log_every == 0 or step == stop_at:
-                    log.write(
-                        json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr, "weight_decay": wd})
-                        + "\n"
-                    )
-                    log.flush()
-                fault_point(f"step:{step}")
-                asked = agreed_request(interrupt.take())
-                if asked:  # a preemption does not wait for the next loss
-                    save(step, rng_state())
-                if asked == interrupt.STOP:
-                    raise interrupt.Interrupted(step, last)
-                if step >= stop_at:
-                    break
+            try:
+                for batch in loader:
+                    rng = rng_state()
+                    lr, wd = set_hyperparameters(opt, cfg, schedule, step)
+                    loss = forward_loss(step_fn, to_device(batch, device), device, bool(cfg.bf16))
+                    # The mean over ranks: what is logged, and non-finite on every rank if on one.
+                    mean_loss = distributed.mean(loss)
+                    if not torch.isfinite(mean_loss):
+                        raise DivergenceError(
+                            f"pretraining loss is {mean_loss.item()} at step {step}; {_last_good(last, saved_step)}"
+                        )
+                    if cfg.checkpoint_every and step > start_step and step % cfg.checkpoint_every == 0:
+                        save(step, rng)
+                    update(method, opt, loss, cfg.clip_grad, step / schedule.total_steps)
+                    step += 1
+                    losses.append(mean_loss.item())
+                    if first_loss is None:
+                        first_loss = losses[-1]
+                    bar.advance(loss=losses[-1])
+                    if step % cfg.log_every == 0 or step == stop_at:
+                        log.write(
+                            json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr, "weight_decay": wd})
+                            + "\n"
+                        )
+                        log.flush()
+                    fault_point(f"step:{step}")
+                    asked = agreed_request(interrupt.take())
+                    if asked:  # a preemption does not wait for the next loss
+                        save(step, rng_state())
+                    if asked == interrupt.STOP:
+                        raise interrupt.Interrupted(step, last)
+                    if step >= stop_at:
+                        break
+            except BaseException:  # a stop or a failure: workers mid-batch are not waited for
+                stop_workers(loader)
+                raise
     restore_attention()  # evaluation runs with the kernels a loaded checkpoint would get
     distributed.check_in_sync(method)
     save(step, rng_state())

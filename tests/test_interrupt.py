@@ -118,3 +118,35 @@ def test_requests_outside_the_loop_are_dropped_and_stop_outranks_checkpoint():
     interrupt.request(interrupt.STOP)
     with interrupt.served_by_loop():  # a new loop does not inherit a stale request
         assert interrupt.listening() and interrupt.take() is None
+
+
+def _slow_view(_image):
+    import time
+
+    time.sleep(60)  # a worker in the middle of a long batch
+    return torch.zeros(1)
+
+
+def test_a_stopped_loop_does_not_wait_for_workers_mid_batch():
+    """torch's own shutdown lets a busy worker finish its batch (up to 5 s each, then kills it);
+    a run that stops or fails drops the batch and ends its workers at once, leaving no process."""
+    import threading
+    import time
+
+    from benchmark.core.loading import SeededBatches, Transformed, make_loader, stack_views, stop_workers
+
+    data = [(torch.zeros(1), 0)] * 8
+    loader = make_loader(Transformed(data, _slow_view), SeededBatches(8, 2, 0, 0), stack_views, workers=2)
+    batches = iter(loader)
+    # The first batch is asked for on another thread: it waits there on the sleeping workers.
+    threading.Thread(target=lambda: next(batches, None), daemon=True).start()
+    asked = time.perf_counter()
+    while getattr(loader, "current", None) is None and time.perf_counter() - asked < 30:
+        time.sleep(0.05)
+    workers = list(loader.current._workers)
+    time.sleep(1.0)  # both workers are inside _slow_view now
+    started = time.perf_counter()
+    stop_workers(loader)
+    assert time.perf_counter() - started < 3.0  # not 2 x 5 s of joins, not 60 s of batches
+    assert not any(w.is_alive() for w in workers) and loader.current._shutdown
+    stop_workers(loader)  # twice is harmless

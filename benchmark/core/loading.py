@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils import signal_handling as torch_signals  # worker pids torch watches
 
 from benchmark.core.errors import DataError
 from benchmark.core.seeding import derive_seed
@@ -185,6 +186,32 @@ def _batch_not_sent(error: Exception, _obj) -> None:
     os._exit(1)
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """Stop the workers of a Loader's current pass now, dropping the batches they are building:
+    for a run that stops (SIGTERM, preemption) or fails mid-epoch. torch's own shutdown asks each
+    worker to finish its batch and waits up to 5 s per worker before killing it; an IWM batch (two
+    photometric views per image) can take that long, so the process would linger."""
+    batches = getattr(loader, "current", None)
+    workers = getattr(batches, "_workers", None)
+    if not workers or getattr(batches, "_shutdown", True):
+        return
+    if hasattr(batches, "_pin_memory_thread"):
+        # Its shutdown writes to the result queue, whose lock a killed worker could hold: torch's
+        # own, patient shutdown.
+        batches._shutdown_workers()
+        return
+    batches._workers_done_event.set()
+    if batches._worker_pids_set:  # their deaths are expected: torch's SIGCHLD check must not fire
+        torch_signals._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    for worker in workers:
+        worker.join()
+    batches._shutdown_workers()
+
+
 class Loader(DataLoader):
     """A DataLoader whose failure when a worker stopped says why the worker stopped."""
 
@@ -195,7 +222,7 @@ class Loader(DataLoader):
         # across the fork, and each worker unblocks them once its own handlers are in place.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SCHEDULER_SIGNALS)
         try:
-            batches = super().__iter__()
+            batches = self.current = super().__iter__()  # stop_workers reaches the workers here
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         while True:
