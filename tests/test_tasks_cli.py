@@ -101,6 +101,8 @@ def test_every_method_preset_passes_the_checks_of_task_all_with_its_defaults(tmp
 def test_an_attentive_head_takes_the_heads_of_the_network_behind_its_tokens(tmp_path, monkeypatch):
     """head_heads=null: the encoder's heads over encoder tokens, MAE's decoder's over its
     predictions; a count that does not divide the width is refused naming the fix."""
+    from omegaconf import OmegaConf
+
     from benchmark.config import load_config
     from benchmark.core.errors import ConfigError
     from benchmark.runner import plan_run
@@ -108,16 +110,17 @@ def test_an_attentive_head_takes_the_heads_of_the_network_behind_its_tokens(tmp_
 
     cfg = load_config(["method=mae", "task=all"])
     assert cfg.tasks.attentive.head_heads is None and cfg.tasks.predictor_ft.head_heads is None
-    method = build_method("mae", dict(cfg.model), dict(cfg.method), cfg.data.image_size)
+    plain = OmegaConf.to_container
+    method = build_method("mae", plain(cfg.model), plain(cfg.method), cfg.data.image_size)
     assert (method.token_heads, method.world_model_heads) == (cfg.model.num_heads, cfg.method.predictor.num_heads)
     assert method.world_model_dim % method.world_model_heads == 0
     for preset in ("ijepa", "iwm"):
         cfg = load_config([f"method={preset}"])
-        method = build_method(cfg.method.name, dict(cfg.model), dict(cfg.method), cfg.data.image_size)
+        method = build_method(cfg.method.name, plain(cfg.model), plain(cfg.method), cfg.data.image_size)
         assert method.world_model_heads == method.token_heads == cfg.model.num_heads
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     bad = ["method=mae", "task=predictor_ft", "tasks.predictor_ft.head_heads=12", f"run_dir={tmp_path}/r"]
-    with pytest.raises(ConfigError, match="head_heads=12 does not divide the width 128 .* null takes the 4 heads"):
+    with pytest.raises(ConfigError, match=r"head_heads=12 does not divide the width 128 .*null takes the 4 heads"):
         plan_run(load_config(bad))
 
 
