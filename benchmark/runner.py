@@ -189,7 +189,10 @@ def plan_run(cfg: DictConfig) -> Plan:
             raise
         raise ConfigError(f"cannot build method {cfg.method.name}: {exc}") from None
     tasks, skipped = [], {}
-    num_val = cfg.data.num_val if cfg.data.kind == "builtin" else len(source.split("val"))
+    if cfg.data.kind == "builtin":
+        sizes = {"train": cfg.data.num_train, "val": cfg.data.num_val}
+    else:
+        sizes = {split: len(source.split(split)) for split in ("train", "val")}
     named = not is_task_set(cfg.choices.task)
     for name in cfg.tasks:
         try:
@@ -204,7 +207,7 @@ def plan_run(cfg: DictConfig) -> Plan:
             continue
         try:
             task.check(method)
-            task.check_data(source, num_val)
+            task.check_data(source, sizes)
         except DataError:
             raise
         except ValueError as exc:

@@ -6,12 +6,14 @@ from tasks.ade20k import ADE20kSegmentation
 from tasks.attentive import AttentiveProbe
 from tasks.base import Task, TaskContext  # noqa: F401 (the task API: Task, TaskContext)
 from tasks.finetune import EncoderFinetune, EndToEnd, PredictorFinetune, RandomPredictorFinetune
+from tasks.knn import KNNClassifier
 from tasks.linear import LinearProbe
 from tasks.mrr import WorldModelMRR
 from tasks.multitask import MultitaskPredictor
 
 TASKS: dict[str, type[Task]] = {
     "linear": LinearProbe,
+    "knn": KNNClassifier,
     "attentive": AttentiveProbe,
     "encoder_ft": EncoderFinetune,
     "predictor_ft": PredictorFinetune,

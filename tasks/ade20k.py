@@ -184,7 +184,7 @@ class ADE20kSegmentation(Task):
                 "blocks to change"
             )
 
-    def check_data(self, source, num_val: int) -> None:
+    def check_data(self, source, sizes: dict[str, int]) -> None:
         """Every annotation, before compute, when the folder is there already (the built-in data is
         generated at the start of the run and checked then)."""
         root = self._root(source)

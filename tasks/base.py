@@ -258,10 +258,10 @@ class Task(ABC):
     def check(self, method: Method) -> None:
         """Settings that cannot work with this method (ConfigError); called before compute."""
 
-    def check_data(self, source, num_val: int) -> None:
+    def check_data(self, source, sizes: dict[str, int]) -> None:
         """Settings that cannot work with this data, and the task's own files (ConfigError,
-        DataError); called before compute. The built-in data may not be generated yet: `num_val`
-        is the size of its val split either way."""
+        DataError); called before compute. The built-in data may not be generated yet: `sizes`
+        holds the image count of each split ('train', 'val') either way."""
 
     @abstractmethod
     def run(self, method: Method, ctx: TaskContext) -> dict:

@@ -149,10 +149,11 @@ class WorldModelMRR(Task):
                 f"latents; {available / 2**30:.1f} GiB is available: lower bank_size"
             )
 
-    def check_data(self, source, num_val: int) -> None:
-        if self.cfg["num_images"] > num_val:
+    def check_data(self, source, sizes: dict[str, int]) -> None:
+        if self.cfg["num_images"] > sizes["val"]:
             raise ConfigError(
-                f"tasks.mrr.num_images={self.cfg['num_images']} is more than the {num_val} val images it draws from"
+                f"tasks.mrr.num_images={self.cfg['num_images']} is more than the {sizes['val']} val images it "
+                "draws from"
             )
 
     def applies_to(self, method) -> Applies:

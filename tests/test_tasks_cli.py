@@ -19,7 +19,7 @@ def test_task_all_runs_every_adapter_and_prints_the_paper_table(bench, tmp_path)
     proc = bench("run", "method=iwm", "task=all", "run_dir=results/all", *TINY, *SHORT, check=0)
     records = {
         t: json.loads((tmp_path / f"results/all/records/{t}.json").read_text())
-        for t in ["linear", *ADAPTERS, "mrr", "ade20k"]
+        for t in ["linear", "knn", *ADAPTERS, "mrr", "ade20k"]
     }
     assert all(r["status"] == "ok" for r in records.values())
     assert 0 < records["mrr"]["metrics"]["mrr"] <= 1 and 0 <= records["ade20k"]["metrics"]["miou"] <= 100
@@ -31,7 +31,7 @@ def test_task_all_runs_every_adapter_and_prints_the_paper_table(bench, tmp_path)
     # One row per method, one column per task, headline top-1 in the cells.
     table = proc.stdout[proc.stdout.index("results (top-1 %") :]
     row = next(line for line in table.splitlines() if "iwm" in line)
-    for task in ["linear", *ADAPTERS]:
+    for task in ["linear", "knn", *ADAPTERS]:
         assert task[:6] in table
         assert f"{records[task]['metrics']['top1']:.1f}" in row
     # MRR and segmentation mIoU get their own columns, in their own units.
@@ -74,7 +74,7 @@ def test_a_task_set_skips_what_does_not_apply_and_says_why(tmp_path, monkeypatch
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     plan = plan_run(load_config(["method=mae", "task=all", f"results_dir={tmp_path}", *TINY]))
     assert plan.skipped == {"mrr": "method mae: it has no target encoder"}
-    assert plan.task_names == ["linear", *ADAPTERS, "ade20k"]
+    assert plan.task_names == ["linear", "knn", *ADAPTERS, "ade20k"]
     plan = plan_run(load_config(["method=iwm", "task=all", f"results_dir={tmp_path}", *TINY]))
     assert plan.skipped == {} and "mrr" in plan.task_names
 
