@@ -246,27 +246,32 @@ def board(frame: pd.DataFrame, by: list[str] | None = None) -> Board:
 
 
 def split_eval_sets(frame: pd.DataFrame, controls: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """A task evaluated on more than one evaluation set becomes one column per set, tagged with the
-    data configuration (or the set's fingerprint where the data are the same), so that no column
-    ranks, pairs or marks numbers measured on different examples. Returns the renamed frames and
-    the tasks split."""
+    """A task evaluated on more than one evaluation set becomes one column per set, so that no
+    column ranks, pairs or marks numbers measured on different examples. Returns the renamed
+    frames and the tasks split.
+
+    The sets are told apart by the data configuration (the data column) and, within one, by the
+    records' evidence fingerprints where two records of the same seed differ (a task's own
+    draws, MRR's crops and banks, follow the seed: across seeds a fingerprint may change with
+    the evaluation set staying the same). Columns are tagged with the data configuration, and
+    with the fingerprint where that does not tell them apart."""
     if "eval_set" not in frame:
         return frame, controls, []
     frame, controls = frame.copy(), controls.copy()
     split = []
     for task in sorted(frame["task"].unique()):
-        mine = frame["task"] == task
-        sets = frame.loc[mine, ["eval_set", "data"]].drop_duplicates()
-        if sets["eval_set"].nunique() < 2:
+        mine = frame[frame["task"] == task]
+        per_seed = mine.groupby(["data", "seed"])["eval_set"].nunique()
+        by_fingerprint = set(per_seed[per_seed > 1].index.get_level_values("data"))
+        if mine["data"].nunique() < 2 and not by_fingerprint:
             continue
-        one_per_data = sets.groupby("data")["eval_set"].nunique().max() == 1
-        tags = {}
-        for eval_set, data in sets.itertuples(index=False):
-            tags[eval_set] = data if one_per_data else f"{data} {eval_set[:8] or 'unknown set'}"
         split.append(task)
         for part in (frame, controls):
             pick = part["task"] == task
-            part.loc[pick, "task"] = [f"{task} [{tags.get(e, e[:8])}]" for e in part.loc[pick, "eval_set"]]
+            part.loc[pick, "task"] = [
+                f"{task} [{d}{' ' + (e[:8] or 'no evidence') if d in by_fingerprint else ''}]"
+                for d, e in zip(part.loc[pick, "data"], part.loc[pick, "eval_set"])
+            ]
     return frame, controls, split
 
 

@@ -358,3 +358,26 @@ def test_correlations_only_when_defined_and_the_page_embeds_its_figure(bench, re
         check=0,
     )
     assert "correlation of mrr with linear top1: -0.8" in proc.stdout
+
+
+def test_seed_dependent_evaluation_draws_stay_one_column_but_other_settings_split(tmp_path):
+    """MRR draws its crops and banks from the seed, so its fingerprint changes across seeds on the
+    same evaluation: three seeds are one column. Two settings on the same seed are two columns."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    data = {**BUILTIN, "num_train": 4000, "num_val": 1000}
+    for seed in range(3):
+        _evaluated(tmp_path / "a", f"iwm-s{seed}", "iwm", rng.random(200) < 0.7, f"draws-{seed}", data)
+        _evaluated(tmp_path / "a", f"ijepa-s{seed}", "ijepa", rng.random(200) < 0.6, f"draws-{seed}", data)
+    for p in (tmp_path / "a").rglob("linear.json"):  # seed the records as their names say
+        rec = json.loads(p.read_text())
+        rec["seed"] = int(rec["run_id"][-1])
+        p.write_text(json.dumps(rec))
+    b = lb.board(lb.load_frame([tmp_path / "a"]))
+    assert list(b.mean.columns) == [("linear", "top1")] and b.split == [] and b.n.max().max() == 3
+    # The same seed evaluated on two sets (say another num_images): one column each, tagged.
+    _evaluated(tmp_path / "a", "iwm-other-s0", "iwm_uncond_cpu", rng.random(100) < 0.5, "draws-other", data)
+    b = lb.board(lb.load_frame([tmp_path / "a"]))
+    assert b.split == ["linear"] and len(b.mean.columns) == 4
+    assert all(c.startswith("linear [shapes v4 64px 4000/1000 colour ") for c, _ in b.mean.columns)
