@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from benchmark.core.errors import ConfigError
 from benchmark.core.layers import ATTENTION
 from methods.base import ENCODER_KEYS
-from methods.masks import MaskConfig, MultiBlockMasker
 
 CONF_DIR = Path(__file__).parent / "conf"
 # Config groups kept beside the code they configure: the launcher presets live in slurm/conf.
@@ -187,7 +186,6 @@ FLAGS = (
     "pretrain.compile",
     "data.check_headers",
     "data.skip_unreadable",
-    "method.norm_pix_loss",
     "progress",
     "resume",
 )
@@ -228,6 +226,22 @@ def seed_overrides(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
             own.append(f"run_dir={Path(str(cfg.run_dir)).expanduser() / f'seed{seed}'}")
         runs.append(own)
     return runs
+
+
+def _method_section(cfg: DictConfig) -> None:
+    """The `method:` section, checked by the method's own class (an unknown method name is the
+    runner's to refuse)."""
+    from methods import METHODS
+
+    method = METHODS.get(cfg.method.get("name"))
+    if method is None:
+        return
+    try:
+        method.check_config(OmegaConf.to_container(cfg.method), OmegaConf.to_container(cfg.model), cfg.data.image_size)
+    except KeyError as exc:
+        raise ConfigError(f"method.{exc.args[0]} is missing (method={cfg.method.name})") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -282,28 +296,7 @@ def validate(cfg: DictConfig) -> None:
         cfg.model.embed_dim % cfg.model.num_heads == 0,
         f"model.embed_dim={cfg.model.embed_dim} is not divisible by model.num_heads={cfg.model.num_heads}",
     )
-    if "mask" in cfg.method:
-        grid = cfg.data.image_size // cfg.model.patch_size
-        try:  # the masker owns these rules
-            MultiBlockMasker(grid, MaskConfig(**OmegaConf.to_container(cfg.method.mask)))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(
-                f"{exc} (data.image_size={cfg.data.image_size}, model.patch_size={cfg.model.patch_size})"
-                if "grid" in str(exc)
-                else str(exc)
-            ) from None
-    if "predictor" in cfg.method:
-        _number(cfg, "method.predictor.depth", 0, integer=True)
-        _number(cfg, "method.predictor.width", 0, integer=True, strictly=True)
-        heads = cfg.method.predictor.get("num_heads")
-        if heads is not None:
-            _number(cfg, "method.predictor.num_heads", 0, integer=True, strictly=True)
-        _require(
-            cfg.method.predictor.width % (heads or cfg.model.num_heads) == 0,
-            f"method.predictor.width={cfg.method.predictor.width} is not divisible by "
-            + (f"method.predictor.num_heads={heads}" if heads else f"the encoder's {cfg.model.num_heads} heads")
-            + " (method.predictor.num_heads; null takes the encoder's model.num_heads)",
-        )
+    _method_section(cfg)
     for key, kind in (("pretrain.attention", cfg.pretrain.attention), ("attention", cfg.attention)):
         _require(kind in ATTENTION, f"{key} must be {', '.join(ATTENTION)}, got {kind!r}")
     _require(

@@ -17,6 +17,7 @@ rebuilds the right class without the config that trained it.
 
 from __future__ import annotations
 
+import numbers
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,33 @@ class Capabilities:
         return f"it has no {' and no '.join(lacking)}" if lacking else None
 
 
+def check_number(cfg: dict, key: str, minimum: float | None = None, integer: bool = False, strictly: bool = False):
+    """A numeric setting of the method's section at dotted `key`; ValueError names `method.<key>`."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if not ok:
+        raise ValueError(f"method.{key} must be {kind}, got {value!r}")
+    if minimum is not None and (value <= minimum if strictly else value < minimum):
+        raise ValueError(f"method.{key} must be {'>' if strictly else '>='} {minimum}, got {value}")
+    return value
+
+
+def check_predictor(cfg: dict, model_cfg: dict, heads_default: bool = True) -> None:
+    """A transformer predictor's depth, width and heads (null heads: the encoder's, when allowed)."""
+    check_number(cfg, "predictor.depth", 0, integer=True)
+    width = check_number(cfg, "predictor.width", 0, integer=True, strictly=True)
+    heads = cfg["predictor"].get("num_heads")
+    if heads is not None or not heads_default:
+        heads = check_number(cfg, "predictor.num_heads", 0, integer=True, strictly=True)
+    if width % (heads or model_cfg["num_heads"]):
+        named = f"method.predictor.num_heads={heads}" if heads else f"the encoder's {model_cfg['num_heads']} heads"
+        hint = " (method.predictor.num_heads; null takes the encoder's model.num_heads)" if heads_default else ""
+        raise ValueError(f"method.predictor.width={width} is not divisible by {named}{hint}")
+
+
 class Method(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str]
     # The encoder tasks evaluate when the user names none (checkpoint_key=null).
@@ -69,6 +97,12 @@ class Method(nn.Module, metaclass=ABCMeta):
         self.model_cfg, self.method_cfg, self.image_size = dict(model_cfg), dict(method_cfg), image_size
         self.target_encoder = None
         self.predictor = None
+
+    @classmethod
+    def check_config(cls, method_cfg: dict, model_cfg: dict, image_size: int) -> None:
+        """The method's own settings (its `method:` section), by type and range, before anything
+        is built: ValueError naming the key. `bench run` calls it while validating the config; the
+        model section and the image size are checked already."""
 
     # --- what the method offers --------------------------------------------------------------
     @property
@@ -97,8 +131,9 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     @property
     def token_heads(self) -> int:
-        """Attention heads of the eval encoder (an attentive head over its tokens uses as many)."""
-        return self.encoder.num_heads
+        """Attention heads of the eval encoder (an attentive head over its tokens uses as many);
+        1 for an encoder that declares none (no attention)."""
+        return getattr(self.encoder, "num_heads", 1)
 
     @property
     def world_model_dim(self) -> int:
@@ -159,7 +194,6 @@ class Method(nn.Module, metaclass=ABCMeta):
         and the normed last layer, for images of any size that is a multiple of the patch size
         (position tables are resampled to the image's grid)."""
 
-    @abstractmethod
     def predict(
         self,
         context: torch.Tensor,
@@ -172,7 +206,10 @@ class Method(nn.Module, metaclass=ABCMeta):
 
         `extra` [B, T, D]: tokens in the encoder's space added to the predictor's input with no
         position (multitask predictor tuning's task tokens); the output is unchanged in shape.
+        A method without a predictor (capabilities.predictor false) leaves this and
+        `new_predictor` alone: the tasks that need them do not apply to it.
         """
+        raise ValueError(f"method {self.name} has no predictor")
 
     def sample_masks(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Context positions [B, Kc] and target blocks (a list of [B, Kt]) as in pretraining.
@@ -204,9 +241,9 @@ class Method(nn.Module, metaclass=ABCMeta):
         idx = torch.arange(tokens.size(1), device=tokens.device).expand(tokens.size(0), -1)
         return self.predict(tokens, idx, idx, action, extra)
 
-    @abstractmethod
     def new_predictor(self) -> nn.Module:
         """A freshly initialised predictor of the same architecture (from torch's global RNG)."""
+        raise ValueError(f"method {self.name} has no predictor")
 
     def reset_predictor(self, seed: int) -> nn.Module:
         """Replace the predictor by a fresh one drawn under `seed` (the random-predictor control),

@@ -17,7 +17,7 @@ from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import gather_tokens
 from benchmark.core.schedules import linear
 from benchmark.core.transforms import crop_transform
-from methods.base import Capabilities, Method
+from methods.base import Capabilities, Method, check_predictor
 from methods.losses import LATENT_LOSSES, ema_update, latent_regression
 from methods.masks import MaskConfig, MultiBlockMasker
 from methods.vit import (
@@ -68,13 +68,26 @@ class IJEPA(Method):
     official_layout = "ijepa"
     official_about = "an I-JEPA checkpoint (encoder/predictor/target_encoder)"
 
-    def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
-        super().__init__(model_cfg, method_cfg, image_size)
+    @classmethod
+    def check_config(cls, method_cfg: dict, model_cfg: dict, image_size: int) -> None:
+        grid = image_size // model_cfg["patch_size"]
+        try:  # the masker owns these rules
+            MultiBlockMasker(
+                grid, MaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in method_cfg["mask"].items()})
+            )
+        except (ValueError, TypeError) as exc:
+            where = f" (data.image_size={image_size}, model.patch_size={model_cfg['patch_size']})"
+            raise ValueError(f"{exc}{where if 'grid' in str(exc) else ''}") from None
+        check_predictor(method_cfg, model_cfg)
         if method_cfg["loss"] not in LATENT_LOSSES:
             raise ValueError(f"method.loss must be {', '.join(LATENT_LOSSES)}, got {method_cfg['loss']!r}")
         ema = method_cfg["ema"]
         if not (len(ema) == 2 and 0.0 <= ema[0] <= ema[1] <= 1.0):
             raise ValueError(f"method.ema must be [start, end] with 0 <= start <= end <= 1, got {list(ema)}")
+
+    def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
+        super().__init__(model_cfg, method_cfg, image_size)
+        self.check_config(method_cfg, model_cfg, image_size)
         self.encoder = build_encoder(model_cfg, image_size)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.predictor = self.new_predictor()

@@ -27,7 +27,7 @@ from benchmark.core.checkpoint import load_weights, strip_prefix
 from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import LayerNorm, gather_tokens
 from benchmark.core.transforms import crop_transform
-from methods.base import Capabilities, Method
+from methods.base import Capabilities, Method, check_number, check_predictor
 from methods.losses import masked_pixel_loss, normalize_patches, patchify
 from methods.masks import random_masking
 from methods.vit import (
@@ -233,8 +233,16 @@ class MAE(Method):
     probe_pools = ("mean", "cls")
     probe_pool = "cls"
 
+    @classmethod
+    def check_config(cls, method_cfg: dict, model_cfg: dict, image_size: int) -> None:
+        check_predictor(method_cfg, model_cfg, heads_default=False)
+        if not isinstance(method_cfg.get("norm_pix_loss"), bool):
+            raise ValueError(f"method.norm_pix_loss must be true or false, got {method_cfg.get('norm_pix_loss')!r}")
+        check_number(method_cfg, "mask_ratio")
+
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
         super().__init__(model_cfg, method_cfg, image_size)
+        self.check_config(method_cfg, model_cfg, image_size)
         self.encoder = MAEEncoder(
             image_size,
             model_cfg["patch_size"],
@@ -273,10 +281,6 @@ class MAE(Method):
 
     def new_predictor(self) -> MAEDecoder:
         p = self.method_cfg["predictor"]
-        if p["width"] % p["num_heads"]:
-            raise ValueError(
-                f"method.predictor.width={p['width']} is not divisible by method.predictor.num_heads={p['num_heads']}"
-            )
         return MAEDecoder(
             self.encoder.grid,
             self.encoder.embed_dim,

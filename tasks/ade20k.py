@@ -31,6 +31,7 @@ from benchmark.core.stats import Evidence, fingerprint
 from methods.base import Method
 from tasks.base import Applies, Choice, Flag, Number, Numbers, Task, TaskContext
 from tasks.core import PRECISIONS, autocast, loss_summary, train
+from tasks.recipe import check_blocks
 from tasks.segmentation import mmseg_backend
 from tasks.segmentation.data import ADE_DIR, ADE20k, Pipeline, TrainCrops, eval_image, slide_inference, stack_pairs
 from tasks.segmentation.metrics import IGNORE_INDEX, ConfusionIoU, confusion
@@ -173,6 +174,7 @@ class ADE20kSegmentation(Task):
         if c["mode"] not in ("encoder", "end_to_end"):
             return
         encoder = method.encoder  # the eval encoder, if another, has its architecture
+        check_blocks(self.name, c, encoder, f"method {method.name}'s encoder")
         for key in ("train_pos_embed", "rel_pos_bias"):
             if c[key] and not isinstance(getattr(encoder, "pos_embed", None), nn.Parameter):
                 raise ConfigError(f"tasks.ade20k.{key}=true: method {method.name}'s encoder has no pos_embed")

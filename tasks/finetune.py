@@ -58,6 +58,7 @@ from tasks.recipe import (
     ENCODER_RECIPE,
     PREDICTOR_RECIPE,
     RECIPE,
+    check_blocks,
     check_head,
     head_heads,
     lr_schedule,
@@ -245,6 +246,10 @@ class Finetune(Task):
             check_head(self.name, cfg, method.world_model_dim, method.world_model_heads)
         else:
             check_head(self.name, cfg, method.token_dim, method.token_heads)
+        if self.train_encoder:
+            check_blocks(self.name, cfg, method.encoder, f"method {method.name}'s encoder")
+        elif self.use_predictor:
+            check_blocks(self.name, cfg, method.predictor, f"method {method.name}'s predictor", layer_decay=False)
         if (cfg["mixup"] or cfg["cutmix"]) and cfg["batch_size"] % 2:
             raise ConfigError(
                 f"tasks.{self.name}.batch_size={cfg['batch_size']}: mixup/cutmix pair each sample with "

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
 
 from benchmark.core.errors import ConfigError
 from benchmark.core.schedules import cosine, warmup_cosine
@@ -143,6 +145,22 @@ ENCODER_RECIPE = {
     "final_norm": Flag(),
 }
 PREDICTOR_RECIPE = {**RECIPE, "drop_path": PROBABILITY, "predictor_lr_scale": Number(0, low_open=True)}
+
+
+def check_blocks(name: str, cfg: dict, network: nn.Module, what: str, layer_decay: bool = True) -> None:
+    """Layer decay and stochastic depth act on a network's timm transformer blocks: on one without
+    any they would silently do nothing, so asking for them is an error."""
+    if any(isinstance(m, Block) for m in network.modules()):
+        return
+    decay = cfg.get("layer_decay") if layer_decay else None
+    if decay is not None and decay != 1.0:
+        raise ConfigError(
+            f"tasks.{name}.layer_decay={decay}: {what} has no transformer blocks to decay the lr over (set it to null)"
+        )
+    if cfg.get("drop_path"):
+        raise ConfigError(
+            f"tasks.{name}.drop_path={cfg['drop_path']}: {what} has no transformer blocks to drop (set it to 0)"
+        )
 
 
 def head_heads(cfg: dict, source_heads: int) -> int:

@@ -67,6 +67,8 @@ def test_toy_method_pretrains_and_runs_every_task_that_applies(registered, tmp_p
     ran, skipped = {}, {}
     for name in TASKS:
         task_cfg = dict(cfg["tasks"][name], **(SEG if name == "ade20k" else {}))
+        if name in ("encoder_ft", "end_to_end"):  # the toy's layers are no transformer blocks
+            task_cfg.update(layer_decay=None, drop_path=0.0)
         task = build_task(name, task_cfg)
         verdict = task.applies_to(toy)
         if not verdict:
@@ -84,6 +86,13 @@ def test_toy_method_pretrains_and_runs_every_task_that_applies(registered, tmp_p
     # Settings that cannot work with the method fail in check(), before any compute.
     with pytest.raises(ValueError, match="head_heads=5 does not divide the width 48"):
         build_task("predictor_ft", dict(cfg["tasks"]["predictor_ft"], head_heads=5)).check(toy)
+    # Layer decay and stochastic depth would do nothing on it: asking for them is refused.
+    with pytest.raises(ValueError, match="layer_decay=0.75: method toy's encoder has no transformer blocks"):
+        build_task("encoder_ft", cfg["tasks"]["encoder_ft"]).check(toy)
+    with pytest.raises(ValueError, match="drop_path=0.1: method toy's encoder has no transformer blocks"):
+        build_task("end_to_end", dict(cfg["tasks"]["end_to_end"], layer_decay=None)).check(toy)
+    with pytest.raises(ValueError, match="drop_path=0.2: method toy's predictor has no transformer blocks"):
+        build_task("predictor_ft", dict(cfg["tasks"]["predictor_ft"], drop_path=0.2)).check(toy)
 
 
 def test_register_refuses_a_second_method_of_the_same_name(registered):
@@ -94,3 +103,36 @@ def test_register_refuses_a_second_method_of_the_same_name(registered):
         methods.register(Other)
     with pytest.raises(TypeError, match="not a Method"):
         methods.register(int)
+
+
+def test_an_encoder_only_method_implements_none_of_the_predictor_members():
+    """The predictor members have defaults that say there is none: a method without a world model
+    defines only what it has, and the tasks that need one do not apply to it."""
+    from methods.base import Capabilities, Method
+    from tasks.base import Applies
+
+    class EncoderOnly(Method):
+        name = "encoder_only"
+        default_encoder_key = "encoder"
+        train_transform, collate, training_step, dense_features = (
+            Toy.train_transform,
+            Toy.collate,
+            Toy.training_step,
+            Toy.dense_features,
+        )
+
+        def __init__(self, model_cfg, method_cfg, image_size):
+            super().__init__(model_cfg, method_cfg, image_size)
+            self.encoder = Toy(model_cfg, method_cfg, image_size).encoder
+
+        @property
+        def capabilities(self):
+            return Capabilities(predictor=False, target_encoder=False, conditioned=False)
+
+    method = EncoderOnly(TOY_MODEL, {}, 32)
+    assert method.token_heads == 1  # the toy encoder has no attention heads
+    for call in (method.new_predictor, lambda: method.predict(None, None, None)):
+        with pytest.raises(ValueError, match="method encoder_only has no predictor"):
+            call()
+    assert not Applies.needs(method, predictor=True)
+    assert build_task("linear", tiny_config()["tasks"]["linear"]).applies_to(method)
