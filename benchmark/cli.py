@@ -314,8 +314,8 @@ def cmd_compare(a: list[str], b: list[str], tasks: str | None = None) -> int:
 def cmd_leaderboard(args) -> int:
     from pathlib import Path
 
+    from benchmark import formats, spectrum
     from benchmark import leaderboard as lb
-    from benchmark import spectrum
 
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:
@@ -344,9 +344,11 @@ def cmd_leaderboard(args) -> int:
     board.sources = [str(Path(f).resolve()) for f in args.folders]
     title = f"Leaderboard: {', '.join(Path(f).resolve().name for f in args.folders)}"
     runs = frame["run_dir"].nunique()
-    print_wide(lb.to_rich(board, f"{runs} runs: mean [95% CI]; bold: best and distinguishable; ≈: not"))
+    print_wide(formats.to_rich(board, f"{runs} runs: mean [95% CI]; bold: best and distinguishable; ≈: not"))
     if board.split:
-        out.print(lb.legend(board).removeprefix(lb.LEGEND).strip(), highlight=False, markup=False, soft_wrap=True)
+        out.print(
+            formats.legend(board).removeprefix(formats.LEGEND).strip(), highlight=False, markup=False, soft_wrap=True
+        )
     figures = []
     points = spectrum.spectrum_points(frame, by=args.by)
     if not points.empty and len(points.columns) > 1:
@@ -356,7 +358,7 @@ def cmd_leaderboard(args) -> int:
                 out.print(
                     f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False, markup=False
                 )
-    written = lb.write_tables(board, out_dir, args.digits, title, tuple(figures)) + figures
+    written = formats.write_tables(board, out_dir, args.digits, title, tuple(figures)) + figures
     out.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False, markup=False, soft_wrap=True)
     return EXIT_OK
 

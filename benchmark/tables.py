@@ -27,9 +27,9 @@ def _headline(record: dict) -> str:
 
 
 def interval(mean: float, low: float, high: float, metric: str, signed: bool = False) -> str:
-    """'74.0 [71.2, 76.8]' at the metric's one precision (benchmark/leaderboard.py's DIGITS), used by
+    """'74.0 [71.2, 76.8]' at the metric's one precision (benchmark/formats.py's DIGITS), used by
     every table and format."""
-    from benchmark.leaderboard import cell_text, digits_of
+    from benchmark.formats import cell_text, digits_of
 
     return cell_text(mean, low, high, digits_of(metric), signed)
 

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from benchmark.compare import compare, control_gains
 from benchmark.config import load_config
-from benchmark.leaderboard import board, load_frame, to_markdown
+from benchmark.formats import to_markdown
+from benchmark.leaderboard import board, load_frame
 from benchmark.records import read_records
 from benchmark.runner import control_method, plan_run
 

@@ -8,8 +8,8 @@ import shutil
 import pandas as pd
 import pytest
 
+from benchmark import formats, spectrum
 from benchmark import leaderboard as lb
-from benchmark import spectrum
 from benchmark.records import read_records, write_record
 
 
@@ -87,7 +87,7 @@ def test_board_numbers_std_and_best(results):
 
 def test_all_four_formats_highlight_the_best(results, tmp_path):
     b = lb.board(lb.load_frame([results], since="2026-01-01"))
-    paths = lb.write_tables(b, tmp_path / "out")
+    paths = formats.write_tables(b, tmp_path / "out")
     assert sorted(p.suffix for p in paths) == [".csv", ".html", ".md", ".tex"]
     md = (tmp_path / "out" / "leaderboard.md").read_text()
     # 3 seeds: mean [mean -+ t(0.975, 2) * sd / sqrt(3)]; 80, 82, 84 -> 82 +- 4.97.
@@ -235,7 +235,7 @@ def test_best_is_bold_only_when_the_paired_test_separates_it(tmp_path):
     _with_evidence(tmp_path / "close", "b", "iwm", base)
     b = lb.board(lb.load_frame([tmp_path / "close"]))
     assert not b.separated[column] and b.bold() == {} and len(b.tied()[column]) == 2
-    table = lb.to_markdown(b).split("\n\n")[0]  # the legend follows the table
+    table = formats.to_markdown(b).split("\n\n")[0]  # the legend follows the table
     assert "**" not in table and table.count("≈") == 2
 
 
@@ -249,7 +249,7 @@ def test_html_page_renders_in_a_real_browser(results, tmp_path):
     from PIL import Image
 
     b = lb.board(lb.load_frame([results], since="2026-01-01"))
-    lb.write_tables(b, tmp_path / "out", title="Leaderboard: test")
+    formats.write_tables(b, tmp_path / "out", title="Leaderboard: test")
     shot = tmp_path / "page.png"
     subprocess.run(
         [
@@ -318,7 +318,7 @@ def test_runs_on_different_evaluation_sets_are_never_ranked_or_marked_together(b
     assert len(columns) == 4 and all(c.startswith("linear [") for c in columns)
     for column in b.mean.columns:  # one number per evaluation set: nothing ranked, nothing marked
         assert b.mean[column].notna().sum() == 1 and column not in b.tied() and column not in b.bold()
-    text = lb.to_markdown(b)
+    text = formats.to_markdown(b)
     assert "≈" not in text.split("\n\n")[0] and "never ranked or paired together" in text
     proc = bench("leaderboard", str(tmp_path), "--out", str(tmp_path / "lb"), check=0)
     assert "linear [shapes v4 64px 96/48 colour]" in proc.stdout  # piped: full headers, not cut
