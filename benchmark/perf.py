@@ -442,8 +442,9 @@ def sgd_head(
 
 
 def case_overrides(method: str, precision: str, variant: str, gpu: bool, compile: bool, extra: list[str]) -> list[str]:
-    """The config overrides of one case: the reference case, then the user's, then the variant's."""
-    base = (GPU_CASES if gpu else CPU_CASES)[method]
+    """The config overrides of one case: the reference case (any other method preset: the preset
+    at the reference size), then the user's, then the variant's."""
+    base = (GPU_CASES if gpu else CPU_CASES).get(method) or [f"method={method}", *(_BASE_224 if gpu else _TINY_224)]
     out = [*base, *extra, f"pretrain.bf16={precision == 'bf16'}", *VARIANTS[variant]]
     if variant == "fast" and compile:
         out.append("pretrain.compile=true")
@@ -465,10 +466,11 @@ def _sized_data(overrides: list[str], images: int) -> list[str]:
 
 
 def available_methods() -> list[str]:
+    """Every method preset (`bench list`): the three reference cases first, then the others."""
     from benchmark.config import group_options
-    from methods import METHODS
 
-    return [m for m in CPU_CASES if m in METHODS and m in group_options("method")]
+    presets = group_options("method")
+    return [m for m in CPU_CASES if m in presets] + [m for m in presets if m not in CPU_CASES]
 
 
 def summarise(case: dict, ceiling: dict, peak_tflops: float | None) -> dict:

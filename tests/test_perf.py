@@ -254,6 +254,20 @@ def test_matmul_ceiling_is_a_rate():
     assert perf.matmul_ceiling(torch.device("cpu"), torch.float32, 256, repeats=2) > 0.1
 
 
+def test_any_method_preset_is_a_perf_case_at_the_reference_size():
+    """The three reference cases keep their settings; every other preset of `bench list` is timed
+    as configured, at the reference model and resolution, and its config builds."""
+    from benchmark.config import group_options, load_config
+    from benchmark.perf import _TINY_224, CPU_CASES, available_methods, case_overrides
+
+    assert available_methods()[:3] == list(CPU_CASES) and set(available_methods()) == set(group_options("method"))
+    assert case_overrides("mae", "fp32", "fast", False, False, [])[: len(CPU_CASES["mae"])] == CPU_CASES["mae"]
+    other = case_overrides("iwm_inv_cpu", "bf16", "eager", False, False, ["pretrain.batch_size=4"])
+    assert other[: 1 + len(_TINY_224)] == ["method=iwm_inv_cpu", *_TINY_224] and "pretrain.batch_size=4" in other
+    cfg = load_config(other)
+    assert cfg.method.predictor.depth == 2 and cfg.model.name == "vit_tiny" and cfg.pretrain.bf16
+
+
 def test_perf_cli_rejects_bad_input_before_compute(bench):
     proc = bench("perf", "--methods", "ijepa,simclr", check=2)
     assert "simclr" in proc.stderr and proc.stderr.count("\n") == 1
