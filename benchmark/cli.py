@@ -385,12 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "every training-step case on top of the reference configuration.",
     )
     perf.add_argument("overrides", nargs="*")
-    perf.add_argument(
-        "--methods",
-        default="ijepa,iwm,mae",
-        help="comma-separated method presets (default: the three reference cases; any preset of bench list "
-        "is timed at the reference size)",
-    )
+    perf.add_argument("--methods", default="ijepa,iwm,mae", help="comma-separated method presets of bench list")
     perf.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both (default)")
     perf.add_argument("--steps", type=int, default=10, help="timed steps per case")
     perf.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -470,14 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors already; keep its code
         return int(exc.code or 0)
-    if getattr(args, "overrides", None):
-        from benchmark.config import check_command_line
-        from benchmark.core.errors import ConfigError
+    from benchmark.config import check_command_line
 
-        try:
-            check_command_line(args.overrides)
-        except ConfigError as exc:
-            return _fail(str(exc), EXIT_USAGE)
+    try:
+        check_command_line(getattr(args, "overrides", None) or [])
+    except ValueError as exc:  # ConfigError
+        return _fail(str(exc), EXIT_USAGE)
     if args.command == "run":
         return cmd_run(args.overrides)
     if args.command == "perf":

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from benchmark.perf import PerfError, _method_and_data, training_step
 
+# The `official_step` a method declares when its training step is the one timed here.
+OFFICIAL_STEP = "ijepa"
 OFFICIAL_FILES = ("src/models/vision_transformer.py", "src/helper.py", "src/masks/utils.py", "src/utils/tensors.py")
 
 
@@ -145,8 +147,13 @@ def time_against_official(
     dev = torch.device(device)
     cfg = load_config(overrides)
     pcfg, mcfg = cfg.pretrain, cfg.method
-    if cfg.method.name != "ijepa":
-        raise OfficialCodeError(f"the official I-JEPA step times method=ijepa, not {cfg.method.name}")
+    from methods import METHODS
+
+    step = METHODS[cfg.method.name].official_step
+    if step != OFFICIAL_STEP:
+        raise OfficialCodeError(
+            f"the official I-JEPA step times a method whose step is I-JEPA's (official_step), not {cfg.method.name}"
+        )
     code = import_official_ijepa(checkout)
     official = OfficialStep(
         code,

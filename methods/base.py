@@ -83,6 +83,9 @@ class Method(nn.Module, metaclass=ABCMeta):
     official_layout: ClassVar[str | None] = None
     # How error messages describe a file in that layout.
     official_about: ClassVar[str] = ""
+    # The official training step this method's step equals (`bench perf --official-ijepa` times
+    # the two side by side), if any.
+    official_step: ClassVar[str | None] = None
     # What `probe_features` can pool, and what the method's own paper probes linearly (the
     # linear probe's `pool: method`): the patch-token mean (I-JEPA) or a cls token (MAE).
     probe_pools: ClassVar[tuple[str, ...]] = ("mean",)

@@ -66,6 +66,7 @@ class IJEPA(Method):
 
     name = "ijepa"
     official_layout = "ijepa"
+    official_step = "ijepa"
     official_about = "an I-JEPA checkpoint (encoder/predictor/target_encoder)"
 
     @classmethod

@@ -19,6 +19,8 @@ class IWM(IJEPA):
     """Image World Model: I-JEPA with paired views and an action-conditioned predictor."""
 
     name = "iwm"
+    # Its step (paired views, a conditioned predictor) is not the official I-JEPA one.
+    official_step = None
 
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
         predictor = dict(method_cfg["predictor"], action_dim=ACTION_DIM)
