@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from benchmark.core.checkpoint import load_weights
 from methods.base import Method
 from methods.ijepa import IJEPA
@@ -29,10 +31,36 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+# The geometry every encoder declares (methods.vit.set_geometry sets it): the tasks read it.
+ENCODER_GEOMETRY = ("img_size", "patch_size", "grid", "num_patches", "embed_dim", "depth")
+
+
+def check_encoder(method: Method) -> None:
+    """The encoder contract: an nn.Module declaring its geometry as integers that agree with each
+    other and with the method's image size. TypeError naming what is missing or wrong."""
+    encoder = getattr(method, "encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        raise TypeError(f"method {method.name}: self.encoder must be an nn.Module, got {type(encoder).__name__}")
+    for attr in ENCODER_GEOMETRY:
+        value = getattr(encoder, attr, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TypeError(
+                f"method {method.name}: its encoder does not declare {attr} as a positive integer (got {value!r}); "
+                "methods.vit.set_geometry declares the geometry"
+            )
+    if encoder.grid * encoder.patch_size != method.image_size or encoder.num_patches != encoder.grid**2:
+        raise TypeError(
+            f"method {method.name}: its encoder's geometry disagrees (grid {encoder.grid} x patch "
+            f"{encoder.patch_size} for {method.image_size} px, {encoder.num_patches} patches)"
+        )
+
+
 def build_method(name: str, model_cfg: dict, method_cfg: dict, image_size: int) -> Method:
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name](model_cfg, method_cfg, image_size)
+    method = METHODS[name](model_cfg, method_cfg, image_size)
+    check_encoder(method)
+    return method
 
 
 def method_from_state(state: dict) -> Method:

@@ -136,3 +136,21 @@ def test_an_encoder_only_method_implements_none_of_the_predictor_members():
             call()
     assert not Applies.needs(method, predictor=True)
     assert build_task("linear", tiny_config()["tasks"]["linear"]).applies_to(method)
+
+
+def test_an_encoder_that_does_not_declare_its_geometry_is_refused_when_built(registered):
+    """The tasks read the encoder's patch size, grid and width: a method whose encoder does not
+    declare them fails when it is built, naming the attribute, not deep inside a task."""
+
+    class Undeclared(Toy):
+        name = "toy"
+
+        def __init__(self, model_cfg, method_cfg, image_size):
+            super().__init__(model_cfg, method_cfg, image_size)
+            del self.encoder.depth
+
+    methods.METHODS["toy"] = Undeclared
+    with pytest.raises(TypeError, match="its encoder does not declare depth as a positive integer"):
+        methods.build_method("toy", TOY_MODEL, {}, 32)
+    methods.METHODS["toy"] = Toy
+    assert methods.build_method("toy", TOY_MODEL, {}, 32).encoder.grid == 4
