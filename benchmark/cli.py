@@ -236,7 +236,8 @@ def cmd_export(checkpoint: str, target: str, encoder_only: bool) -> int:
 
 def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
     from benchmark.core.errors import CheckpointError, ConfigError, DataError
-    from slurm.sweep import load_sweep, submit_sweep, unit_states
+    from slurm.states import unit_states
+    from slurm.sweep import load_sweep, submit_sweep
 
     try:
         sweep = load_sweep(name, overrides)
@@ -267,7 +268,7 @@ def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
         out.print("nothing to submit: every unit is done, queued or running (--retry resubmits failed ones)")
     if sweep.launcher["name"] == "local":
         states = unit_states(sweep.sweep_dir, manifest)
-        from slurm.sweep import FAILED, status_table
+        from slurm.states import FAILED, status_table
 
         print_wide(status_table(sweep.sweep_dir, states))
         return EXIT_FAILED if any(s.state == FAILED for s in states) else EXIT_OK
@@ -276,7 +277,8 @@ def cmd_sweep(name: str, overrides: list[str], retry: bool) -> int:
 
 def cmd_status(name: str) -> int:
     from benchmark.core.errors import ConfigError
-    from slurm.sweep import read_manifest, resolve_sweep_dir, status_table, unit_states
+    from slurm.states import status_table, unit_states
+    from slurm.sweep import read_manifest, resolve_sweep_dir
 
     try:
         sweep_dir = resolve_sweep_dir(name)

@@ -46,7 +46,7 @@ def manifest(sweep_dir: Path) -> dict:
 
 def wait_for_sweep(bench, sweep_dir: Path, timeout: float) -> dict:
     """Poll the sweep's own status until nothing is pending or running."""
-    from slurm.sweep import PENDING, RUNNING, unit_states
+    from slurm.states import PENDING, RUNNING, unit_states
 
     deadline = time.time() + timeout
     while time.time() < deadline:

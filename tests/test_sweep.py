@@ -7,14 +7,9 @@ import pytest
 
 from benchmark.core.errors import ConfigError
 from slurm.jobs import overrides_for
+from slurm.states import DONE, FAILED, NOT_SUBMITTED, PENDING, RUNNING, UnitState
 from slurm.sweep import (
-    DONE,
-    FAILED,
-    NOT_SUBMITTED,
-    PENDING,
-    RUNNING,
     Cell,
-    UnitState,
     decide,
     expand_grid,
     format_value,
