@@ -109,12 +109,7 @@ def pretrain(
         state = ckpt.load(last)
         saved = state.get("method", {}).get("method") if isinstance(state.get("method"), dict) else None
         if saved != method.name:
-            raise ckpt.CheckpointError(
-                f"checkpoint {last} was written by a method={saved} run, not this method={method.name} run: "
-                f"resume that run with method={saved}, or start this one in a new run folder"
-                if saved
-                else f"checkpoint {last} was not written by bench run: start this run in a new run folder"
-            )
+            raise ckpt.foreign_run(last, saved, method.name)
         ckpt.load_weights(method, state["method"]["weights"], f"checkpoint {last}")
         opt.load_state_dict(state["optimizer"])
         step = state["step"]

@@ -129,6 +129,10 @@ def _check_resume(run_dir: Path, config: dict) -> None:
         raise ConfigError(
             f"resume=true but the config differs from the one {run_dir} was started with: {', '.join(differ[:5])}"
         )
+    last = run_dir / "checkpoints" / LAST
+    writer = ckpt.written_by(last) if last.is_file() else config["method"]["name"]
+    if writer != config["method"]["name"]:  # a checkpoint copied in from another run
+        raise ckpt.foreign_run(last, writer, config["method"]["name"])
 
 
 def _load_checkpoint_method(cfg: DictConfig, path: Path) -> Method:

@@ -732,3 +732,17 @@ def test_a_checkpoint_that_cannot_be_written_is_refused_before_training(here, mo
     with pytest.raises(ConfigError, match=r"run folder .*: 5.0 MiB free on its file system, the checkpoints need"):
         ckpt.check_room(here / "run", 4 * 2**20, "run folder")
     ckpt.check_room(here / "run", 2 * 2**20, "run folder")  # room for two: accepted
+
+
+def test_a_checkpoint_of_another_method_in_a_run_folder_is_refused_before_compute(capsys, here):
+    """An I-JEPA last.pt copied into an IWM run folder, then resume=true: exit 2 naming both."""
+    base = [o for o in FAST if not o.startswith("task")] + ["task=none", "pretrain.epochs=1"]
+    assert main(["run", *base, "method=ijepa", "run_dir=a"]) == 0
+    assert main(["run", *base, "method=iwm", "run_dir=b"]) == 0
+    shutil.copy(here / "a" / "checkpoints" / "last.pt", here / "b" / "checkpoints" / "last.pt")
+    log = (here / "b" / "train_log.jsonl").read_text()
+    capsys.readouterr()
+    code = main(["run", "run_dir=b", "resume=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was written by a method=ijepa run, not this method=iwm run" in err, err
+    assert len(err.strip().splitlines()) == 1 and (here / "b" / "train_log.jsonl").read_text() == log

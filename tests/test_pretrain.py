@@ -19,9 +19,10 @@ def source(tmp_path_factory):
     return DataSource("shapes", root, "train", "val", 32)
 
 
-def tiny(**pretrain_overrides):
+def tiny(method="ijepa", **pretrain_overrides):
     cfg = load_config(
         [
+            f"method={method}",
             "model.depth=2",
             "model.patch_size=4",
             "method.predictor.depth=1",
@@ -97,17 +98,8 @@ def test_resuming_from_another_method_s_checkpoint_names_both_methods(source, tm
     cfg = tiny(epochs=1)
     pcfg = OmegaConf.create(cfg["pretrain"])
     pretrain(fresh(cfg), source, pcfg, 0, torch.device("cpu"), tmp_path / "ckpt", cfg, show_progress=False)
-    iwm_cfg = load_config(
-        [
-            "method=iwm",
-            "model.depth=2",
-            "model.patch_size=4",
-            "method.predictor.depth=1",
-            "method.predictor.width=48",
-            "data.image_size=32",
-        ]
-    )
-    iwm = build_method("iwm", *(OmegaConf.to_container(iwm_cfg[k]) for k in ("model", "method")), 32)
+    iwm_cfg = tiny("iwm")
+    iwm = build_method("iwm", iwm_cfg["model"], iwm_cfg["method"], 32)
     lines = (tmp_path / "train_log.jsonl").read_text()
     with pytest.raises(
         ckpt.CheckpointError, match="written by a method=ijepa run, not this method=iwm run: resume that run"

@@ -150,6 +150,27 @@ def _code_objects(path: Path) -> list[str]:
     return sorted({g for g in found if not g.startswith(SAFE_GLOBALS)})
 
 
+def written_by(path: str | Path) -> str | None:
+    """The method name a `bench run` checkpoint was written by, read without loading its tensors
+    (memory-mapped, weights-only); None for any other file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (not a readable bench checkpoint: the full load says why)
+        return None
+    method = state.get("method") if isinstance(state, dict) else None
+    return method.get("method") if isinstance(method, dict) else None
+
+
+def foreign_run(path: Path, saved: str | None, method: str) -> CheckpointError:
+    """The refusal of a run folder's checkpoint written by another method's run."""
+    if saved is None:
+        return CheckpointError(f"checkpoint {path} was not written by bench run: start this run in a new run folder")
+    return CheckpointError(
+        f"checkpoint {path} was written by a method={saved} run, not this method={method} run: "
+        f"resume that run with method={saved}, or start this one in a new run folder"
+    )
+
+
 def _check_crc(path: Path) -> None:
     """Refuse a zip-format checkpoint (torch >= 1.6) whose stored CRC32s do not match its bytes.
 
