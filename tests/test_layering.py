@@ -15,7 +15,7 @@ PACKAGES = ("benchmark", "methods", "tasks", "slurm")
 
 def layer_of(module: str) -> str | None:
     """The layer a project module belongs to; None for anything outside the project."""
-    if module == "benchmark.cli":
+    if module == "benchmark.cli" or module.startswith("benchmark.cli."):
         return "cli"
     if module == "benchmark.core" or module.startswith("benchmark.core."):
         return "core"
@@ -92,6 +92,7 @@ def test_the_walk_sees_the_imports_it_judges():
     assert any(s.startswith("tasks.") and t == "methods.base" for s, t in found)
     assert any(s.startswith("methods.") and t.startswith("benchmark.core") for s, t in found)
     assert layer_of("benchmark.core.data") == "core" and layer_of("benchmark.pretrain") == "app"
+    assert layer_of("benchmark.cli.run") == "cli" and layer_of("benchmark.perf.suite") == "app"
 
 
 def test_a_wrong_edge_is_reported(tmp_path):

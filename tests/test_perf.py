@@ -422,7 +422,7 @@ def test_a_folder_that_is_not_the_official_code_is_refused_before_compute(bench,
 @needs_official
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_our_step_and_the_official_one_start_equal_and_are_timed_in_pairs(precision):
-    from benchmark import perf_official
+    from benchmark.perf import official as perf_official
 
     ov = perf.case_overrides("ijepa", precision, "fast", False, False, TINY_OFFICIAL)
     result = perf_official.time_against_official(OFFICIAL, ov, batches=3, pairs=3, device="cpu", threads=1)
@@ -437,7 +437,7 @@ def test_our_step_and_the_official_one_start_equal_and_are_timed_in_pairs(precis
 
 @needs_official
 def test_a_model_the_official_code_lacks_is_named():
-    from benchmark import perf_official
+    from benchmark.perf import official as perf_official
 
     ov = perf.case_overrides("ijepa", "fp32", "fast", False, False, [*TINY_OFFICIAL, "model=vit_micro"])
     with pytest.raises(perf_official.OfficialCodeError, match="the official code has no model vit_micro"):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmark.perf import PerfError, _method_and_data, training_step
+from benchmark.perf.common import PerfError, _method_and_data, training_step
 
 # The `official_step` a method declares when its training step is the one timed here.
 OFFICIAL_STEP = "ijepa"
