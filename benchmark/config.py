@@ -184,6 +184,7 @@ FLAGS = (
     "pretrain.bf16",
     "pretrain.fused_adamw",
     "pretrain.compile",
+    "pretrain.warmup_reaches_peak",
     "data.check_headers",
     "data.skip_unreadable",
     "progress",

@@ -1,8 +1,9 @@
 """The pretraining loop shared by every method.
 
-Per iteration: learning rate (warmup + cosine) and weight decay (cosine) set from the step,
-forward + loss under optional bf16 autocast, backward, optional gradient clipping, AdamW, then
-the method's post-step update (EMA). Checkpoints are written atomically every
+Per iteration: learning rate (warmup + cosine) and weight decay (cosine) set from the step, the
+method's own per-step settings (`before_step`), forward + loss under optional bf16 autocast,
+backward, the method's gradient preparation (clipping), AdamW, then the method's post-step
+update (EMA). Checkpoints are written atomically every
 `checkpoint_every` steps, at the end, and at the step boundary right after a preemption or
 timeout signal (benchmark/core/interrupt.py), and hold everything needed to continue exactly:
 weights (EMA included), optimiser, step, RNG states, the losses a resumed run reports and the
@@ -61,7 +62,15 @@ class Schedule:
 def set_hyperparameters(opt: torch.optim.Optimizer, cfg, schedule: Schedule, step: int) -> tuple[float, float]:
     """lr and weight decay of (0-based) step `step`, read at step + cfg.schedule_offset."""
     at = step + cfg.schedule_offset
-    lr = warmup_cosine(at, schedule.total_steps, schedule.warmup_steps, cfg.start_lr, cfg.lr, cfg.final_lr)
+    lr = warmup_cosine(
+        at,
+        schedule.total_steps,
+        schedule.warmup_steps,
+        cfg.start_lr,
+        cfg.lr,
+        cfg.final_lr,
+        bool(cfg.warmup_reaches_peak),
+    )
     wd = cosine(at, schedule.total_steps, cfg.weight_decay, cfg.final_weight_decay)
     for group in opt.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -174,6 +183,7 @@ def pretrain(
                 for batch in loader:
                     rng = rng_state()
                     lr, wd = set_hyperparameters(opt, cfg, schedule, step)
+                    method.before_step(step, schedule.steps_per_epoch)
                     loss = forward_loss(step_fn, to_device(batch, device), device, bool(cfg.bf16))
                     # The mean over ranks: what is logged, and non-finite on every rank if on one.
                     mean_loss = distributed.mean(loss)

@@ -1,6 +1,11 @@
 """The invariance-equivariance spectrum (the IWM paper's figure): per run, world-model MRR against
 linear-probe and predictor-finetuning accuracy, drawn with their correlations, from a leaderboard
-frame (benchmark/leaderboard.py, `load_frame`)."""
+frame (benchmark/leaderboard.py, `load_frame`).
+
+A method without a world model (DINO: no predictor, so no MRR) has no place on the x axis; it sits
+at the invariant end. Its accuracies are drawn as references across each panel: a line at the
+mean over its seeds and a band for the 95% interval, so the paper's reading (invariant methods win
+the linear probe, equivariant ones the predictor tasks) can be checked against it."""
 
 from __future__ import annotations
 
@@ -16,16 +21,37 @@ SPECTRUM_X = ("mrr", "mrr")
 SPECTRUM_Y = (("linear", "top1"), ("predictor_ft", "top1"))
 
 
-def spectrum_points(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Per (row, seed): MRR and the accuracies it is plotted against; rows without MRR dropped."""
+def _wide(frame: pd.DataFrame, by: list[str] | None) -> pd.DataFrame:
     keys = ROW_KEYS + list(by or []) + ["seed"]
     if "init" in frame:  # random-init controls are not points of the spectrum
         frame = frame[frame["init"] != RANDOM_INIT]
-    wide = frame.pivot_table(index=keys, columns=["task", "metric"], values="value", aggfunc="last")
+    if frame.empty:
+        return pd.DataFrame()
+    return frame.pivot_table(index=keys, columns=["task", "metric"], values="value", aggfunc="last")
+
+
+def spectrum_points(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Per (row, seed): MRR and the accuracies it is plotted against; rows without MRR dropped."""
+    wide = _wide(frame, by)
     wanted = [c for c in (SPECTRUM_X, *SPECTRUM_Y) if c in wide.columns]
     if SPECTRUM_X not in wanted:
         return pd.DataFrame()
     return wide[wanted].dropna(subset=[SPECTRUM_X])
+
+
+def spectrum_references(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Per (row, seed) of the rows that have no MRR at all (no world model): their accuracies."""
+    wide = _wide(frame, by)
+    ys = [c for c in SPECTRUM_Y if c in wide.columns]
+    if not ys:
+        return pd.DataFrame()
+    row_levels = [name for name in wide.index.names if name != "seed"]
+    has_mrr = (
+        wide[SPECTRUM_X].notna().groupby(level=row_levels).transform("any")
+        if SPECTRUM_X in wide.columns
+        else pd.Series(False, index=wide.index)
+    )
+    return wide.loc[~has_mrr, ys].dropna(how="all")
 
 
 def correlations(points: pd.DataFrame) -> dict[str, float]:
@@ -38,9 +64,10 @@ def correlations(points: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
-    """MRR (x) against each accuracy (y), one panel per accuracy, a colour per leaderboard row; returns
-    the correlations (over every run)."""
+def spectrum_plot(points: pd.DataFrame, path: Path, references: pd.DataFrame | None = None) -> dict[str, float]:
+    """MRR (x) against each accuracy (y), one panel per accuracy, a colour per leaderboard row, and
+    the `references` rows (no MRR) as horizontal bands; returns the correlations (over the runs
+    with MRR only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,8 +82,7 @@ def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
     for ax, y in zip(axes[0], ys):
         pair = points[[SPECTRUM_X, y]].dropna()
         for i, (row, mine) in enumerate(pair.groupby(level=row_levels, sort=True)):
-            row = row if isinstance(row, tuple) else (row,)
-            label = " / ".join(str(v) for v, name in zip(row, row_levels) if name not in ("model", "data"))
+            label = row_label(row, row_levels)
             colour = f"C{i % 10}"
             xs, ys_ = mine[SPECTRUM_X].tolist(), mine[y].tolist()
             ax.scatter(xs, ys_, color=colour, alpha=0.35, s=14)
@@ -72,6 +98,22 @@ def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
                 capsize=3,
                 label=f"{label} (n={len(xs)})",
             )
+        drawn = pair.groupby(level=row_levels).ngroups
+        if references is not None and y in references.columns:
+            ref = references[y].dropna()
+            for j, (row, mine) in enumerate(ref.groupby(level=row_levels, sort=True)):
+                mean, low, high = t_interval(mine.tolist())
+                colour = f"C{(drawn + j) % 10}"
+                ax.axhline(mean, color=colour, linestyle="--")
+                if high > low:
+                    ax.axhspan(low, high, color=colour, alpha=0.12)
+                ax.plot(
+                    [],
+                    [],
+                    color=colour,
+                    linestyle="--",
+                    label=f"{row_label(row, row_levels)}: no world model (n={len(mine)})",
+                )
         ax.set_xlabel("world model MRR (equivariance)")
         ax.set_ylabel(f"{y[0]} {y[1]}")
         r = corr[f"{y[0]} {y[1]}"]
@@ -91,3 +133,9 @@ def spectrum_plot(points: pd.DataFrame, path: Path) -> dict[str, float]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return corr
+
+
+def row_label(row, row_levels: list[str]) -> str:
+    """A leaderboard row's name in a legend: its keys but the model and the data."""
+    row = row if isinstance(row, tuple) else (row,)
+    return " / ".join(str(v) for v, name in zip(row, row_levels) if name not in ("model", "data"))

@@ -2,7 +2,7 @@
 
 Split in two so the loop can stop on a non-finite loss before it touches the weights:
 `forward_loss` (forward and loss under optional bf16 autocast, optionally through
-torch.compile) and `update` (backward, clipping, AdamW, the method's post-step update).
+torch.compile) and `update` (backward, the method's clipping, AdamW, its post-step update).
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ def forward_loss(step: Callable[[dict], dict], batch: dict, device: torch.device
 
 def update(method: Method, opt: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float, progress: float) -> None:
     loss.backward()
-    if clip_grad:
-        torch.nn.utils.clip_grad_norm_(method.parameters(), clip_grad)
+    method.prepare_gradients(clip_grad)
     opt.step()
     opt.zero_grad(set_to_none=True)
     method.after_step(progress)

@@ -6,6 +6,7 @@ import torch
 
 from benchmark.core.checkpoint import load_weights
 from methods.base import Method
+from methods.dino import DINO
 from methods.ijepa import IJEPA
 from methods.iwm import IWM
 from methods.mae import MAE
@@ -14,6 +15,7 @@ METHODS: dict[str, type[Method]] = {
     "ijepa": IJEPA,
     "iwm": IWM,
     "mae": MAE,
+    "dino": DINO,
 }
 
 

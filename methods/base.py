@@ -3,8 +3,9 @@
 A method is an nn.Module holding its networks (`encoder`, optional `target_encoder` and
 `predictor`) and declaring what it can do (`capabilities`). It knows how to:
 - build its training views and batches (`train_transform`, `collate`),
-- compute its loss on a batch (`training_step`) and update what is not trained by gradient
-  (`after_step`, e.g. the EMA target encoder),
+- compute its loss on a batch (`training_step`), prepare the gradients (`prepare_gradients`:
+  clipping) and update what is not trained by gradient (`after_step`, e.g. the EMA target
+  encoder); `before_step` hands it the step for schedules of its own,
 - hand out the encoder an evaluation uses (`eval_encoder(key)`: images -> patch tokens
   [B, N, D]), its geometry (`patch_size`, `grid`, `depth`, `token_dim`) and dense multi-level
   feature maps for segmentation (`dense_features`),
@@ -41,6 +42,7 @@ class Capabilities:
     predictor: bool  # a world model: predict / predict_full / reset_predictor
     target_encoder: bool  # an EMA target encoder whose (normalised) latents the predictor regresses
     conditioned: bool  # the predictor takes an action (what was done to the image)
+    masks: bool = False  # draws context/target blocks as in pretraining (sample_masks)
 
     def missing(self, **needed: bool) -> str | None:
         """Why these capabilities are not enough (None when they are), e.g. missing(predictor=True)."""
@@ -162,6 +164,16 @@ class Method(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Forward pass and loss; returns at least {'loss': scalar tensor}."""
+
+    def before_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called before each training step (0-based `step`): settings a method schedules itself
+        (DINO's teacher temperature and frozen last layer go by the epoch)."""
+
+    def prepare_gradients(self, clip_grad: float) -> None:
+        """Between backward and the optimiser step: clip the global gradient norm to clip_grad
+        (0: no clipping). A method whose recipe clips otherwise, or drops some gradients, says so."""
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad)
 
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with progress in [0, 1] (EMA updates etc.)."""

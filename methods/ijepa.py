@@ -101,7 +101,9 @@ class IJEPA(Method):
     @property
     def capabilities(self) -> Capabilities:
         conditioned = self.predictor is not None and self.predictor.conditioning != "none"
-        return Capabilities(predictor=self.predictor is not None, target_encoder=True, conditioned=conditioned)
+        return Capabilities(
+            predictor=self.predictor is not None, target_encoder=True, conditioned=conditioned, masks=True
+        )
 
     def dense_features(self, images, key, blocks):
         return encoder_levels(self.eval_encoder(key), images, blocks)

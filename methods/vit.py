@@ -8,6 +8,7 @@ parameter names, so that released checkpoints load key for key.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -267,15 +268,20 @@ def resample_pos_embed(pos: torch.Tensor, h: int, w: int, prefix_tokens: int = 0
 
 
 def encoder_levels(
-    encoder: nn.Module, images: torch.Tensor, blocks: list[int], cls_token: torch.Tensor | None = None
+    encoder: nn.Module,
+    images: torch.Tensor,
+    blocks: list[int],
+    cls_token: torch.Tensor | None = None,
+    positions: Callable[[int, int], torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Maps [B, D, h, w] after each listed block (1-based) of a ViT encoder and its normed last
-    layer. `cls_token` (MAE) rides along in front of the patches, its position in the table's
-    first row, and is dropped from the maps."""
+    layer. `cls_token` (MAE, DINO) rides along in front of the patches, its position in the
+    table's first row, and is dropped from the maps. `positions(h, w)` gives the position table
+    for an h x w grid when the encoder resamples its own (DINO); else `resample_pos_embed`."""
     p = encoder.patch_size
     h, w = images.size(-2) // p, images.size(-1) // p
     prefix = 0 if cls_token is None else 1
-    pos = resample_pos_embed(encoder.pos_embed, h, w, prefix)
+    pos = positions(h, w) if positions is not None else resample_pos_embed(encoder.pos_embed, h, w, prefix)
     x = encoder.patch_embed(images) + pos[:, prefix:]
     if cls_token is not None:
         x = torch.cat([(cls_token + pos[:, :1]).expand(x.size(0), -1, -1), x], 1)

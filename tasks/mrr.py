@@ -159,7 +159,7 @@ class WorldModelMRR(Task):
     def applies_to(self, method) -> Applies:
         # Ranking happens in the target encoder's latent space, which the predictor regresses;
         # an unconditioned predictor still applies (it scores chance, by construction).
-        return Applies.needs(method, predictor=True, target_encoder=True)
+        return Applies.needs(method, predictor=True, target_encoder=True, masks=True)
 
     def run(self, method, ctx: TaskContext) -> dict:
         cfg = self.cfg

@@ -102,6 +102,34 @@ def test_bad_configuration(capsys, here, case):
     refused(capsys, here, [*FAST, *args], message)
 
 
+# DINO validates its own section (DINO.check_config); FAST without the JEPA predictor keys (and
+# the linear probe's, so that another task can be named).
+DINO_FAST = ["method=dino", *(o for o in FAST if not o.startswith(("method.", "tasks.")))]
+DINO_CONFIG = {
+    "local crop not a patch multiple": (
+        ["method.local_crops.size=10"],
+        "method.local_crops.size=10 is not a multiple of model.patch_size=4",
+    ),
+    "norm_last_layer not a boolean": (["method.head.norm_last_layer=2"], "method.head.norm_last_layer must be true"),
+    "no prototypes": (["method.head.out_dim=0"], "method.head.out_dim must be >= 1, got 0"),
+    "teacher temperature 0": (["method.teacher_temp=0"], "method.teacher_temp must be > 0, got 0"),
+    "momentum above 1": (["method.momentum_teacher=1.5"], "method.momentum_teacher must be in [0, 1], got 1.5"),
+    "global scale reversed": (["method.global_crops.scale=[0.9,0.4]"], "method.global_crops.scale must be [low, high]"),
+    "predictor key on dino": (["method.predictor.depth=1"], "unknown config key 'method.predictor.depth'"),
+    "predictor task named": (
+        ["task=predictor_ft"],
+        "task predictor_ft does not apply: method dino: it has no predictor",
+    ),
+    "mrr named": (["task=mrr"], "task mrr does not apply: method dino: it has no predictor and no masks"),
+}
+
+
+@pytest.mark.parametrize("case", list(DINO_CONFIG))
+def test_bad_dino_configuration(capsys, here, case):
+    args, message = DINO_CONFIG[case]
+    refused(capsys, here, [*DINO_FAST, *args], message)
+
+
 # --- data folders -----------------------------------------------------------------------------
 def image(path, mode="RGB", size=(40, 36), seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)

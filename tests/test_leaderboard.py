@@ -133,6 +133,23 @@ def test_spectrum_plot_and_correlations(results, tmp_path):
     assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_method_without_a_world_model_is_a_reference_band_on_the_spectrum(results, tmp_path):
+    """DINO has linear-probe records and no MRR: not a point (no x), a band on the linear panel;
+    the correlations stay those of the runs with MRR."""
+    for seed, top1 in enumerate([90.0, 91.0, 92.0]):
+        write_record(results / "a" / f"dino-s{seed}", record(f"dino-s{seed}", "dino", "linear", seed, {"top1": top1}))
+    frame = lb.load_frame([results], since="2026-01-01")
+    points, references = spectrum.spectrum_points(frame), spectrum.spectrum_references(frame)
+    assert len(points) == 6 and "dino" not in points.index.get_level_values("preset")
+    assert list(references.index.get_level_values("preset")) == ["dino"] * 3
+    assert references[("linear", "top1")].tolist() == [90.0, 91.0, 92.0]
+    assert ("predictor_ft", "top1") not in references.columns or references[("predictor_ft", "top1")].isna().all()
+    without = spectrum.spectrum_plot(points, tmp_path / "without.png")
+    with_band = spectrum.spectrum_plot(points, tmp_path / "with.png", references)
+    assert with_band == without
+    assert (tmp_path / "with.png").read_bytes() != (tmp_path / "without.png").read_bytes()
+
+
 def test_headline_mapping():
     assert lb.headline_metric("mrr") == "mrr" and lb.headline_metric("ade20k") == "miou"
     assert lb.headline_metric("linear") == "top1" and lb.headline_metric("predictor_ft") == "top1"

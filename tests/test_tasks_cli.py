@@ -80,7 +80,9 @@ def test_a_task_set_skips_what_does_not_apply_and_says_why(tmp_path, monkeypatch
 
 
 # A paper preset is for the paper's 224 px; at the built-in 64 px its encoder's patches may not fit.
-PAPER_PRESETS = {"ijepa_vith14", "iwm_inv_12_384", "iwm_equi_18_384", "iwm_equi_36_512", "mae_paper"}
+PAPER_PRESETS = {"ijepa_vith14", "iwm_inv_12_384", "iwm_equi_18_384", "iwm_equi_36_512", "mae_paper", "dino_vits16"}
+# Methods without a predictor: task=all skips the predictor tasks and MRR, saying why.
+NO_PREDICTOR = {"dino", "dino_vits16"}
 
 
 def test_every_method_preset_passes_the_checks_of_task_all_with_its_defaults(tmp_path, monkeypatch):
@@ -95,7 +97,13 @@ def test_every_method_preset_passes_the_checks_of_task_all_with_its_defaults(tmp
         size = ["data.image_size=224"] if preset in PAPER_PRESETS else []
         plan = plan_run(load_config([f"method={preset}", "task=all", f"run_dir={tmp_path / preset}", *size]))
         assert plan.task_names[0] == "linear" and "ade20k" in plan.task_names, preset
-        assert "predictor_ft" in plan.task_names and "multitask" in plan.task_names, preset
+        if preset in NO_PREDICTOR:
+            assert {"knn", "attentive", "encoder_ft"} <= set(plan.task_names), preset
+            predictor_tasks = {"predictor_ft", "predictor_ft_random", "end_to_end", "multitask", "mrr"}
+            assert set(plan.skipped) == predictor_tasks and not predictor_tasks & set(plan.task_names), preset
+            assert all("has no predictor" in why for why in plan.skipped.values()), plan.skipped
+        else:
+            assert "predictor_ft" in plan.task_names and "multitask" in plan.task_names, preset
 
 
 def test_an_attentive_head_takes_the_heads_of_the_network_behind_its_tokens(tmp_path, monkeypatch):

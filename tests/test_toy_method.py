@@ -77,7 +77,7 @@ def test_toy_method_pretrains_and_runs_every_task_that_applies(registered, tmp_p
         task.check(toy)
         metrics = task.run(toy.eval(), ctx)
         ran[name] = headline({"task": name, "metrics": metrics})
-    assert skipped == {"mrr": "method toy: it has no target encoder"}
+    assert skipped == {"mrr": "method toy: it has no target encoder and no masks"}
     assert set(ran) == set(TASKS) - {"mrr"}
     for name, (metric, value) in ran.items():
         assert value is not None and math.isfinite(value), name

@@ -48,7 +48,8 @@ def cmd_leaderboard(args) -> int:
     points = spectrum.spectrum_points(frame, by=args.by)
     if not points.empty and len(points.columns) > 1:
         figures.append(out_dir / "spectrum.png")
-        for what, r in spectrum.spectrum_plot(points, figures[-1]).items():
+        references = spectrum.spectrum_references(frame, by=args.by)
+        for what, r in spectrum.spectrum_plot(points, figures[-1], references).items():
             if r == r:  # defined: 3 or more runs with a spread
                 out.print(
                     f"correlation of mrr with {what}: {r:+.2f} over {len(points)} runs", highlight=False, markup=False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import pickletools
@@ -101,7 +102,8 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     _check_crc(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for torn, foreign or code-carrying files
         code = _code_objects(path)
         if not code:
@@ -121,9 +123,32 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
 
 
-# Globals a checkpoint's pickle may name: torch's tensor rebuilders and storages, and the
-# containers and numbers the weights-only loader accepts.
-SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "_codecs.encode")
+# Globals a checkpoint's pickle may name: torch's tensor rebuilders and storages, the containers
+# and numbers the weights-only loader accepts, and what official training checkpoints hold
+# besides (DINO's): their command-line arguments (argparse.Namespace, an attribute bag) and numpy
+# scalars (a dtype and raw bytes; the optimizer's lr and weight decay come from numpy schedules).
+SAFE_GLOBALS = (
+    "torch.",
+    "collections.OrderedDict",
+    "builtins.set",
+    "builtins.frozenset",
+    "_codecs.encode",
+    "argparse.Namespace",
+    "numpy.dtype",
+    "numpy.dtypes.",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar",
+)
+
+
+def _data_globals() -> list:
+    """The classes and functions behind SAFE_GLOBALS' non-torch names, for torch's weights-only
+    unpickler (numpy 1 spells its scalar rebuilder numpy.core, numpy 2 numpy._core)."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [argparse.Namespace, np.dtype, multiarray.multiarray.scalar, *dtypes]
 
 
 def _code_objects(path: Path) -> list[str]:

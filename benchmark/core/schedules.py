@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine(step: int, total: int, warmup: int, start: float, peak: float, final: float) -> float:
-    """Linear warmup start -> peak over `warmup` steps, then cosine peak -> final at `total`."""
+def warmup_cosine(
+    step: int, total: int, warmup: int, start: float, peak: float, final: float, reach_peak: bool = False
+) -> float:
+    """Linear warmup start -> peak over `warmup` steps, then cosine peak -> final at `total`.
+
+    The warmup's last step is one short of the peak (I-JEPA, MAE: the cosine's first step is the
+    peak), or with `reach_peak` the peak itself (DINO's np.linspace, both ends included).
+    """
     if step < warmup:
+        if reach_peak:
+            return start if warmup == 1 else start + (peak - start) * step / (warmup - 1)
         return start + (peak - start) * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
