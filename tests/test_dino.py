@@ -245,3 +245,60 @@ def test_a_bench_checkpoint_exports_to_the_official_layouts(bench, tmp_path):
         bench("run", *knn, f"checkpoint={checkpoint}", f"run_dir={name}", check=0)
         tops.append(json.loads((tmp_path / name / "records" / "knn.json").read_text())["metrics"]["top1"])
     assert tops[0] == tops[1] == tops[2]
+
+
+# 32 images of 32 px, batch 8: 4 steps per epoch, 8 in all; the checkpoint after step 3 sits in
+# the epoch whose last layer is frozen, the resumed steps run in the next.
+KILL_RUN = [
+    "method=dino",
+    "model=vit_micro",
+    "model.depth=1",
+    "model.embed_dim=48",
+    "model.patch_size=4",
+    "method.head.out_dim=32",
+    "method.head.hidden_dim=32",
+    "method.local_crops.size=16",
+    "method.local_crops.number=2",
+    "data.image_size=32",
+    "data.num_train=32",
+    "data.num_val=16",
+    "pretrain.batch_size=8",
+    "pretrain.epochs=2",
+    "pretrain.warmup_epochs=1",
+    "pretrain.bf16=false",
+    "pretrain.log_every=1",
+    "pretrain.checkpoint_every=3",
+    "task=none",
+    "progress=false",
+]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, cache_dir):
+    """The teacher, the centre and the epoch-dependent settings survive a kill mid-run."""
+    import os
+    import subprocess
+    import sys
+
+    def run(folder: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        env = dict(os.environ, BENCH_CACHE=str(cache_dir), BENCH_FAULT_SIGNAL="KILL")
+        env.pop("BENCH_FAULT", None)
+        if fault:
+            env["BENCH_FAULT"] = fault
+        command = [sys.executable, "-m", "benchmark.cli", "run", *KILL_RUN, f"run_dir={folder}", *extra]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    assert run("straight").returncode == 0
+    killed = run("killed", fault="step:5")
+    assert killed.returncode == -9, killed.stderr
+    assert ckpt.load(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 3
+    resumed = run("killed", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = ckpt.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    got = ckpt.load(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert got["step"] == straight["step"] == 8
+    for key, value in straight["method"]["weights"].items():
+        assert torch.equal(got["method"]["weights"][key], value), key
+    assert straight["method"]["weights"]["center"].abs().sum() > 0
+    log = (tmp_path / "straight" / "train_log.jsonl").read_text()
+    assert (tmp_path / "killed" / "train_log.jsonl").read_text() == log
