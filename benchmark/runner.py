@@ -1,7 +1,10 @@
 """One run: checks, then pretraining (or a checkpoint), then each task, each ending in a record.
 
 `plan_run` does every check that can fail on the user's input (names, data folders, checkpoint,
-architecture) and writes nothing; `execute` does the compute. The CLI maps errors raised by
+architecture) and writes nothing. It builds no model: the method it checks against is built on
+the meta device and a checkpoint is read memory-mapped, so planning costs neither the weights'
+memory nor their initialisation. `execute` builds or loads the method for real and does the
+compute. The CLI maps errors raised by
 `plan_run` to exit code 2.
 """
 
@@ -59,6 +62,8 @@ class Plan:
     run_dir: Path
     source: DataSource
     device: torch.device
+    # On the meta device while planned (shapes and capabilities, no weights); execute replaces it
+    # by the real one (`materialize`).
     method: Method
     checkpoint_path: Path | None
     # The encoder tasks evaluate: checkpoint_key, or the method's default when it is null.
@@ -135,8 +140,8 @@ def _check_resume(run_dir: Path, config: dict) -> None:
         raise ckpt.foreign_run(last, writer, config["method"]["name"])
 
 
-def _load_checkpoint_method(cfg: DictConfig, path: Path) -> Method:
-    state = ckpt.load(path)
+def _load_checkpoint_method(cfg: DictConfig, path: Path, planning: bool = False) -> Method:
+    state = ckpt.load(path, mmap=planning)
     if official.layout_of(state) != "bench":
         return official.method_from_official(state, path, cfg)
     method_state = state["method"]
@@ -154,8 +159,15 @@ def _load_checkpoint_method(cfg: DictConfig, path: Path) -> Method:
     return method_from_state(method_state)
 
 
-def plan_run(cfg: DictConfig) -> Plan:
-    """Everything that can be checked before compute; raises ConfigError/DataError/CheckpointError."""
+def plan_run(cfg: DictConfig, verify_checkpoint: bool = True, allow_empty: bool = False) -> Plan:
+    """Everything that can be checked before compute; raises ConfigError/DataError/CheckpointError.
+
+    A checkpoint is loaded and checked to its last byte here (`verify_checkpoint`), so a corrupt
+    file is refused before anything is written, and the run uses what was loaded. A plan made
+    only to submit the run elsewhere (a sweep, a SLURM launcher) reads the file's names and shapes
+    memory-mapped instead: the job plans again, verifying, where it runs. `allow_empty`: a plan
+    made only to ask which tasks apply (a sweep cell) may have nothing to run.
+    """
     if cfg.method.name not in METHODS:
         raise ConfigError(f"unknown method {cfg.method.name!r} (known: {', '.join(sorted(METHODS))})")
     for name in cfg.tasks:
@@ -182,16 +194,11 @@ def plan_run(cfg: DictConfig) -> Plan:
     control = resolve_control(cfg)
     config["control"] = control  # recorded as resolved, like checkpoint_key
     checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
-    torch.manual_seed(cfg.seed)
-    try:
-        if checkpoint_path is not None:
+    if checkpoint_path is not None and verify_checkpoint:
+        with building(cfg):
             method = _load_checkpoint_method(cfg, checkpoint_path)
-        else:
-            method = build_method(cfg.method.name, config["model"], config["method"], cfg.data.image_size)
-    except (ValueError, KeyError) as exc:
-        if isinstance(exc, (CheckpointError, DataError)):
-            raise
-        raise ConfigError(f"cannot build method {cfg.method.name}: {exc}") from None
+    else:
+        method = planned_method(cfg, config, checkpoint_path)
     tasks, skipped = [], {}
     if cfg.data.kind == "builtin":
         sizes = {"train": cfg.data.num_train, "val": cfg.data.num_val}
@@ -217,7 +224,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         except ValueError as exc:
             raise ConfigError(str(exc) if isinstance(exc, ConfigError) else f"tasks.{name}: {exc}") from None
         tasks.append(name)
-    if not tasks and not (cfg.pretrain.epochs > 0 and not cfg.checkpoint):
+    if not tasks and not allow_empty and not (cfg.pretrain.epochs > 0 and not cfg.checkpoint):
         raise ConfigError(
             "nothing to run: no task applies and there is no pretraining "
             f"(task={cfg.choices.task}, checkpoint={cfg.checkpoint}, pretrain.epochs={cfg.pretrain.epochs})"
@@ -249,6 +256,46 @@ def plan_run(cfg: DictConfig) -> Plan:
     return Plan(
         cfg, config, run_dir, source, device, method, checkpoint_path, encoder_key, tasks, skipped, finished, control
     )
+
+
+def planned_method(cfg: DictConfig, config: dict, checkpoint_path: Path | None) -> Method:
+    """The method as `execute` will build it, on the meta device: its geometry, capabilities and
+    sizes without weights, initialisation or memory. A checkpoint is read memory-mapped and
+    checked by names and shapes; its bytes stay on disk (a sweep over multi-GB checkpoints plans
+    on a login node). The global RNG is left as it was."""
+    with building(cfg), torch.random.fork_rng(devices=[]), torch.device("meta"):
+        if checkpoint_path is not None:
+            return _load_checkpoint_method(cfg, checkpoint_path, planning=True)
+        return build_method(cfg.method.name, config["model"], config["method"], cfg.data.image_size)
+
+
+@contextmanager
+def building(cfg: DictConfig):
+    """A method that cannot be built from these settings is a config error (exit 2)."""
+    try:
+        yield
+    except (ValueError, KeyError) as exc:
+        if isinstance(exc, (CheckpointError, DataError)):
+            raise
+        raise ConfigError(f"cannot build method {cfg.method.name}: {exc}") from None
+
+
+def is_planned(method: Method) -> bool:
+    """Whether a method is a planning build (meta device, no weights)."""
+    return any(p.is_meta for p in method.parameters())
+
+
+def materialize(plan: Plan) -> Method:
+    """The plan's method for real: built from the run's seed (the weights pretraining starts from
+    and the random-init control rebuilds), or loaded from its checkpoint, every value checked;
+    a checkpoint that planning loaded already is used as it is."""
+    cfg = plan.cfg
+    torch.manual_seed(cfg.seed)
+    if not is_planned(plan.method):
+        return plan.method
+    if plan.checkpoint_path is not None:
+        return _load_checkpoint_method(cfg, plan.checkpoint_path)
+    return build_method(cfg.method.name, plan.config["model"], plan.config["method"], cfg.data.image_size)
 
 
 def checkpoint_bytes(method: Method) -> int:
@@ -315,6 +362,7 @@ def execute(plan: Plan) -> list[dict]:
     cfg = plan.cfg
     use_threads(cfg.threads)
     world, plan.device = distributed.setup(plan.device)
+    plan.method = materialize(plan)
     if world.active:
         # Every rank has planned (and checked the folder) before rank 0 creates it; a default
         # folder name holds a timestamp, so rank 0's is the one.

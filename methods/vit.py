@@ -50,7 +50,8 @@ def rescale_residual_branches(blocks: nn.ModuleList) -> None:
 
 
 def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    # On the CPU whatever the default device (a planning build on the meta device has no data).
+    rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm) for rate in rates
     )

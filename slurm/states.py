@@ -124,8 +124,12 @@ def _job_state(job: dict, slurm: dict[str, str]) -> tuple[str, str]:
 
 
 def unit_states(sweep_dir: Path, manifest: dict) -> list[UnitState]:
-    """Every unit of the sweep, cells in order, pretraining first."""
-    units = [(cell, unit) for cell, spec in manifest["cells"].items() for unit in [PRETRAIN, *spec["tasks"]]]
+    """Every unit of the sweep, cells in order, pretraining first (none for a cell given a checkpoint)."""
+    units = [
+        (cell, unit)
+        for cell, spec in manifest["cells"].items()
+        for unit in [*([] if spec.get("checkpoint") else [PRETRAIN]), *spec["tasks"]]
+    ]
     jobs = manifest["jobs"]
     slurm = slurm_states(
         sorted({jobs[f"{c}/{u}"]["job_id"] for c, u in units if f"{c}/{u}" in jobs and "job_id" in jobs[f"{c}/{u}"]})

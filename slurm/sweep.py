@@ -8,6 +8,8 @@ or, for cells that need different tasks, a list of blocks instead of grid:
     grids:      [{grid: {...}, tasks: [...]}, ...]; a block without tasks takes the top-level ones
 Each cell is one pretraining job; its tasks form one job array that starts only after the
 pretraining job succeeded (sbatch --dependency=afterok), so nothing waits on the login node.
+A cell given a checkpoint (`checkpoint=PATH` in the grid or the overrides: a released file, or
+one of ours) has no pretraining: its tasks evaluate that file at once.
 
 Sweep folder:
     <sweep_dir>/sweep.json              cells, their overrides, and every job submitted
@@ -65,6 +67,8 @@ class Cell:
     tasks: list[str]
     # The sweep's tasks that do not apply to this cell's method -> why.
     skipped: dict[str, str] = field(default_factory=dict)
+    # The checkpoint its tasks evaluate instead of a pretraining of their own, if given.
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -161,15 +165,30 @@ def load_sweep(name_or_path: str, args: list[str]) -> Sweep:
         raise ConfigError(f"sweeps run with launcher=local or launcher=slurm, got launcher={launcher['name']}")
     shared = [str(o) for o in spec.get("overrides") or []] + cell_args
     for override in shared:
-        if override.partition("=")[0] in ("task", "run_dir", "resume", "checkpoint", "launcher"):
+        if override.partition("=")[0] in ("task", "run_dir", "resume", "launcher"):
             raise ConfigError(f"override {override!r} is set by the sweep itself (tasks: in the sweep file)")
     cells, seen = [], set()
+    # Cells that differ only in their seed plan alike (a seed is the RNG's, no check reads it):
+    # each distinct cell is planned once, its seeds replicate the answer.
+    planned: dict[tuple, tuple[list[str], dict[str, str]]] = {}
     for grid, block_tasks in blocks:
         for name, overrides in expand_grid(grid, shared):
             if name in seen:
                 raise ConfigError(f"sweep {path.stem}: two blocks of grids: make the same cell {name!r}")
             seen.add(name)
-            cells.append(Cell(name, overrides, *_applicable_tasks(overrides, block_tasks)))
+            given = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "checkpoint"]
+            checkpoint = str(Path(given[-1]).expanduser().absolute()) if given and given[-1] != "null" else None
+            cell_overrides = [o for o in overrides if o.partition("=")[0] != "checkpoint"]
+            if checkpoint and not block_tasks:
+                raise ConfigError(f"sweep {path.stem}: cell {name} evaluates checkpoint={given[-1]} but has no tasks")
+            seeds = [o.partition("=")[2] for o in cell_overrides if o.partition("=")[0] == "seed"]
+            if seeds and not seeds[-1].isdigit():
+                raise ConfigError(f"sweep {path.stem}: cell {name}: seed must be an integer >= 0, got {seeds[-1]}")
+            key = (*(o for o in cell_overrides if o.partition("=")[0] != "seed"), checkpoint, *block_tasks)
+            if key not in planned:
+                planned[key] = _applicable_tasks(cell_overrides, block_tasks, checkpoint)
+            kept, skipped = planned[key]
+            cells.append(Cell(name, cell_overrides, list(kept), dict(skipped), checkpoint))
     tasks = list(dict.fromkeys(t for _, block_tasks in blocks for t in block_tasks))
     sweep_dir = Path(spec.get("sweep_dir") or Path("results") / "sweeps" / path.stem).expanduser().absolute()
     return Sweep(path.stem, sweep_dir, cells, launcher, tasks)
@@ -200,9 +219,18 @@ def _blocks(spec: dict, tasks: list[str], path: Path) -> list[tuple[dict, list[s
     return out
 
 
-def _applicable_tasks(overrides: list[str], tasks: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Check the cell the way `bench run` would: (the tasks that apply to its method, the others -> why)."""
-    plan = plan_run(load_config([*overrides_for(overrides, None), "task=none"]))
+def _applicable_tasks(
+    overrides: list[str], tasks: list[str], checkpoint: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Check the cell the way `bench run` would: (the tasks that apply to its method, the others -> why).
+
+    The method is planned on the meta device and a checkpoint read by its names and shapes only:
+    its bytes are read and verified by the jobs that run (a sweep over multi-GB checkpoints plans
+    on a login node in seconds; docs/sweeps.md).
+    """
+    given = [f"checkpoint={checkpoint}"] if checkpoint else []
+    cfg = load_config([*overrides_for(overrides, None), *given, "task=none"])
+    plan = plan_run(cfg, verify_checkpoint=False, allow_empty=True)
     kept, skipped = [], {}
     for task in tasks:
         cfg = load_config(overrides_for(overrides, task) + [f"task={task}"])
@@ -234,7 +262,9 @@ def _new_manifest(sweep: Sweep) -> dict:
         "name": sweep.name,
         "launcher": sweep.launcher,
         "tasks": sweep.tasks,
-        "cells": {c.name: {"overrides": c.overrides, "tasks": c.tasks} for c in sweep.cells},
+        "cells": {
+            c.name: {"overrides": c.overrides, "tasks": c.tasks, "checkpoint": c.checkpoint} for c in sweep.cells
+        },
         "jobs": {},
     }
 
@@ -246,13 +276,13 @@ def _merge_manifest(sweep: Sweep) -> dict:
     manifest = read_manifest(sweep.sweep_dir)
     for cell in sweep.cells:
         old = manifest["cells"].get(cell.name)
-        if old is not None and old["overrides"] != cell.overrides:
-            changed = sorted(set(old["overrides"]) ^ set(cell.overrides))
+        if old is not None and (old["overrides"], old.get("checkpoint")) != (cell.overrides, cell.checkpoint):
+            changed = sorted(set(old["overrides"]) ^ set(cell.overrides)) or [f"checkpoint={cell.checkpoint}"]
             raise ConfigError(
                 f"{sweep.sweep_dir} already holds cell {cell.name} with other settings "
                 f"({', '.join(changed[:4])}): choose another sweep_dir"
             )
-        manifest["cells"][cell.name] = {"overrides": cell.overrides, "tasks": cell.tasks}
+        manifest["cells"][cell.name] = {"overrides": cell.overrides, "tasks": cell.tasks, "checkpoint": cell.checkpoint}
     manifest["launcher"] = sweep.launcher
     return manifest
 
@@ -267,7 +297,7 @@ def unit_job(sweep: Sweep, unit: str) -> SweepJob:
     run_dir = unit_dir(sweep.sweep_dir, unit)
     if what == PRETRAIN:
         return SweepJob(cell.overrides, str(run_dir))
-    checkpoint = unit_dir(sweep.sweep_dir, f"{cell_name}/{PRETRAIN}") / "checkpoints" / LAST
+    checkpoint = cell.checkpoint or unit_dir(sweep.sweep_dir, f"{cell_name}/{PRETRAIN}") / "checkpoints" / LAST
     return SweepJob(cell.overrides, str(run_dir), task=what, checkpoint_path=str(checkpoint))
 
 
@@ -289,6 +319,14 @@ def needs_submission(st: UnitState, retry: bool) -> bool:
 
 def decide(cell: Cell, states: dict[str, UnitState], retry: bool) -> Decision:
     """What to submit for one cell, given the state of its units."""
+    if cell.checkpoint:  # nothing to wait for
+        tasks = [t for t in cell.tasks if needs_submission(states[f"{cell.name}/{t}"], retry)]
+        left = [
+            f"{states[f'{cell.name}/{t}'].unit}: {states[f'{cell.name}/{t}'].state}"
+            for t in cell.tasks
+            if t not in tasks
+        ]
+        return Decision(False, None, tasks, left)
     pre = states[f"{cell.name}/{PRETRAIN}"]
     submit_pre = needs_submission(pre, retry)
     skipped = [] if submit_pre else [f"{pre.unit}: {pre.state}"]

@@ -13,7 +13,7 @@ from benchmark.config import load_config
 from benchmark.formats import to_markdown
 from benchmark.leaderboard import board, load_frame
 from benchmark.records import read_records
-from benchmark.runner import control_method, plan_run
+from benchmark.runner import control_method, materialize, plan_run
 
 TASKS = ["tasks.linear.epochs=2"]
 
@@ -25,7 +25,8 @@ def _records(run_dir):
 def test_control_weights_are_the_weights_pretraining_starts_from(tmp_path, cache_dir):
     cfg = load_config([*TINY, f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", "control=true"])
     plan = plan_run(cfg)
-    before = {k: v.clone() for k, v in plan.method.state_dict().items()}
+    assert plan.method.encoder.patch_embed.proj.weight.is_meta  # planning builds no weights
+    before = {k: v.clone() for k, v in materialize(plan).state_dict().items()}
     control = control_method(plan)
     after = control.state_dict()
     assert before.keys() == after.keys()

@@ -15,8 +15,10 @@ def cmd_run(overrides: list[str]) -> int:
 
     try:
         runs = seed_overrides(load_config(overrides), overrides)
-        # Every seed's run is checked before the first one computes.
-        plans = [(own, plan_run(load_config(own))) for own in runs]
+        # Every seed's run is checked before the first one computes; a run submitted elsewhere
+        # reads its checkpoint's names and shapes only (the job verifies it where it runs).
+        configs = [(own, load_config(own)) for own in runs]
+        plans = [(own, plan_run(cfg, verify_checkpoint=cfg.launcher.name == "local")) for own, cfg in configs]
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     if all(plan.finished for _, plan in plans):

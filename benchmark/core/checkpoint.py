@@ -92,18 +92,24 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint without executing any pickled code, after checking its CRCs."""
+def load(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint without executing any pickled code, after checking its CRCs.
+
+    With `mmap` (planning a run: shapes and settings, no weights) the tensors stay on disk until
+    touched and the CRCs, whose check reads every byte, are left to the full load that follows.
+    """
     path = Path(path)
     if path.is_dir():
         hint = f" (a run folder's is {path / 'checkpoints' / 'last.pt'})" if (path / "checkpoints").is_dir() else ""
         raise CheckpointError(f"checkpoint {path} is a folder, not a file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    _check_crc(path)
+    if not mmap:
+        _check_crc(path)
     try:
         with torch.serialization.safe_globals(_data_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # torch memory-maps zip-format files only; a legacy-format file is small and read whole.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for torn, foreign or code-carrying files
         code = _code_objects(path)
         if not code:
@@ -217,7 +223,11 @@ def _check_crc(path: Path) -> None:
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict that refuses missing, unexpected and mis-shaped keys, naming them."""
+    """load_state_dict that refuses missing, unexpected and mis-shaped keys, naming them.
+
+    A module on the meta device (a run being planned) gets the key and shape checks only: it has
+    no storage to load into, and the values are checked when the run loads them for real.
+    """
     own = module.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
@@ -233,6 +243,8 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], what
     ]
     if problems:
         raise CheckpointError(f"{what} does not match the model: {'; '.join(problems)}")
+    if any(t.is_meta for t in own.values()):
+        return
     non_finite = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
         raise CheckpointError(f"{what} holds NaN or inf in {len(non_finite)} tensors: {', '.join(non_finite[:4])}")
