@@ -2,11 +2,14 @@
 
 A tiny sweep goes through pretraining -> dependent evaluation array -> leaderboard; a resubmission
 submits nothing; a job sent the preemption signal mid-pretraining is checkpointed at that step,
-requeued, and ends with the same records as its uninterrupted twin.
+requeued, and ends with the same records as its uninterrupted twin, also when the signal reaches
+only one task of a 2-task (data-parallel) job.
 """
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -215,3 +218,64 @@ def test_a_two_task_job_pretrains_data_parallel_like_one_process(bench, tmp_path
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     rec = json.loads((tmp_path / "two" / "records" / "linear.json").read_text())
     assert rec["status"] == "ok"
+
+
+def rank_pid(job_id: str, rank: int, timeout: float = 120) -> int:
+    """The PID of one task (global rank) of a running job, from `scontrol listpids`: the lowest PID
+    of the task is its process, higher ones are its children (loader workers)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        listed = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True).stdout
+        pids = [
+            int(cols[0])
+            for cols in (line.split() for line in listed.splitlines()[1:])
+            if len(cols) >= 5 and cols[4] == str(rank)
+        ]
+        if pids:
+            return min(pids)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} has no task of rank {rank}")
+
+
+def test_one_task_of_a_two_task_job_preempted_resumes_to_the_uninterrupted_result(bench, tmp_path):
+    """SLURM's preemption signal (USR2) reaches one task of a 2-task I-JEPA pretraining job: both
+    ranks stop at the same step, rank 0 checkpoints and requeues the job, which resumes; records
+    and train log equal the same 2-task job run uninterrupted."""
+    two = [LAUNCHER, "launcher.tasks_per_node=2"]
+    twin, hit = tmp_path / "twin", tmp_path / "preempted"
+    bench("sweep", "ci_preempt", *two, f"sweep_dir={twin}", check=0)
+    twin_states = wait_for_sweep(bench, twin, timeout=900)
+    bench("sweep", "ci_preempt", *two, f"sweep_dir={hit}", check=0)
+    unit = "ijepa_seed3/pretrain"
+    job_id = manifest(hit)["jobs"][unit]["job_id"]
+    log = hit / "ijepa_seed3.pretrain" / "train_log.jsonl"
+    deadline = time.time() + 600
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert time.time() < deadline, "the pretraining job never started"
+        time.sleep(0.5)
+    os.kill(rank_pid(job_id, 1), signal.SIGUSR2)  # rank 1 only; rank 0 hears it from rank 1
+
+    states = wait_for_sweep(bench, hit, timeout=900)
+    out = Path(manifest(hit)["jobs"][unit]["log"]).with_suffix(".out").read_text()
+    stopped = [line for line in out.splitlines() if line.startswith("preempted: pretraining stopped")]
+    assert stopped, out
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 2 <= step < 30
+    restarts = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True
+    ).stdout.split()
+    assert "REQUEUED" in restarts or len(restarts) > 1, restarts
+    ntasks = subprocess.run(
+        ["sacct", "-n", "-P", "-o", "NTasks", "-j", f"{job_id}.0"], capture_output=True, text=True
+    ).stdout.split()
+    assert ntasks and ntasks[0] == "2", ntasks
+    for task in ("pretrain", "linear"):
+        a, b = states[f"ijepa_seed3/{task}"].record, twin_states[f"ijepa_seed3/{task}"].record
+        assert a["status"] == b["status"] == "ok"
+        keep = ("train_seconds", "images_per_second", "checkpoint")
+        assert {k: v for k, v in a["metrics"].items() if k not in keep} == {
+            k: v for k, v in b["metrics"].items() if k not in keep
+        }
+    twin_log = twin / "ijepa_seed3.pretrain" / "train_log.jsonl"
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert losses == [json.loads(line)["loss"] for line in twin_log.read_text().splitlines()]  # each step once
