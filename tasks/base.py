@@ -117,21 +117,23 @@ class TaskContext:
                 bar.advance()
         encoder.train(was_training)
 
-    def _extract(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Float32 tokens of one batch, with the float32 attention kernel of the run's setting."""
+    def _extract(self, encoder: nn.Module, images: torch.Tensor, features=None) -> torch.Tensor:
+        """Float32 tokens of one batch (or `features(images)`, another output of the same encoder),
+        with the float32 attention kernel of the run's setting."""
         restore = use_attention(encoder, self.attention, self.device, bf16=False)
         try:
-            return encoder(to_device(images, self.device)).float().cpu()
+            return (features or encoder)(to_device(images, self.device)).float().cpu()
         finally:
             restore()
 
-    def pooled_features(self, method: Method, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Average-pooled last-layer tokens of the frozen eval encoder over a split, computed once.
+    def pooled_features(self, method: Method, split: str, pool: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """One feature per image of a split from the frozen eval encoder, computed once: the
+        last-layer patch tokens' mean, or another of the method's `probe_pools` (a cls token).
 
-        Every frozen-feature probe of a run shares this extraction (and the token cache's).
+        Every frozen-feature probe of a run shares this extraction (the mean also the token cache's).
         """
-        key = (id(method), self.encoder_key, split)
-        tokens = self.frozen_tokens(method, split)
+        key = (id(method), self.encoder_key, split, pool)
+        tokens = self.frozen_tokens(method, split) if pool == "mean" else None
         if tokens is not None and key not in self._features:
             self._features[key] = (tokens.mean(dim=1), self.labels(split)[0])
         if key not in self._features:
@@ -141,11 +143,23 @@ class TaskContext:
             with torch.no_grad(), progress_bar(f"features {split}", len(loader), enabled=self.show_progress) as bar:
                 for batch in loader:
                     batch = to_device(batch, self.device)
-                    feats.append(self._extract(encoder, batch["images"]).mean(dim=1))
+                    if pool == "mean":
+                        feats.append(self._extract(encoder, batch["images"]).mean(dim=1))
+                    else:
+                        feats.append(
+                            self._extract(
+                                encoder, batch["images"], lambda x: method.probe_features(x, self.encoder_key, pool)
+                            )
+                        )
                     labels.append(batch["labels"].cpu())
                     bar.advance()
             self._features[key] = (torch.cat(feats), torch.cat(labels))
         return self._features[key]
+
+
+# A frozen-feature probe's feature: the patch tokens' mean, the cls token, or what the method's
+# own paper reads (`Method.probe_pool`).
+POOLS = ("mean", "cls", "method")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from benchmark.core.errors import ConfigError
 from benchmark.core.stats import Evidence
-from tasks.base import Number, Numbers, Task, TaskContext
+from tasks.base import POOLS, Choice, Number, Numbers, Task, TaskContext
 
 # Val images per block of the similarity matrix: bounds its memory to CHUNK x train images.
 CHUNK = 1024
@@ -56,12 +56,23 @@ class KNNClassifier(Task):
         "ks": Numbers(Number(1, integer=True)),
         "k": Number(1, integer=True),
         "temperature": Number(0, low_open=True),
+        "pool": Choice(POOLS),
     }
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         if self.cfg["k"] not in self.cfg["ks"]:
             raise ConfigError(f"tasks.knn.k={self.cfg['k']} (the headline) must be one of ks={self.cfg['ks']}")
+
+    def pool(self, method) -> str:
+        return method.probe_pool if self.cfg["pool"] == "method" else self.cfg["pool"]
+
+    def check(self, method) -> None:
+        if self.pool(method) not in method.probe_pools:
+            raise ConfigError(
+                f"tasks.knn.pool={self.cfg['pool']}: method {method.name} has no {self.pool(method)} feature "
+                f"(it offers {', '.join(method.probe_pools)})"
+            )
 
     def check_data(self, source, sizes: dict[str, int]) -> None:
         # Larger ks than there are train images are left out of the record (and listed there);
@@ -73,8 +84,9 @@ class KNNClassifier(Task):
 
     def run(self, method, ctx: TaskContext) -> dict:
         cfg = self.cfg
-        x_train, y_train = ctx.pooled_features(method, "train")
-        x_val, y_val = ctx.pooled_features(method, "val")
+        pool = self.pool(method)
+        x_train, y_train = ctx.pooled_features(method, "train", pool)
+        x_val, y_val = ctx.pooled_features(method, "val", pool)
         num_classes = int(max(y_train.max(), y_val.max())) + 1
         ks = sorted({k for k in cfg["ks"] if k <= len(x_train)})
         skipped = sorted({k for k in cfg["ks"] if k > len(x_train)})
@@ -94,6 +106,7 @@ class KNNClassifier(Task):
             "top5": per_k[str(cfg["k"])]["top5"],
             "k": cfg["k"],
             "temperature": cfg["temperature"],
+            "pool": pool,
             "per_k": per_k,
             # ks with more neighbours than train images: not evaluated.
             "ks_skipped": skipped,

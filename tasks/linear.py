@@ -33,7 +33,7 @@ from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import Evidence
 from benchmark.core.transforms import probe_transform
 from methods.base import Method
-from tasks.base import Choice, Flag, Number, Numbers, Task, TaskContext
+from tasks.base import POOLS, Choice, Flag, Number, Numbers, Task, TaskContext
 from tasks.core import HEAD_SEED, PRECISIONS, autocast, loss_summary, train
 
 
@@ -137,7 +137,6 @@ class BatchNormLinear(nn.Module):
 
 
 PROTOCOLS = ("grid", "streaming")
-POOLS = ("mean", "cls", "method")
 
 
 class LinearProbe(Task):
@@ -182,11 +181,6 @@ class LinearProbe(Task):
                 f"tasks.linear.pool={self.cfg['pool']}: method {method.name} has no {pool} feature "
                 f"(it offers {', '.join(method.probe_pools)})"
             )
-        if self.cfg["protocol"] == "grid" and pool != "mean":
-            raise ConfigError(
-                f"tasks.linear.pool={self.cfg['pool']} ({pool}): the grid protocol reads the cached "
-                f"patch tokens' mean; use tasks.linear.protocol=streaming for a {pool} probe"
-            )
         if self.cfg["protocol"] != "streaming":
             return
         scale = self.cfg["crop_scale"]
@@ -207,8 +201,9 @@ class LinearProbe(Task):
 
     def run_grid(self, method, ctx: TaskContext) -> dict:
         cfg = self.cfg
-        x_train, y_train = ctx.pooled_features(method, "train")
-        x_val, y_val = ctx.pooled_features(method, "val")
+        pool = self.pool(method)
+        x_train, y_train = ctx.pooled_features(method, "train", pool)
+        x_val, y_val = ctx.pooled_features(method, "val", pool)
         num_classes = int(max(y_train.max(), y_val.max())) + 1
         fit, held = holdout_split(len(x_train), cfg["heldout_fraction"], ctx.seed)
         if cfg["standardize"]:
@@ -243,7 +238,7 @@ class LinearProbe(Task):
             correct = (heads[best_index][2](x_val).argmax(dim=-1) == y_val).numpy()
         return {
             "protocol": "grid",
-            "pool": "mean",
+            "pool": pool,
             "evidence": Evidence("correct", {"correct": correct}, ctx.val_fingerprint()),
             "top1": best["val_top1"],
             "heldout_top1": best["heldout_top1"],

@@ -4,6 +4,8 @@ linear probe (LARS, BatchNorm head, cls or mean pooling) and MAE's finetuning re
 table, no final norm before the head). Their settings against the official code are checked in
 tests/test_official_mae_recipes.py."""
 
+import dataclasses
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -13,6 +15,7 @@ from benchmark.config import load_config
 from benchmark.core import synthetic
 from benchmark.core.data import DataSource
 from benchmark.core.errors import ConfigError
+from benchmark.core.loading import eval_loader
 from methods import build_method
 from tasks import build_task
 
@@ -64,13 +67,28 @@ def test_streaming_linear_probe_learns_the_colour_label_with_the_methods_own_poo
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_cls_pooling_is_refused_for_a_method_without_a_cls_token_and_for_the_grid():
+def test_cls_pooling_is_refused_for_a_method_without_a_cls_token():
     cfg, iwm = setup("iwm")
-    with pytest.raises(ConfigError, match="has no cls feature"):
+    with pytest.raises(ConfigError, match="tasks.linear.pool=cls: method iwm has no cls feature"):
         build_task("linear", dict(cfg["tasks"]["linear"], pool="cls")).check(iwm)
-    cfg, mae = setup("mae")
-    with pytest.raises(ConfigError, match="grid protocol reads"):
-        build_task("linear", dict(cfg["tasks"]["linear"], protocol="grid", pool="method")).check(mae)
+    with pytest.raises(ConfigError, match="tasks.knn.pool=cls: method iwm has no cls feature"):
+        build_task("knn", dict(cfg["tasks"]["knn"], pool="cls")).check(iwm)
+
+
+def test_the_shared_feature_cache_pools_the_cls_token_when_asked(probe_data, tmp_path):
+    """The grid probe and k-NN read `pool` from one cache: the cls features are the method's own
+    `probe_features`, the mean ones the patch tokens' mean; each extracted once per split."""
+    _, mae = setup("mae")
+    ctx = dataclasses.replace(context(probe_data, tmp_path), encoder_key="encoder")
+    cls, labels = ctx.pooled_features(mae, "val", "cls")
+    mean, same_labels = ctx.pooled_features(mae, "val", "mean")
+    assert cls.shape == mean.shape == (64, mae.token_dim) and torch.equal(labels, same_labels)
+    assert not torch.allclose(cls, mean)
+    assert ctx.pooled_features(mae, "val", "cls")[0] is cls  # computed once
+    batch = next(iter(eval_loader(probe_data.split("val"), SIZE, 16, 0)))
+    with torch.no_grad():
+        direct = mae.probe_features(batch["images"], "encoder", "cls")
+    torch.testing.assert_close(cls[:16], direct, rtol=1e-5, atol=1e-5)
 
 
 def test_mae_cls_and_mean_probe_features_differ_and_have_the_token_width():
