@@ -16,7 +16,7 @@ from benchmark.core.checkpoint import load_weights, strip_prefix
 from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import gather_tokens
 from benchmark.core.schedules import linear
-from benchmark.core.transforms import crop_transform
+from benchmark.core.transforms import INTERPOLATIONS, crop_transform
 from methods.base import Capabilities, Method, check_predictor
 from methods.losses import LATENT_LOSSES, ema_update, latent_regression
 from methods.masks import MaskConfig, MultiBlockMasker
@@ -80,6 +80,10 @@ class IJEPA(Method):
             where = f" (data.image_size={image_size}, model.patch_size={model_cfg['patch_size']})"
             raise ValueError(f"{exc}{where if 'grid' in str(exc) else ''}") from None
         check_predictor(method_cfg, model_cfg)
+        if method_cfg.get("interpolation", "bicubic") not in INTERPOLATIONS:
+            raise ValueError(
+                f"method.interpolation must be {' or '.join(INTERPOLATIONS)}, got {method_cfg['interpolation']!r}"
+            )
         if method_cfg["loss"] not in LATENT_LOSSES:
             raise ValueError(f"method.loss must be {', '.join(LATENT_LOSSES)}, got {method_cfg['loss']!r}")
         ema = method_cfg["ema"]
@@ -109,7 +113,10 @@ class IJEPA(Method):
         return encoder_levels(self.eval_encoder(key), images, blocks)
 
     def train_transform(self):
-        return crop_transform(self.image_size, self.method_cfg["crop_scale"], flip=self.method_cfg.get("flip", False))
+        c = self.method_cfg
+        return crop_transform(
+            self.image_size, c["crop_scale"], flip=c.get("flip", False), interpolation=c.get("interpolation", "bicubic")
+        )
 
     def collate(self, items: list) -> dict:
         views, labels, seeds = zip(*items)

@@ -140,3 +140,32 @@ def test_batched_photometric_matches_torchvision_view_by_view():
         assert torch.allclose(view, torchvision_chain(crop, p), atol=2e-5), p
     # One view at a time gives the same as the batch.
     assert torch.allclose(apply_photometric(crop, treatments[3]), batched[3], atol=1e-6)
+
+
+def test_the_paper_ijepa_crop_is_the_official_bilinear_one():
+    """ijepa_vith14's view is the official I-JEPA training transform (src/transforms.py with the
+    released config: RandomResizedCrop at torchvision's default bilinear resize, no flip, colour
+    or blur, then ToTensor and Normalize); the CPU preset keeps bicubic."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from benchmark.config import load_config
+    from benchmark.core.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from methods import build_method
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    official = T.Compose(
+        [T.RandomResizedCrop(56, scale=(0.3, 1.0)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+    views = {}
+    for preset in ("ijepa_vith14", "ijepa"):
+        cfg = load_config([f"method={preset}", "model=vit_micro", "data.image_size=56", "method.mask.min_keep=4"])
+        method = build_method("ijepa", OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method), 56)
+        torch.manual_seed(3)
+        views[preset] = method.train_transform()(image)
+    torch.manual_seed(3)
+    expected = official(image)
+    assert torch.equal(views["ijepa_vith14"], expected)
+    assert not torch.allclose(views["ijepa"], expected)

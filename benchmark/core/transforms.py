@@ -50,9 +50,13 @@ def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable:
     )
 
 
-def crop_transform(image_size: int, scale: Sequence[float], flip: bool = False) -> Callable:
-    """RandomResizedCrop (+ optional horizontal flip) to a normalised tensor."""
-    steps = [T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC)]
+def crop_transform(
+    image_size: int, scale: Sequence[float], flip: bool = False, interpolation: str = "bicubic"
+) -> Callable:
+    """RandomResizedCrop (+ optional horizontal flip) to a normalised tensor; `interpolation` is
+    one of INTERPOLATIONS (the official I-JEPA crop is torchvision's default, bilinear)."""
+    mode = T.InterpolationMode(interpolation)
+    steps = [T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=mode)]
     if flip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose([*steps, T.ToTensor(), normalize()])
