@@ -55,11 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         "every training-step case on top of the reference configuration.",
     )
     perf.add_argument("overrides", nargs="*")
-    perf.add_argument("--methods", default="ijepa,iwm,mae", help="comma-separated method presets of bench list")
+    perf.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method presets of bench list (default: ijepa,iwm,mae; with --data-path also dino)",
+    )
     perf.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both (default)")
+    perf.add_argument(
+        "--variants", default="eager,fast", help="of eager, fast, compiled (fast compiled); default eager,fast"
+    )
     perf.add_argument("--steps", type=int, default=10, help="timed steps per case")
     perf.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    perf.add_argument("--rounds", type=int, default=1, help="repeat all cases, interleaved")
+    perf.add_argument("--rounds", type=int, default=None, help="repeat all cases, interleaved (default 1; data path 3)")
     perf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     perf.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     perf.add_argument("--gpu-cases", action="store_true", help="ViT-B/16 224 px cases instead of the CPU ones")
@@ -79,9 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         "--official-ijepa",
         metavar="DIR",
         default=None,
-        help="a checkout of facebookresearch/ijepa: time its I-JEPA step against ours, side by side",
+        help="a checkout of facebookresearch/ijepa: time its I-JEPA step (data path: its pipeline) against ours",
     )
     perf.add_argument("--pairs", type=int, default=6, help="paired passes of ours and the official step")
+    perf.add_argument(
+        "--data-path",
+        action="store_true",
+        help="instead: images/s per core of each method's training input pipeline at 224 px (and the official ones)",
+    )
+    perf.add_argument("--data-images", type=int, default=256, help="data path: generated JPEGs timed per round")
+    perf.add_argument("--data-workers", type=int, default=0, help="data path: also time ours with N loader workers")
+    perf.add_argument("--mfu", type=float, default=0.4, help="data path: model FLOP utilisation to size cores for")
+    for name in ("mae", "dino"):
+        perf.add_argument(f"--official-{name}", metavar="DIR", help=f"data path: a checkout of facebookresearch/{name}")
     perf.add_argument("--out", default="perf.json", help="where the JSON goes")
     export = sub.add_parser(
         "export",

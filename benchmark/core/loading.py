@@ -75,7 +75,9 @@ class Transformed(Dataset):
     """Applies a random transform under a per-sample seed; items are (view, label, batch_seed).
 
     Every global RNG a transform may draw from is seeded and restored: torch's (torchvision),
-    Python's and numpy's (timm's RandAugment and random erasing).
+    Python's and numpy's (timm's RandAugment and random erasing). A loader fetches a batch at once
+    (`__getitems__`): the states are saved before its first sample and restored after its last,
+    and each sample reseeds all three, so a view is the same as when fetched alone.
     """
 
     def __init__(self, base: Dataset, transform: Callable):
@@ -85,19 +87,26 @@ class Transformed(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int, int]):
-        index, sample_seed, batch_seed = key
-        image, label = self.base[index]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> list:
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                random.seed(sample_seed)
-                np.random.seed(sample_seed % 2**32)
-                view = self.transform(image)
+                return [self._view(*key) for key in keys]
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-        return view, label, batch_seed
+
+    def _view(self, index: int, sample_seed: int, batch_seed: int):
+        image, label = self.base[index]
+        # The CPU generator alone (the transforms' and all fork_rng restores): torch.manual_seed also
+        # seeds every GPU generator, which before CUDA starts records a stack trace per call (a
+        # fifth of a view's cost, `bench perf --data-path`).
+        torch.default_generator.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2**32)
+        return self.transform(image), label, batch_seed
 
 
 def train_loader(

@@ -13,18 +13,24 @@ process, peak memory (max RSS on CPU, max allocated on GPU), the FLOPs of each t
 (FlopCounterMode) and their rate as a fraction of the machine's matmul ceiling measured in the
 same run, and the loss of every step. Two variants per method and precision: `eager` (plain
 AdamW loop, timm's SDPA attention, no compile) and `fast` (the defaults, compiled with
---compile); their losses must agree within a tolerance, and the table says whether they do.
+--compile), or any of those and `compiled` (the defaults, compiled) by --variants; the losses of
+each must agree with eager's within a tolerance, and the table says whether they do.
 
 Evaluation. Pooled features are extracted once per (checkpoint, dataset) and cached for every
 frozen probe (first versus second request is timed), and the linear-probe grid trained in one
 pass is timed against the same heads trained one at a time, with the largest weight difference
 between the two. The finetuning stages' training step (frozen tokens and images) is timed with
 each attention kernel the task stages can run.
+
+Data path (`--data-path`, benchmark/perf/datapath.py). Images/s on one core of each method's
+training input pipeline at 224 px, side by side with the official pipelines on the same files,
+and the worker cores one GPU needs to keep up.
 """
 
 from benchmark.perf.cases import (
     _TINY_224,
     CPU_CASES,
+    DEFAULT_VARIANTS,
     GPU_CASES,
     PRECISIONS,
     VARIANTS,
@@ -40,6 +46,7 @@ from benchmark.perf.suite import run_benchmark
 __all__ = [
     "_TINY_224",
     "CPU_CASES",
+    "DEFAULT_VARIANTS",
     "GPU_CASES",
     "PRECISIONS",
     "STAGES",

@@ -39,8 +39,23 @@ GPU_CASES = {
     ],
     "iwm": ["method=iwm_equi_18_384", *_BASE_224],
     "mae": ["method=mae_paper", *_BASE_224],
+    # main_dino.py's defaults: 65536 prototypes, 8 local crops of 96 px.
+    "dino": [
+        "method=dino",
+        *_BASE_224,
+        "method.head.out_dim=65536",
+        "method.head.hidden_dim=2048",
+        "method.local_crops.number=8",
+        "method.local_crops.size=96",
+    ],
 }
-VARIANTS = {"eager": ["pretrain.fused_adamw=false", "pretrain.compile=false", "pretrain.attention=fused"], "fast": []}
+# `compiled` (the defaults, compiled) is timed where asked for (--variants), beside or instead of --compile.
+VARIANTS = {
+    "eager": ["pretrain.fused_adamw=false", "pretrain.compile=false", "pretrain.attention=fused"],
+    "fast": [],
+    "compiled": ["pretrain.compile=true"],
+}
+DEFAULT_VARIANTS = ("eager", "fast")
 PRECISIONS = ("fp32", "bf16")
 
 

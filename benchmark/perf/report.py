@@ -39,10 +39,19 @@ def check_numerics(cases: list[dict], rtol: dict) -> None:
         c["equal_numerics"] = diff <= rtol[c["precision"]]
 
 
-def tables(result: dict):
-    """The rich tables `bench perf` prints."""
+def column_table(title: str, columns, left=()):
+    """A rich table of these columns under this title: those in `left` left-justified, the others
+    right-justified."""
     from rich.table import Table
 
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+def tables(result: dict):
+    """The rich tables `bench perf` prints."""
     c = result["ceiling_gflops"]
     title = (
         f"training step on {result['device']}, {result['threads']} threads, median of "
@@ -52,7 +61,6 @@ def tables(result: dict):
         f"loader workers); matmul ceiling "
         f"{c['fp32']:.0f} GFLOP/s fp32, {c['bf16']:.0f} bf16"
     )
-    step = Table(title=title)
     columns = [
         "method",
         "precision",
@@ -69,12 +77,11 @@ def tables(result: dict):
         "wait s",
         "losses vs eager",
     ]
-    for col in columns:
-        step.add_column(col, justify="left" if col in ("method", "precision", "variant") else "right")
+    step = column_table(title, columns, left=("method", "precision", "variant"))
     for case in result["cases"]:
         check = (
             ""
-            if case["variant"] == "eager"
+            if "equal_numerics" not in case
             else f"{'equal' if case['equal_numerics'] else 'DIFFER'} ({case['loss_rel_diff_vs_eager']:.1e})"
         )
         lo, hi = min(case["round_medians_s"]), max(case["round_medians_s"])
@@ -97,24 +104,23 @@ def tables(result: dict):
     out = [step]
     probe = result.get("linear_probe")
     if probe:
-        t = Table(
-            title=f"linear probe: {probe['heads']} heads, {probe['epochs']} epochs, "
-            f"{probe['samples']} x {probe['feature_dim']} features"
+        t = column_table(
+            f"linear probe: {probe['heads']} heads, {probe['epochs']} epochs, "
+            f"{probe['samples']} x {probe['feature_dim']} features",
+            (
+                "grid, one pass",
+                "baseline: the same heads one at a time",
+                "baseline s",
+                "speed-up",
+                "heads with |w diff| < 1e-4",
+                "heads with equal top-1",
+                "worst |w diff| (lr)",
+            ),
         )
         t.caption = (
             f"pooled features: {probe['features_first_seconds']:.2f} s extracted, "
             f"{probe['features_cached_seconds']:.4f} s from the cache for every later probe"
         )
-        for col in (
-            "grid, one pass",
-            "baseline: the same heads one at a time",
-            "baseline s",
-            "speed-up",
-            "heads with |w diff| < 1e-4",
-            "heads with equal top-1",
-            "worst |w diff| (lr)",
-        ):
-            t.add_column(col, justify="right")
 
         def agreement(cmp):
             diffs, same = cmp["max_weight_diff"], cmp["same_train_top1"]
@@ -140,12 +146,12 @@ def tables(result: dict):
         out.append(t)
     stages = result.get("task_stages")
     if stages:
-        t = Table(
-            title="task stages: training step (real adapter and loop), attention kernel fused SDPA vs the "
-            "default auto (math under bf16 on CPU); median of 3 interleaved rounds"
+        t = column_table(
+            "task stages: training step (real adapter and loop), attention kernel fused SDPA vs the "
+            "default auto (math under bf16 on CPU); median of 3 interleaved rounds",
+            ("stage", "inputs", "batch", "bf16", "fused s/step", "auto s/step", "speed-up"),
+            left=("stage", "inputs"),
         )
-        for col in ("stage", "inputs", "batch", "bf16", "fused s/step", "auto s/step", "speed-up"):
-            t.add_column(col, justify="left" if col in ("stage", "inputs") else "right")
         for stage, m in stages.items():
             t.add_row(
                 stage,
@@ -159,13 +165,13 @@ def tables(result: dict):
         out.append(t)
     official = result.get("official")
     if official:
-        t = Table(
-            title="I-JEPA training step against the official code: same images, masks and weights, "
+        t = column_table(
+            "I-JEPA training step against the official code: same images, masks and weights, "
             f"alternating passes over {official['batches']} batches ({official['pairs']} pairs); "
-            "speed-up: median and range of the paired ratios"
+            "speed-up: median and range of the paired ratios",
+            ("precision", "ours s/step", "official s/step", "speed-up", "range", "first loss ours / official"),
+            left=("precision",),
         )
-        for col in ("precision", "ours s/step", "official s/step", "speed-up", "range", "first loss ours / official"):
-            t.add_column(col, justify="left" if col == "precision" else "right")
         for precision, m in official["cases"].items():
             t.add_row(
                 precision,

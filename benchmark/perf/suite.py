@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmark.perf.cases import PRECISIONS, VARIANTS, _batch_size, _sized_data, available_methods, case_overrides
+from benchmark.perf.cases import (
+    DEFAULT_VARIANTS,
+    PRECISIONS,
+    _batch_size,
+    _sized_data,
+    available_methods,
+    case_overrides,
+)
 from benchmark.perf.common import PerfError
 from benchmark.perf.report import check_numerics, summarise
 
@@ -23,6 +30,8 @@ _CHILD_MODULES = {
     "time_linear_probe": "benchmark.perf.evaluation",
     "time_task_stages": "benchmark.perf.evaluation",
     "time_against_official": "benchmark.perf.official",
+    "time_data_path": "benchmark.perf.datapath",
+    "count_step_flops": "benchmark.perf.datapath",
 }
 
 
@@ -56,6 +65,7 @@ def run_benchmark(
     log=print,
     official_ijepa: str | None = None,
     pairs: int = 6,
+    variants: tuple[str, ...] = DEFAULT_VARIANTS,
 ) -> dict:
     known = available_methods()
     skipped = {m: f"method={m} is not in this checkout" for m in methods if m not in known}
@@ -63,7 +73,7 @@ def run_benchmark(
     cases = []
     for method in methods:
         for precision in precisions:
-            for variant in VARIANTS:
+            for variant in variants:
                 ov = case_overrides(method, precision, variant, gpu_cases, compile, overrides)
                 ov = _sized_data(ov, (steps + warmup) * _batch_size(ov))
                 cases.append(
