@@ -73,7 +73,7 @@ def test_a_task_set_skips_what_does_not_apply_and_says_why(tmp_path, monkeypatch
 
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     plan = plan_run(load_config(["method=mae", "task=all", f"results_dir={tmp_path}", *TINY]))
-    assert plan.skipped == {"mrr": "method mae: it has no target encoder"}
+    assert plan.skipped == {"mrr": "method mae: it has no target encoder and no masks"}
     assert plan.task_names == ["linear", "knn", *ADAPTERS, "ade20k"]
     plan = plan_run(load_config(["method=iwm", "task=all", f"results_dir={tmp_path}", *TINY]))
     assert plan.skipped == {} and "mrr" in plan.task_names
