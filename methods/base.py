@@ -88,6 +88,9 @@ class Method(nn.Module, metaclass=ABCMeta):
     # The official training step this method's step equals (`bench perf --official-ijepa` times
     # the two side by side), if any.
     official_step: ClassVar[str | None] = None
+    # The official training input pipeline this method's views and batches equal (`bench perf
+    # --data-path` times the two side by side): "ijepa", "mae" or "dino", if any.
+    official_pipeline: ClassVar[str | None] = None
     # What `probe_features` can pool, and what the method's own paper probes linearly (the
     # linear probe's `pool: method`): the patch-token mean (I-JEPA) or a cls token (MAE).
     probe_pools: ClassVar[tuple[str, ...]] = ("mean",)

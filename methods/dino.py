@@ -278,6 +278,7 @@ class DINO(Method):
 
     name = "dino"
     official_layout = "dino"
+    official_pipeline = "dino"
     official_about = "a DINO checkpoint (student/teacher, or a backbone state dict)"
     # The official k-NN and linear evaluations read the cls token; the patch mean is offered too.
     probe_pools = ("cls", "mean")

@@ -67,6 +67,7 @@ class IJEPA(Method):
     name = "ijepa"
     official_layout = "ijepa"
     official_step = "ijepa"
+    official_pipeline = "ijepa"
     official_about = "an I-JEPA checkpoint (encoder/predictor/target_encoder)"
 
     @classmethod

@@ -21,6 +21,7 @@ class IWM(IJEPA):
     name = "iwm"
     # Its step (paired views, a conditioned predictor) is not the official I-JEPA one.
     official_step = None
+    official_pipeline = None  # two augmented views per image: no official code builds them
 
     def __init__(self, model_cfg: dict, method_cfg: dict, image_size: int):
         predictor = dict(method_cfg["predictor"], action_dim=ACTION_DIM)

@@ -228,6 +228,7 @@ class MAE(Method):
     # No EMA target encoder: tasks evaluate the encoder unless told otherwise.
     default_encoder_key = "encoder"
     official_layout = "mae"
+    official_pipeline = "mae"
     official_about = "an MAE checkpoint ({'model': ...})"
     # MAE's official linear probe reads the cls token (main_linprobe.py, --cls_token).
     probe_pools = ("mean", "cls")

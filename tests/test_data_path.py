@@ -194,14 +194,15 @@ def test_paired_pipelines_do_the_same_work(jpegs):
     """MAE's and DINO's official views equal ours from the same seeds, pixel for pixel; I-JEPA's
     official crop takes the same box but resamples bilinearly where ours is bicubic."""
     from benchmark.config import load_config
-    from methods import build_method
+    from methods import METHODS, build_method
 
     with Image.open(sorted(jpegs.rglob("*.JPEG"))[0]) as img:
         image = img.convert("RGB")
     for preset in ("mae", "dino", "ijepa"):
         cfg = load_config(datapath.data_path_overrides(preset, TINY))
         method = build_method(cfg.method.name, container(cfg.model), container(cfg.method), cfg.data.image_size)
-        theirs, _, _ = datapath.official_pipeline(cfg.method.name, CHECKOUTS[cfg.method.name], cfg)
+        kind = METHODS[cfg.method.name].official_pipeline
+        theirs, _, _ = datapath.official_pipeline(kind, CHECKOUTS[kind], cfg)
         ours = method.train_transform()
         for seed in range(3):
             views = []

@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     perf.add_argument("--data-images", type=int, default=256, help="data path: generated JPEGs timed per round")
     perf.add_argument("--data-workers", type=int, default=0, help="data path: also time ours with N loader workers")
     perf.add_argument("--mfu", type=float, default=0.4, help="data path: model FLOP utilisation to size cores for")
-    for name in ("mae", "dino"):
-        perf.add_argument(f"--official-{name}", metavar="DIR", help=f"data path: a checkout of facebookresearch/{name}")
+    for option, repo in (("--official-mae", "facebookresearch/mae"), ("--official-dino", "facebookresearch/dino")):
+        perf.add_argument(option, metavar="DIR", help=f"data path: a checkout of {repo}")
     perf.add_argument("--out", default="perf.json", help="where the JSON goes")
     export = sub.add_parser(
         "export",

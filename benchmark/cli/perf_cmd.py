@@ -82,13 +82,20 @@ def _data_path(args, methods: list[str], rounds: int) -> int:
     official = {"ijepa": args.official_ijepa, "mae": args.official_mae, "dino": args.official_dino}
 
     def run():
-        kinds = {load_config(data_path_overrides(m, args.overrides)).method.name for m in methods}
+        from methods import METHODS
+
+        kinds = {
+            METHODS[load_config(data_path_overrides(m, args.overrides)).method.name].official_pipeline for m in methods
+        }
         for kind, checkout in official.items():
             if checkout is None:
                 continue
             check_checkout(kind, checkout)
             if kind not in kinds:
-                return _fail(f"--official-{kind} times the {kind} pipeline: add {kind} to --methods", EXIT_USAGE)
+                return _fail(
+                    f"--official-{kind} times the official {kind} pipeline: add a method with it to --methods",
+                    EXIT_USAGE,
+                )
         return run_data_path(
             methods,
             args.overrides,

@@ -36,6 +36,7 @@ from PIL import Image
 
 from benchmark.perf.common import PerfError
 from benchmark.perf.official_pipelines import OFFICIAL_NAMES, official_pipeline
+from methods import METHODS
 
 # ImageNet's commonest sizes (width, height), cycled over the files.
 JPEG_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400))
@@ -153,7 +154,9 @@ def time_data_path(folder: str, cases: list[dict], rounds: int, workers: int = 0
             }
         )
         if case["official"]:
-            transform, collate, count = official_pipeline(cfg.method.name, case["official"], cfg)
+            transform, collate, count = official_pipeline(
+                METHODS[cfg.method.name].official_pipeline, case["official"], cfg
+            )
             data = TorchvisionFolder(folder, transform=transform)
 
             def theirs(draws, data=data, collate=collate, batch_size=batch_size):
@@ -272,7 +275,7 @@ def summarise_data_path(raw: dict, peak_tflops: float | None, mfu: float, flops:
             ratios = [a / b for a, b in zip(ours["images_per_s"], theirs["images_per_s"])]
             wall = [a / b for a, b in zip(ours["wall_images_per_s"], theirs["wall_images_per_s"])]
             pairs[ours["preset"]] = {
-                "official": OFFICIAL_NAMES[ours["method"]],
+                "official": OFFICIAL_NAMES[METHODS[ours["method"]].official_pipeline],
                 "ratios": ratios,
                 "ratio": statistics.median(ratios),
                 "min": min(ratios),
@@ -314,9 +317,10 @@ def run_data_path(
     for preset in methods:
         ov = data_path_overrides(preset, overrides)
         cfg = load_config(ov)
-        checkout = official.get(cfg.method.name)
+        kind = METHODS[cfg.method.name].official_pipeline
+        checkout = official.get(kind) if kind else None
         if checkout:
-            official_pipeline(cfg.method.name, checkout, cfg)  # refused here, before anything is timed
+            official_pipeline(kind, checkout, cfg)  # refused here, before anything is timed
         cases.append({"preset": preset, "overrides": ov, "official": checkout})
     sizes = {int(load_config(c["overrides"]).pretrain.batch_size) for c in cases}
     # Every batch full on every side: the file count is a multiple of every batch size.
@@ -377,7 +381,7 @@ def data_path_tables(result: dict):
         pair = result["pairs"].get(p["preset"]) if p["side"] == "ours" else None
         cells = [
             p["preset"],
-            "ours" if p["side"] == "ours" else OFFICIAL_NAMES[p["method"]],
+            "ours" if p["side"] == "ours" else OFFICIAL_NAMES[METHODS[p["method"]].official_pipeline],
             str(p["batch_size"]),
             f"{p['median_images_per_s']:.1f}",
             f"{p['min_images_per_s']:.1f}-{p['max_images_per_s']:.1f}" if result["rounds"] > 1 else "-",

@@ -42,8 +42,8 @@ def check_checkout(kind: str, checkout: str | Path) -> Path:
             f"{root} is not a checkout of facebookresearch/{kind}: {', '.join(missing)} not found "
             f"(git clone https://github.com/facebookresearch/{kind})"
         )
-    if kind == "mae":
-        _mae_transform_source(root)
+    if kind in SOURCE_CHECKS:
+        SOURCE_CHECKS[kind](root)
     return root
 
 
@@ -83,59 +83,76 @@ def _mae_transform_source(root: Path) -> ast.expr:
     return values[0]
 
 
-def official_pipeline(kind: str, checkout: str, cfg) -> tuple:
-    """(transform, collate, images in a batch) of an official pipeline, at our preset's settings."""
+def _ijepa(root: Path, cfg, size: int) -> tuple:
+    m = cfg.method
+    if m.mask.edge != "official" or tuple(m.mask.context_aspect) != (1.0, 1.0):
+        raise PerfError(
+            "the official I-JEPA collator draws square context blocks off the last row and column: "
+            "its pair needs method.mask.edge=official method.mask.context_aspect=[1.0,1.0]"
+        )
+    code = _import_from(root, ["src.transforms", "src.masks.multiblock"], ("src",))
+    transform = code["src.transforms"].make_transforms(
+        crop_size=size,
+        crop_scale=tuple(m.crop_scale),
+        horizontal_flip=bool(m.get("flip", False)),
+        color_distortion=False,
+        gaussian_blur=False,
+    )
+    mask = m.mask
+    collate = code["src.masks.multiblock"].MaskCollator(
+        input_size=size,
+        patch_size=int(cfg.model.patch_size),
+        enc_mask_scale=tuple(mask.context_scale),
+        pred_mask_scale=tuple(mask.target_scale),
+        aspect_ratio=tuple(mask.target_aspect),
+        nenc=1,
+        npred=int(mask.num_targets),
+        min_keep=int(mask.min_keep),
+        allow_overlap=bool(mask.allow_overlap),
+    )
+    return transform, collate, lambda batch: len(batch[0][1])  # ((images, labels), enc, pred)
+
+
+def _mae(root: Path, cfg, size: int) -> tuple:
     from torch.utils.data import default_collate
     from torchvision import transforms
 
-    root = check_checkout(kind, checkout)
-    m, size = cfg.method, int(cfg.data.image_size)
-    if kind == "ijepa":
-        if m.mask.edge != "official" or tuple(m.mask.context_aspect) != (1.0, 1.0):
-            raise PerfError(
-                "the official I-JEPA collator draws square context blocks off the last row and column: "
-                "its pair needs method.mask.edge=official method.mask.context_aspect=[1.0,1.0]"
-            )
-        code = _import_from(root, ["src.transforms", "src.masks.multiblock"], ("src",))
-        transform = code["src.transforms"].make_transforms(
-            crop_size=size,
-            crop_scale=tuple(m.crop_scale),
-            horizontal_flip=bool(m.get("flip", False)),
-            color_distortion=False,
-            gaussian_blur=False,
+    m = cfg.method
+    if tuple(m.crop_scale) != (0.2, 1.0) or not m.flip:
+        raise PerfError(
+            "the official MAE crop is fixed at scale (0.2, 1.0) with flips: its pair needs "
+            "method.crop_scale=[0.2,1.0] method.flip=true"
         )
-        mask = m.mask
-        collate = code["src.masks.multiblock"].MaskCollator(
-            input_size=size,
-            patch_size=int(cfg.model.patch_size),
-            enc_mask_scale=tuple(mask.context_scale),
-            pred_mask_scale=tuple(mask.target_scale),
-            aspect_ratio=tuple(mask.target_aspect),
-            nenc=1,
-            npred=int(mask.num_targets),
-            min_keep=int(mask.min_keep),
-            allow_overlap=bool(mask.allow_overlap),
+    expression = ast.Expression(_mae_transform_source(root))
+    code = compile(expression, str(root / "main_pretrain.py"), "eval")
+    transform = eval(code, {"transforms": transforms}, {"args": SimpleNamespace(input_size=size)})
+    return transform, default_collate, lambda batch: len(batch[1])
+
+
+def _dino(root: Path, cfg, size: int) -> tuple:
+    from torch.utils.data import default_collate
+
+    m = cfg.method
+    if size != 224 or int(m.local_crops.size) != 96:
+        raise PerfError(
+            "the official DINO crops are fixed at 224 and 96 px: its pair needs data.image_size=224 "
+            "method.local_crops.size=96"
         )
-        return transform, collate, lambda batch: len(batch[0][1])  # ((images, labels), enc, pred)
-    if kind == "mae":
-        if tuple(m.crop_scale) != (0.2, 1.0) or not m.flip:
-            raise PerfError(
-                "the official MAE crop is fixed at scale (0.2, 1.0) with flips: its pair needs "
-                "method.crop_scale=[0.2,1.0] method.flip=true"
-            )
-        expression = ast.Expression(_mae_transform_source(root))
-        code = compile(expression, str(root / "main_pretrain.py"), "eval")
-        transform = eval(code, {"transforms": transforms}, {"args": SimpleNamespace(input_size=size)})
-        return transform, default_collate, lambda batch: len(batch[1])
-    if kind == "dino":
-        if size != 224 or int(m.local_crops.size) != 96:
-            raise PerfError(
-                "the official DINO crops are fixed at 224 and 96 px: its pair needs data.image_size=224 "
-                "method.local_crops.size=96"
-            )
-        code = _import_from(root, ["main_dino"], ("main_dino", "utils", "vision_transformer"))
-        transform = code["main_dino"].DataAugmentationDINO(
-            tuple(m.global_crops.scale), tuple(m.local_crops.scale), int(m.local_crops.number)
-        )
-        return transform, default_collate, lambda batch: len(batch[1])
-    raise PerfError(f"no official pipeline for {kind}")
+    code = _import_from(root, ["main_dino"], ("main_dino", "utils", "vision_transformer"))
+    transform = code["main_dino"].DataAugmentationDINO(
+        tuple(m.global_crops.scale), tuple(m.local_crops.scale), int(m.local_crops.number)
+    )
+    return transform, default_collate, lambda batch: len(batch[1])
+
+
+# Each official codebase's pipeline at our preset's settings, by `Method.official_pipeline`.
+BUILDERS = {"ijepa": _ijepa, "mae": _mae, "dino": _dino}
+# What a checkout must also let us read before anything is timed.
+SOURCE_CHECKS = {"mae": _mae_transform_source}
+
+
+def official_pipeline(kind: str, checkout: str, cfg) -> tuple:
+    """(transform, collate, images in a batch) of an official pipeline, at our preset's settings."""
+    if kind not in BUILDERS:
+        raise PerfError(f"no official pipeline {kind!r} (known: {', '.join(BUILDERS)})")
+    return BUILDERS[kind](check_checkout(kind, checkout), cfg, int(cfg.data.image_size))
