@@ -23,17 +23,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
-from benchmark import official
 from benchmark.config import RESUMABLE, is_task_set
 from benchmark.core import checkpoint as ckpt
 from benchmark.core import distributed
 from benchmark.core.data import DataSource, resolve_data
-from benchmark.core.errors import CheckpointError, ConfigError, DataError, one_line
+from benchmark.core.errors import ConfigError, DataError, one_line
 from benchmark.core.layers import use_attention
 from benchmark.core.progress import console
 from benchmark.core.seeding import derive_seed, seeded
 from benchmark.core.stats import bootstrap_ci
 from benchmark.core.threads import use_threads
+from benchmark.planning import building, checkpoint_bytes, is_planned, load_checkpoint_method, planned_method
 from benchmark.pretrain import LAST, pretrain
 from benchmark.records import (
     PRETRAINED,
@@ -45,14 +45,13 @@ from benchmark.records import (
     write_evidence,
     write_record,
 )
-from methods import METHODS, build_method, method_from_state
+from methods import METHODS, build_method
 from methods.base import Method
 from tasks import TASKS, TaskContext, build_task
 from tasks.base import Task
 from tasks.core import GLOBAL_RNG_SEED
 
 # Settings that may differ when a run is resumed: they do not change its results.
-ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 @dataclass
@@ -140,25 +139,6 @@ def _check_resume(run_dir: Path, config: dict) -> None:
         raise ckpt.foreign_run(last, writer, config["method"]["name"])
 
 
-def _load_checkpoint_method(cfg: DictConfig, path: Path, planning: bool = False) -> Method:
-    state = ckpt.load(path, mmap=planning)
-    if official.layout_of(state) != "bench":
-        return official.method_from_official(state, path, cfg)
-    method_state = state["method"]
-    if method_state["method"] != cfg.method.name:
-        raise CheckpointError(f"{path} holds method {method_state['method']!r} but method={cfg.method.name}")
-    differ = [
-        f"{k}={method_state['model_cfg'].get(k)} (config {cfg.model.get(k)})"
-        for k in ARCHITECTURE_KEYS
-        if method_state["model_cfg"].get(k) != cfg.model.get(k)
-    ]
-    if method_state["image_size"] != cfg.data.image_size:
-        differ.append(f"image_size={method_state['image_size']} (config data.image_size={cfg.data.image_size})")
-    if differ:
-        raise CheckpointError(f"{path} does not match model={cfg.choices.model}: {', '.join(differ)}")
-    return method_from_state(method_state)
-
-
 def plan_run(cfg: DictConfig, verify_checkpoint: bool = True, allow_empty: bool = False) -> Plan:
     """Everything that can be checked before compute; raises ConfigError/DataError/CheckpointError.
 
@@ -196,7 +176,7 @@ def plan_run(cfg: DictConfig, verify_checkpoint: bool = True, allow_empty: bool 
     checkpoint_path = Path(cfg.checkpoint).expanduser().absolute() if cfg.checkpoint else None
     if checkpoint_path is not None and verify_checkpoint:
         with building(cfg):
-            method = _load_checkpoint_method(cfg, checkpoint_path)
+            method = load_checkpoint_method(cfg, checkpoint_path)
     else:
         method = planned_method(cfg, config, checkpoint_path)
     tasks, skipped = [], {}
@@ -258,33 +238,6 @@ def plan_run(cfg: DictConfig, verify_checkpoint: bool = True, allow_empty: bool 
     )
 
 
-def planned_method(cfg: DictConfig, config: dict, checkpoint_path: Path | None) -> Method:
-    """The method as `execute` will build it, on the meta device: its geometry, capabilities and
-    sizes without weights, initialisation or memory. A checkpoint is read memory-mapped and
-    checked by names and shapes; its bytes stay on disk (a sweep over multi-GB checkpoints plans
-    on a login node). The global RNG is left as it was."""
-    with building(cfg), torch.random.fork_rng(devices=[]), torch.device("meta"):
-        if checkpoint_path is not None:
-            return _load_checkpoint_method(cfg, checkpoint_path, planning=True)
-        return build_method(cfg.method.name, config["model"], config["method"], cfg.data.image_size)
-
-
-@contextmanager
-def building(cfg: DictConfig):
-    """A method that cannot be built from these settings is a config error (exit 2)."""
-    try:
-        yield
-    except (ValueError, KeyError) as exc:
-        if isinstance(exc, (CheckpointError, DataError)):
-            raise
-        raise ConfigError(f"cannot build method {cfg.method.name}: {exc}") from None
-
-
-def is_planned(method: Method) -> bool:
-    """Whether a method is a planning build (meta device, no weights)."""
-    return any(p.is_meta for p in method.parameters())
-
-
 def materialize(plan: Plan) -> Method:
     """The plan's method for real: built from the run's seed (the weights pretraining starts from
     and the random-init control rebuilds), or loaded from its checkpoint, every value checked;
@@ -294,16 +247,8 @@ def materialize(plan: Plan) -> Method:
     if not is_planned(plan.method):
         return plan.method
     if plan.checkpoint_path is not None:
-        return _load_checkpoint_method(cfg, plan.checkpoint_path)
+        return load_checkpoint_method(cfg, plan.checkpoint_path)
     return build_method(cfg.method.name, plan.config["model"], plan.config["method"], cfg.data.image_size)
-
-
-def checkpoint_bytes(method: Method) -> int:
-    """About the size of a pretraining checkpoint: the weights (target encoder included) and
-    AdamW's two moments of every trained one, plus 1 MiB for the rest."""
-    weights = sum(t.numel() * t.element_size() for t in method.state_dict().values())
-    trained = sum(p.numel() * 4 for p in method.parameters() if p.requires_grad)
-    return weights + 2 * trained + 2**20
 
 
 def _ok_record(run_dir: Path, step: str) -> bool:

@@ -28,21 +28,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import ImageFilter, ImageOps
-from torchvision import transforms as T
 
 from benchmark.core import distributed
 from benchmark.core.checkpoint import load_weights, strip_prefix
 from benchmark.core.errors import CheckpointError
 from benchmark.core.layers import LayerNorm
 from benchmark.core.schedules import cosine
-from benchmark.core.transforms import normalize
+from benchmark.core.transforms import MultiCrop
 from methods.base import Capabilities, Method, check_number
 from methods.ijepa import completed_epochs
 from methods.losses import ema_update
@@ -196,69 +193,6 @@ def dino_loss(
         cross = -torch.einsum("tbk,sbk->tsb", q, log_p).mean(dim=-1)  # [teacher crop, student crop]
     same = torch.eye(globals_, crops, dtype=torch.bool, device=cross.device)
     return cross.masked_fill(same, 0.0).sum() / (globals_ * crops - globals_)
-
-
-# --- views -----------------------------------------------------------------------------------
-class RandomBlur:
-    """Gaussian blur with probability p and a radius drawn uniformly (Python's RNG, as officially)."""
-
-    def __init__(self, p: float, radius: tuple[float, float]):
-        self.p, self.radius = p, radius
-
-    def __call__(self, image):
-        if random.random() > self.p:
-            return image
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
-
-
-class RandomSolarize:
-    """Solarisation (threshold 128) with probability p (Python's RNG, as officially)."""
-
-    def __init__(self, p: float):
-        self.p = p
-
-    def __call__(self, image):
-        return ImageOps.solarize(image) if random.random() < self.p else image
-
-
-class MultiCrop:
-    """DINO's views of one image: 2 global crops, then `number` local crops.
-
-    Each crop: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with
-    probability 0.8, grayscale 0.2, then blur with probability 1.0 / 0.1 / 0.5 (first global,
-    second global, local) and solarisation 0.2 on the second global crop; normalised.
-    """
-
-    def __init__(
-        self,
-        global_size: int,
-        local_size: int,
-        number: int,
-        global_scale: tuple[float, float],
-        local_scale: tuple[float, float],
-        blur_radius: tuple[float, float],
-    ):
-        flip_and_jitter = T.Compose(
-            [
-                T.RandomHorizontalFlip(p=0.5),
-                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-            ]
-        )
-        finish = T.Compose([T.ToTensor(), normalize()])
-
-        def view(size: int, scale, *photometric) -> T.Compose:
-            crop = T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC)
-            return T.Compose([crop, flip_and_jitter, *photometric, finish])
-
-        radius = tuple(blur_radius)
-        self.first = view(global_size, global_scale, RandomBlur(1.0, radius))
-        self.second = view(global_size, global_scale, RandomBlur(0.1, radius), RandomSolarize(0.2))
-        self.local = view(local_size, local_scale, RandomBlur(0.5, radius))
-        self.number = number
-
-    def __call__(self, image) -> list[torch.Tensor]:
-        return [self.first(image), self.second(image), *(self.local(image) for _ in range(self.number))]
 
 
 def by_size(crops: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,10 +15,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from benchmark.core import checkpoint as ckpt
+from benchmark.core.transforms import MultiCrop
 from benchmark.pretrain import Schedule, set_hyperparameters
 from benchmark.step import forward_loss, make_optimizer, update
 from methods import build_method
-from methods.dino import DINO, MultiCrop
+from methods.dino import DINO
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 FIXTURE = torch.load(OFFICIAL / "dino_method.pt", weights_only=False)

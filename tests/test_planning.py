@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from benchmark.config import load_config
 from benchmark.core import checkpoint as ckpt
 from benchmark.core.errors import CheckpointError, ConfigError
-from benchmark.runner import is_planned, materialize, plan_run
+from benchmark.planning import is_planned
+from benchmark.runner import materialize, plan_run
 from methods import build_method
 
 MAE_TINY = ["method=mae", "method.predictor.depth=1", "method.predictor.width=48", "method.predictor.num_heads=3"]

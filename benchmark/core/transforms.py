@@ -8,7 +8,9 @@ augmentations of the paper-scale evaluation recipes.
   aspect ratio once and clamps the box to the image (the TensorFlow/BYOL way) where torchvision
   retries up to ten times and falls back to a centre crop, so the two give different crops.
 - `recipe_transform`: the finetuning pipeline of MAE (`util/datasets.py`), i.e. timm's
-  `create_transform` with RandAugment and random erasing, called with the recipe's arguments.
+  `create_transform` with RandAugment and random erasing, called with the recipe's arguments;
+- `MultiCrop`: DINO's pretraining views (`main_dino.py`'s DataAugmentationDINO): 2 global and N
+  local crops with its photometric augmentations.
 
 They draw from torch's, Python's and numpy's global RNGs (timm's RandAugment and erasing use
 the latter two); `loading.Transformed` seeds all three per sample, so a view depends only on
@@ -18,9 +20,11 @@ its sample seed.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import ImageFilter, ImageOps
 from timm.data import create_transform
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
@@ -111,3 +115,65 @@ def recipe_transform(
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+
+
+class RandomBlur:
+    """Gaussian blur with probability p and a radius drawn uniformly (Python's RNG, as officially)."""
+
+    def __init__(self, p: float, radius: tuple[float, float]):
+        self.p, self.radius = p, radius
+
+    def __call__(self, image):
+        if random.random() > self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
+
+
+class RandomSolarize:
+    """Solarisation (threshold 128) with probability p (Python's RNG, as officially)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, image):
+        return ImageOps.solarize(image) if random.random() < self.p else image
+
+
+class MultiCrop:
+    """DINO's views of one image: 2 global crops, then `number` local crops.
+
+    Each crop: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with
+    probability 0.8, grayscale 0.2, then blur with probability 1.0 / 0.1 / 0.5 (first global,
+    second global, local) and solarisation 0.2 on the second global crop; normalised.
+    """
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        number: int,
+        global_scale: tuple[float, float],
+        local_scale: tuple[float, float],
+        blur_radius: tuple[float, float],
+    ):
+        flip_and_jitter = T.Compose(
+            [
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+            ]
+        )
+        finish = T.Compose([T.ToTensor(), normalize()])
+
+        def view(size: int, scale, *photometric) -> T.Compose:
+            crop = T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC)
+            return T.Compose([crop, flip_and_jitter, *photometric, finish])
+
+        radius = tuple(blur_radius)
+        self.first = view(global_size, global_scale, RandomBlur(1.0, radius))
+        self.second = view(global_size, global_scale, RandomBlur(0.1, radius), RandomSolarize(0.2))
+        self.local = view(local_size, local_scale, RandomBlur(0.5, radius))
+        self.number = number
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [self.first(image), self.second(image), *(self.local(image) for _ in range(self.number))]
