@@ -69,7 +69,8 @@ def set_hyperparameters(opt: torch.optim.Optimizer, cfg, schedule: Schedule, ste
         cfg.start_lr,
         cfg.lr,
         cfg.final_lr,
-        bool(cfg.warmup_reaches_peak),
+        # A schedule written before the setting existed warms up as I-JEPA and MAE do.
+        bool(cfg.get("warmup_reaches_peak", False)),
     )
     wd = cosine(at, schedule.total_steps, cfg.weight_decay, cfg.final_weight_decay)
     for group in opt.param_groups:
