@@ -13,6 +13,7 @@ import yaml
 from conftest import ROOT, TINY
 from omegaconf import OmegaConf
 from PIL import Image
+from test_crash_safety import FAST as CRASH_RUN
 
 from benchmark.core import checkpoint as ckpt
 from benchmark.core.transforms import MultiCrop
@@ -252,25 +253,13 @@ def test_a_bench_checkpoint_exports_to_the_official_layouts(bench, tmp_path):
 # the epoch whose last layer is frozen, the resumed steps run in the next.
 KILL_RUN = [
     "method=dino",
-    "model=vit_micro",
-    "model.depth=1",
-    "model.embed_dim=48",
-    "model.patch_size=4",
+    # The crash-safety run (its model, data and schedule) without its method and task settings.
+    *(o for o in CRASH_RUN if not o.startswith(("method.", "task"))),
     "method.head.out_dim=32",
     "method.head.hidden_dim=32",
     "method.local_crops.size=16",
     "method.local_crops.number=2",
-    "data.image_size=32",
-    "data.num_train=32",
-    "data.num_val=16",
-    "pretrain.batch_size=8",
-    "pretrain.epochs=2",
-    "pretrain.warmup_epochs=1",
-    "pretrain.bf16=false",
-    "pretrain.log_every=1",
-    "pretrain.checkpoint_every=3",
     "task=none",
-    "progress=false",
 ]
 
 

@@ -135,22 +135,22 @@ def test_sweep_runs_pretraining_then_dependent_evaluations(bench, tmp_path):
     assert manifest(sweep_dir)["jobs"] == jobs
 
 
-def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
-    twin, hit = tmp_path / "twin", tmp_path / "preempted"
-    bench("sweep", "ci_preempt", LAUNCHER, f"sweep_dir={twin}", check=0)
-    bench("sweep", "ci_preempt", LAUNCHER, f"sweep_dir={hit}", check=0)
-    unit = "ijepa_seed3/pretrain"
-    job_id = manifest(hit)["jobs"][unit]["job_id"]
-    log = hit / "ijepa_seed3.pretrain" / "train_log.jsonl"
-    deadline = time.time() + 600
+UNIT = "ijepa_seed3/pretrain"
+
+
+def wait_until_training(log: Path, timeout: float = 600) -> None:
+    """Until the pretraining job has logged two steps (it runs, mid-epoch)."""
+    deadline = time.time() + timeout
     while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
         assert time.time() < deadline, "the pretraining job never started"
         time.sleep(0.5)
-    submitit.SlurmJob(hit / "logs" / "%j", job_id)._interrupt()  # SIGTERM then SIGUSR2, as SLURM preempts
 
-    states = wait_for_sweep(bench, hit, timeout=900)
-    twin_states = wait_for_sweep(bench, twin, timeout=300)
-    err = Path(manifest(hit)["jobs"][unit]["log"])  # the job's stderr; stdout beside it
+
+def assert_resumed_like_its_twin(hit: Path, twin: Path, states: dict, twin_states: dict) -> str:
+    """The preempted job stopped mid-run, was requeued, and ended with its twin's records and
+    losses (every step logged once); returns its job id."""
+    job_id = manifest(hit)["jobs"][UNIT]["job_id"]
+    err = Path(manifest(hit)["jobs"][UNIT]["log"])  # the job's stderr; stdout beside it
     out = err.with_suffix(".out").read_text()
     stopped = [line for line in out.splitlines() if line.startswith("preempted: pretraining stopped")]
     assert stopped, out + err.read_text()[-3000:]
@@ -160,7 +160,6 @@ def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
         ["sacct", "-n", "-P", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True
     ).stdout.split()
     assert "REQUEUED" in restarts or len(restarts) > 1, restarts
-
     for task in ("pretrain", "linear"):
         a, b = states[f"ijepa_seed3/{task}"].record, twin_states[f"ijepa_seed3/{task}"].record
         assert a["status"] == b["status"] == "ok"
@@ -168,12 +167,23 @@ def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
         assert {k: v for k, v in a["metrics"].items() if k not in keep} == {
             k: v for k, v in b["metrics"].items() if k not in keep
         }
-    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    twin_losses = [
-        json.loads(line)["loss"]
-        for line in (twin / "ijepa_seed3.pretrain" / "train_log.jsonl").read_text().splitlines()
-    ]
-    assert losses == twin_losses  # every step logged once, with the twin's loss
+    logs = [run / "ijepa_seed3.pretrain" / "train_log.jsonl" for run in (hit, twin)]
+    losses = [[json.loads(line)["loss"] for line in log.read_text().splitlines()] for log in logs]
+    assert losses[0] == losses[1]  # every step logged once, with the twin's loss
+    return job_id
+
+
+def test_preempted_job_resumes_to_its_twins_result(bench, tmp_path):
+    twin, hit = tmp_path / "twin", tmp_path / "preempted"
+    bench("sweep", "ci_preempt", LAUNCHER, f"sweep_dir={twin}", check=0)
+    bench("sweep", "ci_preempt", LAUNCHER, f"sweep_dir={hit}", check=0)
+    job_id = manifest(hit)["jobs"][UNIT]["job_id"]
+    wait_until_training(hit / "ijepa_seed3.pretrain" / "train_log.jsonl")
+    submitit.SlurmJob(hit / "logs" / "%j", job_id)._interrupt()  # SIGTERM then SIGUSR2, as SLURM preempts
+
+    states = wait_for_sweep(bench, hit, timeout=900)
+    twin_states = wait_for_sweep(bench, twin, timeout=300)
+    assert_resumed_like_its_twin(hit, twin, states, twin_states)
 
 
 def test_a_two_task_job_pretrains_data_parallel_like_one_process(bench, tmp_path):
@@ -246,36 +256,13 @@ def test_one_task_of_a_two_task_job_preempted_resumes_to_the_uninterrupted_resul
     bench("sweep", "ci_preempt", *two, f"sweep_dir={twin}", check=0)
     twin_states = wait_for_sweep(bench, twin, timeout=900)
     bench("sweep", "ci_preempt", *two, f"sweep_dir={hit}", check=0)
-    unit = "ijepa_seed3/pretrain"
-    job_id = manifest(hit)["jobs"][unit]["job_id"]
-    log = hit / "ijepa_seed3.pretrain" / "train_log.jsonl"
-    deadline = time.time() + 600
-    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        assert time.time() < deadline, "the pretraining job never started"
-        time.sleep(0.5)
+    job_id = manifest(hit)["jobs"][UNIT]["job_id"]
+    wait_until_training(hit / "ijepa_seed3.pretrain" / "train_log.jsonl")
     os.kill(rank_pid(job_id, 1), signal.SIGUSR2)  # rank 1 only; rank 0 hears it from rank 1
 
     states = wait_for_sweep(bench, hit, timeout=900)
-    out = Path(manifest(hit)["jobs"][unit]["log"]).with_suffix(".out").read_text()
-    stopped = [line for line in out.splitlines() if line.startswith("preempted: pretraining stopped")]
-    assert stopped, out
-    step = int(stopped[0].split("at step ")[1].split(";")[0])
-    assert 2 <= step < 30
-    restarts = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True
-    ).stdout.split()
-    assert "REQUEUED" in restarts or len(restarts) > 1, restarts
+    assert_resumed_like_its_twin(hit, twin, states, twin_states)
     ntasks = subprocess.run(
         ["sacct", "-n", "-P", "-o", "NTasks", "-j", f"{job_id}.0"], capture_output=True, text=True
     ).stdout.split()
     assert ntasks and ntasks[0] == "2", ntasks
-    for task in ("pretrain", "linear"):
-        a, b = states[f"ijepa_seed3/{task}"].record, twin_states[f"ijepa_seed3/{task}"].record
-        assert a["status"] == b["status"] == "ok"
-        keep = ("train_seconds", "images_per_second", "checkpoint")
-        assert {k: v for k, v in a["metrics"].items() if k not in keep} == {
-            k: v for k, v in b["metrics"].items() if k not in keep
-        }
-    twin_log = twin / "ijepa_seed3.pretrain" / "train_log.jsonl"
-    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    assert losses == [json.loads(line)["loss"] for line in twin_log.read_text().splitlines()]  # each step once
